@@ -1,0 +1,63 @@
+"""Argument checks shared by the public entry points.
+
+Every failure is a ``ValueError`` that names the argument, what was received and what was expected, e.g.
+``volumes: expected a float tensor [V, 1, D, H, W], got shape (2, 96, 96, 96) dtype torch.float32``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def describe(x: torch.Tensor) -> str:
+    """Short description of a tensor for error messages."""
+    return f"shape {tuple(x.shape)} dtype {x.dtype}"
+
+
+def fail(name: str, expected: str, got: str) -> None:
+    """Raise the package's standard ValueError."""
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def check_float_tensor(x: object, name: str, expected_shape: str, ndim: int) -> torch.Tensor:
+    """A floating-point tensor with ``ndim`` dimensions and only finite values."""
+    if not isinstance(x, torch.Tensor):
+        fail(name, f"a float tensor {expected_shape}", type(x).__name__)
+    if x.ndim != ndim or not x.is_floating_point():
+        fail(name, f"a float tensor {expected_shape}", describe(x))
+    check_finite(x, name)
+    return x
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """No NaN or Inf anywhere in ``x`` (one reduction; reports how many bad values)."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        fail(name, "finite values only", f"{int(bad.sum())} NaN/Inf values in a tensor of {describe(x)}")
+
+
+def check_volumes(
+    volumes: object, name: str = "volumes", in_chans: int = 1, min_size: Sequence[int] = (1, 1, 1)
+) -> torch.Tensor:
+    """A float batch of volumes [V, in_chans, D, H, W], finite, each side at least ``min_size``."""
+    expected = f"[V, {in_chans}, D, H, W] with D, H, W >= {tuple(min_size)}"
+    x = check_float_tensor(volumes, name, expected, 5)
+    if x.shape[1] != in_chans or any(s < m for s, m in zip(x.shape[2:], min_size)) or x.shape[0] == 0:
+        fail(name, f"a float tensor {expected}", describe(x))
+    return x
+
+
+def check_index(
+    ids: object, name: str, length: int, upper: int, length_of: str = "volumes", what: str = "ids"
+) -> torch.Tensor:
+    """A 1-D integer tensor of ``length`` entries, each in ``[0, upper)``."""
+    expected = f"a 1-D integer tensor [{length}] (one per {length_of}) with {what} in [0, {upper})"
+    if not isinstance(ids, torch.Tensor):
+        fail(name, expected, type(ids).__name__)
+    if ids.ndim != 1 or ids.shape[0] != length or ids.is_floating_point() or ids.is_complex():
+        fail(name, expected, describe(ids))
+    if length and (int(ids.min()) < 0 or int(ids.max()) >= upper):
+        fail(name, expected, f"values in [{int(ids.min())}, {int(ids.max())}]")
+    return ids.long()
