@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The lent-GPU session script: install the carried wheels (this project built by `bench/run_gpu.sh --build` here,
+# plus monai / einops / nibabel, which the GPU image lacks), run the GPU check table and the GPU tests.
+#   here:   bash bench/run_gpu.sh --build          (fills wheelhouse/, which the device call carries)
+#   there:  bash bench/run_gpu.sh                  (writes into $OUT, or bench/gpu_results)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--build" ]; then
+    rm -f wheelhouse/medmap_fast-*.whl
+    python -m pip wheel -q --no-deps --no-build-isolation -w wheelhouse . && ls -la wheelhouse
+    exit $?
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site wheelhouse/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+out=${OUT:-bench/gpu_results}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+timeout "${GPU_CHECK_TIMEOUT:-330}" python3 bench/gpu_check.py --out "$out" 2>&1 | tee "$out/gpu_check.log"
+timeout "${GPU_TEST_TIMEOUT:-150}" python3 -m pytest tests/ -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
