@@ -5,7 +5,8 @@ Each op validates its arguments, then runs its Triton kernel or its plain-PyTorc
 """
 
 from ._backend import BACKENDS, backend, get_backend, interpreting, triton_available, use_triton
-from .interface import patch_embed_3d, window_attention
+from .gated_attention import gated_attention_reference
+from .interface import gated_attention, patch_embed_3d, window_attention
 from .patch_embed_3d import patch_embed_3d_reference
 from .window_attention import window_attention_reference
 
@@ -16,6 +17,8 @@ __all__ = [
     "interpreting",
     "triton_available",
     "use_triton",
+    "gated_attention",
+    "gated_attention_reference",
     "patch_embed_3d",
     "patch_embed_3d_reference",
     "window_attention",

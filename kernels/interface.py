@@ -13,6 +13,7 @@ import torch
 from medmap_fast.validation import check_index, describe, fail
 
 from ._backend import use_triton
+from .gated_attention import gated_attention_reference
 from .patch_embed_3d import patch_embed_3d_reference
 from .window_attention import window_attention_reference
 
@@ -98,3 +99,70 @@ def window_attention(
 
         return window_attention_triton(*args, **kwargs)
     return window_attention_reference(*args, **kwargs)
+
+
+def _modality_ids(ids: object, name: str, batch: int, length: int, upper: int) -> torch.Tensor:
+    """Modality ids [batch, length] (a [length] tensor is shared by the batch), each in [0, upper)."""
+    expected = f"modality ids [{batch}, {length}] (or [{length}] shared by the batch) with values in [0, {upper})"
+    if not isinstance(ids, torch.Tensor):
+        fail(name, expected, type(ids).__name__)
+    if ids.ndim == 1 and ids.shape[0] == length:
+        ids = ids.expand(batch, length)
+    if tuple(ids.shape) != (batch, length):
+        fail(name, expected, describe(ids))
+    return check_index(ids.reshape(-1), name, batch * length, upper, length_of="token", what="modality ids").view(
+        batch, length)
+
+
+def gated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    pair_bias: torch.Tensor | None = None,
+    q_modality: torch.Tensor | None = None,
+    k_modality: torch.Tensor | None = None,
+    gate_logits: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense multi-head attention with key padding, a per-head modality-pair bias and a head-wise gate (CCT).
+
+    q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] (same dtype and device); key_padding_mask [B, Lk] bool, True = missing key;
+    pair_bias [H, Mq, Mk] adds pair_bias[h, q_modality[b, i], k_modality[b, j]] to the logits, with q_modality
+    [B, Lq] / k_modality [B, Lk] long (or [Lq] / [Lk] shared by the batch); gate_logits [B, Lq, H] scale head h of
+    query i by 2*sigmoid(logit); scale defaults to Dh ** -0.5. Returns [B, Lq, H, Dh]; a query with every key
+    missing gets zeros (see ``gated_attention.py``).
+    """
+    if not isinstance(q, torch.Tensor) or q.ndim != 4 or 0 in q.shape or not q.is_floating_point():
+        fail("q", "a float tensor [B, Lq, H, Dh] with every size >= 1", describe(q) if isinstance(q, torch.Tensor)
+             else type(q).__name__)
+    b, lq, h, dh = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if (not isinstance(t, torch.Tensor) or t.ndim != 4 or t.shape[0] != b or t.shape[2:] != q.shape[2:]
+                or t.shape[1] == 0 or t.dtype != q.dtype or t.device != q.device):
+            fail(name, f"[{b}, Lk >= 1, {h}, {dh}] of dtype {q.dtype} on {q.device} (as q)",
+                 describe(t) if isinstance(t, torch.Tensor) else type(t).__name__)
+    lk = k.shape[1]
+    if v.shape[1] != lk:
+        fail("v", f"as many tokens as k ({lk})", describe(v))
+    if key_padding_mask is not None and (
+            key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, lk)
+            or key_padding_mask.device != q.device):
+        fail("key_padding_mask", f"a bool tensor [{b}, {lk}] on {q.device} (True = missing key)",
+             describe(key_padding_mask))
+    if pair_bias is not None:
+        if pair_bias.ndim != 3 or pair_bias.shape[0] != h or 0 in pair_bias.shape or not pair_bias.is_floating_point():
+            fail("pair_bias", f"a float tensor [{h}, Mq, Mk] (one table per head)", describe(pair_bias))
+        q_modality = _modality_ids(q_modality, "q_modality", b, lq, pair_bias.shape[1])
+        k_modality = _modality_ids(k_modality, "k_modality", b, lk, pair_bias.shape[2])
+    elif q_modality is not None or k_modality is not None:
+        fail("pair_bias", "a tensor [H, Mq, Mk] when q_modality / k_modality are given", "None")
+    if gate_logits is not None and (tuple(gate_logits.shape) != (b, lq, h) or not gate_logits.is_floating_point()):
+        fail("gate_logits", f"a float tensor [{b}, {lq}, {h}]", describe(gate_logits))
+    args = (q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits, scale)
+    if use_triton(q, "gated_attention"):
+        from .gated_attention import gated_attention_triton
+
+        return gated_attention_triton(*args)
+    return gated_attention_reference(*args)

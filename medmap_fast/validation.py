@@ -58,6 +58,8 @@ def check_index(
         fail(name, expected, type(ids).__name__)
     if ids.ndim != 1 or ids.shape[0] != length or ids.is_floating_point() or ids.is_complex():
         fail(name, expected, describe(ids))
-    if length and (int(ids.min()) < 0 or int(ids.max()) >= upper):
-        fail(name, expected, f"values in [{int(ids.min())}, {int(ids.max())}]")
+    if length:
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())  # one host sync for both bounds
+        if lo < 0 or hi >= upper:
+            fail(name, expected, f"values in [{lo}, {hi}]")
     return ids.long()
