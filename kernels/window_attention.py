@@ -19,12 +19,21 @@ Shifted windows mask pairs of tokens from different regions of the rolled grid w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
+from ._backend import interpreting, triton_available
 from .patch_embed_3d import padded_size
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # Triton is an optional extra: without it only the reference is used (see _backend.use_triton)
+    triton = tl = None
 
 SHIFT_MASK_VALUE = -100.0
 
@@ -79,6 +88,51 @@ def unpartition(x: torch.Tensor, window_size: tuple[int, int, int], padded: tupl
     return x.reshape(-1, dp, hp, wp, k)
 
 
+def window_qkv(
+    qkv: torch.Tensor,
+    num_heads: int,
+    window_size: tuple[int, int, int],
+    shift_size: tuple[int, int, int] = (0, 0, 0),
+    pad_kv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad (padded voxels: q = 0, k/v = pad_kv), roll by -shift, partition: qkv -> q, k, v [B*nW, heads, n, d]."""
+    b, d, h, w, c3 = qkv.shape
+    c = c3 // 3
+    padded = tuple(padded_size(s, k) for s, k in zip((d, h, w), window_size))
+    x = qkv
+    if padded != (d, h, w):
+        kv = pad_kv if pad_kv is not None else qkv.new_zeros(2 * c)
+        x = torch.cat([qkv.new_zeros(c), kv.to(qkv.dtype)]).expand(b, *padded, c3).clone()
+        x[:, :d, :h, :w] = qkv
+    if any(shift_size):
+        x = torch.roll(x, shifts=tuple(-s for s in shift_size), dims=(1, 2, 3))
+    win = partition(x, window_size)  # [B*nW, n, 3C]
+    n = win.shape[1]
+    return win.reshape(-1, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def window_merge(
+    out: torch.Tensor, size: tuple[int, int, int], window_size: tuple[int, int, int],
+    shift_size: tuple[int, int, int] = (0, 0, 0),
+) -> torch.Tensor:
+    """Inverse of :func:`window_qkv` for an attention output [B*nW, heads, n, d] -> [B, D, H, W, heads*d]."""
+    bnw, heads, n, hd = out.shape
+    padded = tuple(padded_size(s, k) for s, k in zip(size, window_size))
+    out = unpartition(out.transpose(1, 2).reshape(bnw, n, heads * hd), window_size, padded)
+    if any(shift_size):
+        out = torch.roll(out, shifts=tuple(shift_size), dims=(1, 2, 3))
+    return out[:, : size[0], : size[1], : size[2]]
+
+
+def apply_gate(out: torch.Tensor, gate_logits: torch.Tensor | None) -> torch.Tensor:
+    """Head-wise gate: out [B, D, H, W, C], gate_logits [B, D, H, W, heads]; head h scaled by 2*sigmoid(logit)."""
+    if gate_logits is None:
+        return out
+    heads = gate_logits.shape[-1]
+    gated = out.unflatten(-1, (heads, -1)) * (2 * torch.sigmoid(gate_logits))[..., None]
+    return gated.flatten(-2)
+
+
 def window_attention_reference(
     qkv: torch.Tensor,
     num_heads: int,
@@ -92,37 +146,456 @@ def window_attention_reference(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch shifted-window attention: pad, roll, partition, SDPA with bias + shift mask, reverse."""
-    b, d, h, w, c3 = qkv.shape
-    c = c3 // 3
-    head_dim = c // num_heads
+    b, d, h, w, _ = qkv.shape
     window_size, shift_size = tuple(window_size), tuple(shift_size)
     padded = tuple(padded_size(s, k) for s, k in zip((d, h, w), window_size))
-    x = qkv
-    if padded != (d, h, w):
-        kv = pad_kv if pad_kv is not None else qkv.new_zeros(2 * c)
-        x = torch.cat([qkv.new_zeros(c), kv.to(qkv.dtype)]).expand(b, *padded, c3).clone()
-        x[:, :d, :h, :w] = qkv
-    shifted = any(shift_size)
-    if shifted:
-        x = torch.roll(x, shifts=tuple(-s for s in shift_size), dims=(1, 2, 3))
-    n = window_size[0] * window_size[1] * window_size[2]
-    win = partition(x, window_size)  # [B*nW, n, 3C]
-    nw = win.shape[0] // b
-    q, k, v = win.reshape(b, nw, n, 3, num_heads, head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)  # [B, nW, h, n, d]
-    mask = None
+    q, k, v = (t.unflatten(0, (b, -1)) for t in window_qkv(qkv, num_heads, window_size, shift_size, pad_kv))
+    mask = None  # q, k, v are [B, nW, h, n, d]: the mask broadcasts over the batch
     if bias_table is not None:
         index = relative_position_index(window_size, tuple(table_window or window_size)).to(qkv.device)
         mask = bias_table[index].permute(2, 0, 1)  # [h, n, n]
-    if shifted:
+    if any(shift_size):
         smask = shift_mask(padded, window_size, shift_size).to(device=qkv.device, dtype=qkv.dtype)[:, None]
         mask = smask if mask is None else mask + smask  # [nW, h, n, n]
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale
     )  # [B, nW, h, n, d]
-    out = unpartition(out.permute(0, 1, 3, 2, 4).reshape(b * nw, n, c), window_size, padded)
-    if shifted:
-        out = torch.roll(out, shifts=shift_size, dims=(1, 2, 3))
-    out = out[:, :d, :h, :w]
-    if gate_logits is not None:
-        out = (out.reshape(b, d, h, w, num_heads, head_dim) * (2 * torch.sigmoid(gate_logits))[..., None])
-    return out.reshape(b, d, h, w, c)
+    return apply_gate(window_merge(out.flatten(0, 1), (d, h, w), window_size, shift_size), gate_logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton implementation. Every program works on one (window, head) pair of one batch element, straight from the
+# channels-last qkv tensor: token t of window `win` sits at position p = origin(win) + coords(t) of the rolled, padded
+# grid, i.e. at voxel (p + shift) mod padded of the original grid (a padded voxel when that is past the volume). So
+# padding, cyclic shift, partition and their reverses are index arithmetic; the bias row of a (query, key) pair is
+# rel(query) - rel(key) + R0 (the table_window decomposition is separable); the shift mask compares region ids.
+# ----------------------------------------------------------------------------------------------------------------------
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)  # kernels are never launched without Triton
+_LOG2E = None if tl is None else tl.constexpr(math.log2(math.e))
+_SHIFT_MASK = None if tl is None else tl.constexpr(SHIFT_MASK_VALUE)
+
+
+@_jit
+def _region(p, size, window, shift):
+    """shift_regions along one rolled axis: 0, 1, 2 for position p, 0 everywhere when the axis is not shifted."""
+    return tl.where(shift > 0, (p >= size - window).to(tl.int32) + (p >= size - shift).to(tl.int32), 0)
+
+
+@_jit
+def _tokens(t, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW):
+    """Tokens t [T] of window ``win`` -> (in window, real voxel, voxel index in the volume, region id, table offset)."""
+    pd = (win // (NWH * NWW)) * WD + t // (WH * WW)  # position in the rolled, padded grid
+    ph = ((win // NWW) % NWH) * WH + (t // WW) % WH
+    pw = (win % NWW) * WW + t % WW
+    od = (pd + SD) % DP  # the voxel torch.roll(-shift) brought there
+    oh = (ph + SH) % HP
+    ow = (pw + SW) % WP
+    valid = t < n
+    real = valid & (od < D) & (oh < H) & (ow < W)
+    vox = tl.where(real, (od * H + oh) * W + ow, 0)
+    region = (_region(pd, DP, WD, SD) * 3 + _region(ph, HP, WH, SH)) * 3 + _region(pw, WP, WW, SW)
+    return valid, real, vox, region, _table_offset(t, TH, TW)
+
+
+@_jit
+def _table_offset(t, TH, TW):
+    """Bias-table offset of tokens t decomposed in the table window: row(q, k) = offset(q) - offset(k) + R0
+    (MONAI's relative_position_index[:n, :n], also when the effective window is smaller than the table's)."""
+    return (t // (TH * TW)) * ((2 * TH - 1) * (2 * TW - 1)) + ((t // TW) % TH) * (2 * TW - 1) + t % TW
+
+
+@_jit
+def _rows(ptr, row, stride, dd, rows_mask, dmask):
+    """Load [T, DPAD] from ``ptr + row * stride + dd`` (zeros outside the masks)."""
+    return tl.load(ptr + row[:, None] * stride + dd[None, :], mask=rows_mask[:, None] & dmask[None, :], other=0.0)
+
+
+@_jit
+def _pad_kv(PAD_KV, h, dd, dmask, C, HD):
+    """k and v [DPAD] of padded voxels for head h (PAD_KV is qkv itself, a harmless read, when unused)."""
+    return (tl.load(PAD_KV + h * HD + dd, mask=dmask, other=0.0),
+            tl.load(PAD_KV + C + h * HD + dd, mask=dmask, other=0.0))
+
+
+@_jit
+def _kv_rows(ptr, row, stride, dd, real, dmask, pad, HAS_PAD: tl.constexpr):
+    """k or v rows of a key block; padded voxels take ``pad`` [DPAD] (MONAI: the qkv bias), else zeros."""
+    x = _rows(ptr, row, stride, dd, real, dmask)
+    if HAS_PAD:
+        x = tl.where(real[:, None], x, pad[None, :].to(x.dtype))
+    return x
+
+
+@_jit
+def _bias(BIAS, rel_q, rel_k, valid_q, valid_k, h, HEADS, R0):
+    """Relative-position bias [BM, BN] gathered from the table [rows, HEADS]."""
+    row = rel_q[:, None] - rel_k[None, :] + R0
+    return tl.load(BIAS + row * HEADS + h, mask=valid_q[:, None] & valid_k[None, :], other=0.0).to(tl.float32)
+
+
+@_jit
+def _scores(q, k, bias, reg_q, reg_k, valid_k, qk_scale, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr,
+            PREC: tl.constexpr):
+    """Scores in the log2 domain [BM, BN]: (q.k * scale + bias + shift mask) * log2(e); -inf past the window."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if HAS_BIAS:
+        s += bias
+    if SHIFTED:
+        s += tl.where(reg_q[:, None] != reg_k[None, :], _SHIFT_MASK, 0.0)
+    return tl.where(valid_k[None, :], s * _LOG2E, float("-inf"))
+
+
+@_jit
+def _gate(GATE, row, real, h, HEADS):
+    """2 * sigmoid(gate logit) per row [T] (fp32)."""
+    return 2.0 * tl.sigmoid(tl.load(GATE + row * HEADS + h, mask=real, other=0.0).to(tl.float32))
+
+
+@_jit
+def _split_pid(pid, tiles, HEADS, NWIN):
+    """Program id -> (tile, head, window over the batch, batch element, window); tiles vary fastest."""
+    bw = pid // (tiles * HEADS)
+    return pid % tiles, (pid // tiles) % HEADS, bw, bw // NWIN, bw % NWIN
+
+
+@_jit
+def _key_block(QKV, offs, b, win, h, dd, dmask, DHW, C, HD, pad_k, pad_v,
+               n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD: tl.constexpr):
+    """A key block of one (window, head): flags, volume rows, region ids, table offsets, k and v [T, DPAD]."""
+    valid, real, vox, reg, rel = _tokens(offs, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW)
+    row = b.to(tl.int64) * DHW + vox
+    k = _kv_rows(QKV + C + h * HD, row, 3 * C, dd, real, dmask, pad_k, HAS_PAD)
+    v = _kv_rows(QKV + 2 * C + h * HD, row, 3 * C, dd, real, dmask, pad_v, HAS_PAD)
+    return valid, real, row, reg, rel, k, v
+
+
+@_jit
+def _query_grad_side(QKV, DOUT, GATE, LSE, DELTA, offs, b, win, bw, h, dd, dmask, DHW, C, HD, HEADS,
+                     n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_GATE: tl.constexpr):
+    """What the backward needs of a query block: flags, rows, q, dO of the attention (gate applied), lse, delta."""
+    valid, real, vox, reg, rel = _tokens(offs, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW)
+    row = b.to(tl.int64) * DHW + vox
+    q = _rows(QKV + h * HD, row, 3 * C, dd, real, dmask)
+    do = _rows(DOUT + h * HD, row, C, dd, real, dmask).to(tl.float32)
+    if HAS_GATE:
+        do = do * _gate(GATE, row, real, h, HEADS)[:, None]
+    lse = tl.load(LSE + (bw * HEADS + h) * n + offs, mask=valid, other=float("inf"))  # p = 0 past the window
+    delta = tl.load(DELTA + row * HEADS + h, mask=real, other=0.0)
+    return valid, real, row, reg, rel, q, do.to(q.dtype), lse, delta
+
+
+@_jit
+def _window_attention_fwd(
+    QKV, BIAS, PAD_KV, GATE, OUT, LSE,
+    n, NWIN, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, R0,
+    HEADS, HD, NQT, NKT, qk_scale,
+    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, HAS_GATE: tl.constexpr, SHIFTED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr,
+):
+    """One query block of one (window, head): online softmax over the window's key blocks; out [B,D,H,W,C], lse."""
+    qt, h, bw, b, win = _split_pid(tl.program_id(0), NQT, HEADS, NWIN)
+    C = HEADS * HD
+    DHW = D * H * W
+    dd = tl.arange(0, DPAD)
+    dmask = dd < HD
+    offs_m = qt * BM + tl.arange(0, BM)
+    valid_q, real_q, vox_q, reg_q, rel_q = _tokens(offs_m, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP,
+                                                   D, H, W, TH, TW)
+    row_q = b.to(tl.int64) * DHW + vox_q
+    q = _rows(QKV + h * HD, row_q, 3 * C, dd, real_q, dmask)  # padded queries: zeros (their output is cropped)
+    pad_k, pad_v = _pad_kv(PAD_KV, h, dd, dmask, C, HD)
+    m_i = tl.full([BM], float("-inf"), tl.float32)  # key block 0 holds key 0 for every row, so m_i turns finite
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, DPAD], tl.float32)
+    for kt in range(0, NKT):
+        valid_k, _, _, reg_k, rel_k, k, v = _key_block(
+            QKV, kt * BN + tl.arange(0, BN), b, win, h, dd, dmask, DHW, C, HD, pad_k, pad_v,
+            n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD)
+        if HAS_BIAS:
+            bias = _bias(BIAS, rel_q, rel_k, valid_q, valid_k, h, HEADS, R0)
+        else:
+            bias = 0.0
+        s = _scores(q, k, bias, reg_q, reg_k, valid_k, qk_scale, HAS_BIAS, SHIFTED, PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    if HAS_GATE:
+        out = out * _gate(GATE, row_q, real_q, h, HEADS)[:, None]
+    tl.store(OUT + row_q[:, None] * C + h * HD + dd[None, :], out.to(OUT.dtype.element_ty),
+             mask=real_q[:, None] & dmask[None, :])
+    tl.store(LSE + (bw * HEADS + h) * n + offs_m, m_i + tl.log2(l_i), mask=valid_q)
+
+
+@_jit
+def _window_attention_bwd(
+    QKV, BIAS, PAD_KV, GATE, DOUT, LSE, DELTA, DQKV, DQ, DPAD_PARTS,
+    n, NWIN, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, R0,
+    HEADS, HD, NQT, NKT, qk_scale,
+    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, HAS_GATE: tl.constexpr, SHIFTED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr,
+):
+    """One key block of one (window, head): dk, dv over all query blocks (stored), dq by fp32 atomics into DQ,
+    and the padded keys' dk/dv summed into this program's slot of DPAD_PARTS [B*nW, NKT, 2, C]."""
+    kt, h, bw, b, win = _split_pid(tl.program_id(0), NKT, HEADS, NWIN)
+    C = HEADS * HD
+    DHW = D * H * W
+    dd = tl.arange(0, DPAD)
+    dmask = dd < HD
+    pad_k, pad_v = _pad_kv(PAD_KV, h, dd, dmask, C, HD)
+    valid_k, real_k, row_k, reg_k, rel_k, k, v = _key_block(
+        QKV, kt * BN + tl.arange(0, BN), b, win, h, dd, dmask, DHW, C, HD, pad_k, pad_v,
+        n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD)
+    dk = tl.zeros([BN, DPAD], tl.float32)
+    dv = tl.zeros([BN, DPAD], tl.float32)
+    for qt in range(0, NQT):
+        offs_m = qt * BM + tl.arange(0, BM)
+        valid_q, real_q, row_q, reg_q, rel_q, q, do, lse, delta = _query_grad_side(
+            QKV, DOUT, GATE, LSE, DELTA, offs_m, b, win, bw, h, dd, dmask, DHW, C, HD, HEADS,
+            n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_GATE)
+        if HAS_BIAS:
+            bias = _bias(BIAS, rel_q, rel_k, valid_q, valid_k, h, HEADS, R0)
+        else:
+            bias = 0.0
+        s = _scores(q, k, bias, reg_q, reg_k, valid_k, qk_scale, HAS_BIAS, SHIFTED, PREC)
+        p = tl.exp2(s - lse[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+        dq = tl.dot(ds, k, input_precision=PREC) * qk_scale
+        tl.atomic_add(DQ + row_q[:, None] * C + h * HD + dd[None, :], dq, mask=real_q[:, None] & dmask[None, :],
+                      sem="relaxed")
+    dk = dk * qk_scale
+    out_mask = real_k[:, None] & dmask[None, :]
+    tl.store(DQKV + row_k[:, None] * (3 * C) + C + h * HD + dd[None, :], dk.to(DQKV.dtype.element_ty), mask=out_mask)
+    tl.store(DQKV + row_k[:, None] * (3 * C) + 2 * C + h * HD + dd[None, :], dv.to(DQKV.dtype.element_ty),
+             mask=out_mask)
+    if HAS_PAD:
+        padded = valid_k & ~real_k
+        slot = DPAD_PARTS + (bw * NKT + kt) * (2 * C) + h * HD + dd
+        tl.store(slot, tl.sum(tl.where(padded[:, None], dk, 0.0), 0), mask=dmask)
+        tl.store(slot + C, tl.sum(tl.where(padded[:, None], dv, 0.0), 0), mask=dmask)
+
+
+@_jit
+def _window_attention_bwd_bias(
+    QKV, BIAS, PAD_KV, GATE, DOUT, LSE, DELTA, DBIAS,
+    n, NWIN, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, R0,
+    HEADS, HD, NQT, NKT, qk_scale, BW, WPC,
+    HAS_PAD: tl.constexpr, HAS_GATE: tl.constexpr, SHIFTED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr,
+):
+    """dS of one (query block, key block, head) summed in registers over a chunk of WPC windows (the bias is the
+    same in every window), then added into DBIAS [HEADS, n, n] (fp32 atomics, one per chunk)."""
+    pid = tl.program_id(0)
+    kt = pid % NKT
+    qt = (pid // NKT) % NQT
+    h = (pid // (NKT * NQT)) % HEADS
+    chunk = pid // (NKT * NQT * HEADS)
+    C = HEADS * HD
+    DHW = D * H * W
+    dd = tl.arange(0, DPAD)
+    dmask = dd < HD
+    offs_m = qt * BM + tl.arange(0, BM)
+    offs_n = kt * BN + tl.arange(0, BN)
+    valid_q = offs_m < n
+    valid_k = offs_n < n
+    bias = _bias(BIAS, _table_offset(offs_m, TH, TW), _table_offset(offs_n, TH, TW), valid_q, valid_k, h, HEADS, R0)
+    pad_k, pad_v = _pad_kv(PAD_KV, h, dd, dmask, C, HD)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for bw in range(chunk * WPC, tl.minimum(chunk * WPC + WPC, BW)):
+        b = bw // NWIN
+        win = bw % NWIN
+        _, _, _, reg_k, _, k, v = _key_block(QKV, offs_n, b, win, h, dd, dmask, DHW, C, HD, pad_k, pad_v,
+                                             n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD)
+        _, _, _, reg_q, _, q, do, lse, delta = _query_grad_side(
+            QKV, DOUT, GATE, LSE, DELTA, offs_m, b, win, bw, h, dd, dmask, DHW, C, HD, HEADS,
+            n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_GATE)
+        s = _scores(q, k, bias, reg_q, reg_k, valid_k, qk_scale, True, SHIFTED, PREC)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        acc += p * (dp - delta[:, None])
+    tl.atomic_add(DBIAS + (h * n + offs_m[:, None]) * n + offs_n[None, :], acc,
+                  mask=valid_q[:, None] & valid_k[None, :], sem="relaxed")
+
+
+# (BM, BN, num_warps, num_stages) per kernel for 16-bit inputs, by head_dim <= 16 (the paper's Swin stages) or more.
+# Chosen from sm_90 compiles of the all-features variants (bias + shift + pad + gate): no register spills (8 bytes
+# for the d64 d(bias) kernel), at most 8 warps per program. Not yet timed on a GPU.
+_GPU_CONFIGS = {
+    ("fwd", True): (64, 32, 4, 2), ("bwd", True): (64, 64, 8, 2), ("bias", True): (64, 64, 8, 2),
+    ("fwd", False): (64, 32, 8, 2), ("bwd", False): (32, 64, 8, 2), ("bias", False): (64, 32, 8, 2),
+}
+_FP32_CONFIG = (16, 32, 4, 2)  # IEEE-fp32 tl.dot runs on the FMA units: small tiles keep register spills small
+
+
+def _launch_config(kernel: str, n: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """BM (query tile), BN (key tile), num_warps, num_stages of ``kernel`` ("fwd", "bwd" or "bias") for windows of
+    n tokens; tiles are powers of 2 >= 16 (tl.dot's minimum on a GPU), masked past n."""
+    if interpreting():  # few, large blocks: each interpreted block op costs milliseconds
+        block = min(512, max(16, triton.next_power_of_2(n)))
+        bm, bn, warps, stages = block, block, 4, 1
+    elif dtype == torch.float32:
+        bm, bn, warps, stages = _FP32_CONFIG
+    else:
+        bm, bn, warps, stages = _GPU_CONFIGS[(kernel, head_dim <= 16)]
+    return dict(BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Geometry of one window_attention call (all derived from shapes and the window arguments)."""
+
+    batch: int
+    size: tuple[int, int, int]
+    padded: tuple[int, int, int]
+    window: tuple[int, int, int]
+    shift: tuple[int, int, int]
+    table_window: tuple[int, int, int]
+    heads: int
+    head_dim: int
+    scale: float
+
+    @classmethod
+    def of(cls, qkv: torch.Tensor, num_heads: int, window_size, shift_size, table_window, scale) -> "_Geometry":
+        b, d, h, w, c3 = qkv.shape
+        head_dim = c3 // 3 // num_heads
+        window = tuple(window_size)
+        return cls(b, (d, h, w), tuple(padded_size(s, k) for s, k in zip((d, h, w), window)), window,
+                   tuple(shift_size), tuple(table_window), num_heads, head_dim,
+                   head_dim**-0.5 if scale is None else float(scale))
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.window)
+
+    @property
+    def windows(self) -> int:
+        """Windows of all batch elements (B * nW)."""
+        return self.batch * math.prod(p // k for p, k in zip(self.padded, self.window))
+
+    @property
+    def is_padded(self) -> bool:
+        return self.padded != self.size
+
+    def config(self, kernel: str, dtype: torch.dtype) -> tuple[dict, int, int]:
+        """Launch config of ``kernel`` and its numbers of query and key tiles per window."""
+        cfg = _launch_config(kernel, self.n, self.head_dim, dtype)
+        return cfg, triton.cdiv(self.n, cfg["BM"]), triton.cdiv(self.n, cfg["BN"])
+
+    def args(self, q_tiles: int, k_tiles: int, dtype: torch.dtype) -> tuple[tuple, dict]:
+        """Runtime scalars in signature order (n ... qk_scale) and the constexprs every kernel takes."""
+        (td, th, tw), (dp, hp, wp) = self.table_window, self.padded
+        r0 = (td - 1) * (2 * th - 1) * (2 * tw - 1) + (th - 1) * (2 * tw - 1) + (tw - 1)
+        scalars = (self.n, self.windows // self.batch, hp // self.window[1], wp // self.window[2], *self.window,
+                   *self.shift, dp, hp, wp, *self.size, th, tw, r0, self.heads, self.head_dim, q_tiles, k_tiles,
+                   self.scale)
+        constexprs = dict(DPAD=max(16, triton.next_power_of_2(self.head_dim)), SHIFTED=any(self.shift),
+                          PREC="ieee" if dtype == torch.float32 else "tf32")
+        return scalars, constexprs
+
+
+@functools.lru_cache(maxsize=64)
+def _device_index(window: tuple[int, ...], table_window: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """relative_position_index flattened to [n * n], kept on ``device`` (no host-to-device copy per backward)."""
+    return relative_position_index(window, table_window).to(device).reshape(-1)
+
+
+def _windows_per_program(programs: int, windows: int, device: torch.device) -> int:
+    """Windows each d(bias) program sums over: enough programs to fill the GPU, as few atomics as possible."""
+    if device.type != "cuda":
+        return windows
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return triton.cdiv(windows, max(1, min(windows, triton.cdiv(target, programs))))
+
+
+class WindowAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels; gradients for qkv, bias_table, pad_kv and gate_logits."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias_table, pad_kv, gate_logits, num_heads, window_size, shift_size, table_window, scale):
+        geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
+        b, d, h, w, c3 = qkv.shape
+        out_dtype = qkv.dtype if gate_logits is None else torch.promote_types(qkv.dtype, gate_logits.dtype)
+        out = qkv.new_empty(b, d, h, w, c3 // 3, dtype=out_dtype)  # the reference's type promotion by the gate
+        lse = torch.empty(geo.windows, geo.heads, geo.n, device=qkv.device, dtype=torch.float32)
+        has_pad = pad_kv is not None and geo.is_padded
+        cfg, q_tiles, k_tiles = geo.config("fwd", qkv.dtype)
+        scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
+        _window_attention_fwd[(geo.windows * geo.heads * q_tiles,)](
+            qkv, qkv if bias_table is None else bias_table, pad_kv if has_pad else qkv,
+            qkv if gate_logits is None else gate_logits, out, lse, *scalars,
+            HAS_BIAS=bias_table is not None, HAS_PAD=has_pad, HAS_GATE=gate_logits is not None, **constexprs, **cfg,
+        )
+        ctx.save_for_backward(qkv, bias_table, pad_kv, gate_logits, out, lse)
+        ctx.geo = geo
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, bias_table, pad_kv, gate_logits, out, lse = ctx.saved_tensors
+        geo: _Geometry = ctx.geo
+        b, d, h, w, c3 = qkv.shape
+        c = c3 // 3
+        dout = dout.contiguous()
+        # softmax backward's rowsum(dO_attn * O) per (token, head) equals rowsum(dout * out) with the gate folded in
+        delta = (dout.float() * out.float()).view(b, d, h, w, geo.heads, geo.head_dim).sum(-1)
+        has_pad = pad_kv is not None and geo.is_padded
+        tensors = (qkv, qkv if bias_table is None else bias_table, pad_kv if has_pad else qkv,
+                   qkv if gate_logits is None else gate_logits, dout, lse, delta)
+        flags = dict(HAS_PAD=has_pad, HAS_GATE=gate_logits is not None)
+        dqkv = dbias = dpad = dgate = None
+        if ctx.needs_input_grad[0] or (pad_kv is not None and ctx.needs_input_grad[2]):
+            cfg, q_tiles, k_tiles = geo.config("bwd", qkv.dtype)
+            scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
+            dqkv = torch.empty_like(qkv)
+            dq = torch.zeros(b, d, h, w, c, device=qkv.device, dtype=torch.float32)
+            dpad_parts = torch.empty(geo.windows, k_tiles, 2 * c, device=qkv.device, dtype=torch.float32)
+            _window_attention_bwd[(geo.windows * geo.heads * k_tiles,)](
+                *tensors, dqkv, dq, dpad_parts, *scalars, HAS_BIAS=bias_table is not None, **flags, **constexprs,
+                **cfg,
+            )
+            dqkv[..., :c] = dq
+            if pad_kv is not None and ctx.needs_input_grad[2]:
+                dpad = dpad_parts.sum((0, 1)).to(pad_kv.dtype) if has_pad else torch.zeros_like(pad_kv)
+        if bias_table is not None and ctx.needs_input_grad[1]:
+            cfg, q_tiles, k_tiles = geo.config("bias", qkv.dtype)
+            scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
+            dense = torch.zeros(geo.heads, geo.n, geo.n, device=qkv.device, dtype=torch.float32)
+            per_program = _windows_per_program(q_tiles * k_tiles * geo.heads, geo.windows, qkv.device)
+            grid = (q_tiles * k_tiles * geo.heads * triton.cdiv(geo.windows, per_program),)
+            _window_attention_bwd_bias[grid](
+                *tensors, dense, *scalars, geo.windows, per_program, **flags, **constexprs, **cfg,
+            )
+            index = _device_index(geo.window, geo.table_window, qkv.device)
+            dbias = torch.zeros(bias_table.shape, device=qkv.device, dtype=torch.float32)
+            dbias = dbias.index_add_(0, index, dense.reshape(geo.heads, -1).t()).to(bias_table.dtype)
+        if gate_logits is not None and ctx.needs_input_grad[3]:
+            # out = 2 sigmoid(x) o, so d x = rowsum(dout * o) * 2 sigmoid(x) (1 - sigmoid(x)) = delta (1 - sigmoid(x))
+            dgate = (delta * (1.0 - torch.sigmoid(gate_logits.float()))).to(gate_logits.dtype)
+        return dqkv, dbias, dpad, dgate, None, None, None, None, None
+
+
+def window_attention_triton(
+    qkv: torch.Tensor,
+    num_heads: int,
+    window_size: tuple[int, int, int],
+    shift_size: tuple[int, int, int] = (0, 0, 0),
+    bias_table: torch.Tensor | None = None,
+    *,
+    table_window: tuple[int, int, int] | None = None,
+    pad_kv: torch.Tensor | None = None,
+    gate_logits: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Fused Triton shifted-window attention with the contract (and output dtype) of
+    :func:`window_attention_reference`; arguments are assumed validated (the public op validates them)."""
+    contiguous = [None if t is None else t.contiguous() for t in (qkv, bias_table, pad_kv, gate_logits)]
+    return WindowAttentionFunction.apply(
+        *contiguous, num_heads, tuple(window_size), tuple(shift_size), tuple(table_window or window_size), scale
+    )

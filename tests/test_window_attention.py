@@ -1,0 +1,259 @@
+"""Triton window attention vs the plain-PyTorch reference: outputs and every gradient.
+
+fp32 (Triton interpreter on CPU, or the GPU): full 7^3 windows (n = 343), partial windows, shifted blocks, shrunk
+windows with the 7^3 table, with and without bias table / pad_kv / gate, head dims 8 / 16 / 32 / 64, batch > 1, several
+tiles per window. Without a GPU: the kernels compile for sm_90 without register spills. GPU (bf16, fp16): the
+flash-attention rule, kernel error vs an fp64 reference <= 2x the same-dtype reference's error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import medmap_fast as mf
+from medmap_fast.kernels import window_attention
+
+wa = importlib.import_module("medmap_fast.kernels.window_attention")  # the module, not the op of the same name
+
+# triton 3.6's interpreter converts 1-element arrays to loop indices, which numpy >= 1.25 deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+# fp32 checks run under the interpreter on CPU (one tile per window), and on the GPU where there is one
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_inputs(size, heads, head_dim, table_window, batch=1, bias=True, pad=True, gate=True,
+                device=DEVICE, dtype=torch.float32, seed=0) -> dict[str, torch.Tensor | None]:
+    """Random leaf tensors of one call (None where the option is off); gate logits kept O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = heads * head_dim
+    rows = math.prod(2 * t - 1 for t in table_window)
+
+    def leaf(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(device, dtype).requires_grad_()
+
+    return {
+        "qkv": leaf(batch, *size, 3 * c),
+        "bias_table": leaf(rows, heads) if bias else None,
+        "pad_kv": leaf(2 * c) if pad else None,
+        "gate_logits": leaf(batch, *size, heads) if gate else None,
+    }
+
+
+def run(backend: str, inputs: dict, heads, window, shift, table_window, scale=None):
+    """Output and the gradients of every given input for a fixed random upstream gradient."""
+    with mf.backend(backend):
+        out = window_attention(inputs["qkv"], heads, window, shift, inputs["bias_table"], table_window=table_window,
+                               pad_kv=inputs["pad_kv"], gate_logits=inputs["gate_logits"], scale=scale)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    leaves = {k: v for k, v in inputs.items() if v is not None and v.requires_grad}
+    # the reference never touches pad_kv when nothing is padded: its gradient is then zero
+    grads = torch.autograd.grad(out, list(leaves.values()), dout, allow_unused=True, materialize_grads=True)
+    return out, dict(zip(leaves, grads))
+
+
+def check_fp32(size, heads, head_dim, window, shift=(0, 0, 0), table_window=None, scale=None, **options):
+    table_window = table_window or window
+    inputs = make_inputs(size, heads, head_dim, table_window, **options)
+    out, grads = run("triton", inputs, heads, window, shift, table_window, scale)
+    ref_out, ref_grads = run("torch", inputs, heads, window, shift, table_window, scale)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=5e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+# --------------------------------------------------------------------------- fp32: CPU (interpreter) or GPU
+
+
+def test_full_window_343_tokens():
+    """One whole 7^3 window (n = 343, not a power of 2), two heads of 16, bias + pad + gate."""
+    check_fp32((7, 7, 7), heads=2, head_dim=16, window=(7, 7, 7))
+
+
+def test_shifted_partial_windows_343_tokens():
+    """7^3 windows over a grid padded from (8, 7, 9) to (14, 7, 14), shifted by 3: padding, roll and the mask."""
+    check_fp32((8, 7, 9), heads=1, head_dim=16, window=(7, 7, 7), shift=(3, 3, 3))
+
+
+def test_multi_tile_window(monkeypatch):
+    """Unequal 16-query / 32-key tiles over a padded, shifted 120-token window (8 x 4 tiles, partial last ones):
+    online softmax across key tiles, dq summed over key tiles, bias rows and masks of off-diagonal tiles (the
+    interpreter otherwise runs one tile per window; the GPU runs 64 x 64 tiles in every fp32 test)."""
+    monkeypatch.setattr(wa, "_launch_config", lambda *_: dict(BM=16, BN=32, num_warps=4, num_stages=2))
+    check_fp32((3, 5, 6), heads=1, head_dim=16, window=(4, 5, 6), shift=(1, 2, 3), table_window=(7, 7, 7))
+
+
+@pytest.mark.parametrize(
+    "size, window, shift, table_window",
+    [
+        ((3, 2, 5), (2, 2, 3), (1, 0, 1), None),  # partial windows, shifted (one axis neither)
+        ((2, 4, 3), (2, 2, 3), (0, 0, 0), None),  # exact multiples, no padding
+        ((4, 5, 3), (4, 5, 3), (0, 0, 0), (7, 7, 7)),  # shrunk window: every side < 7, MONAI's 7^3 table
+        ((8, 3, 4), (7, 3, 4), (3, 0, 0), (7, 7, 7)),  # shrunk axes beside a shifted, padded one
+    ],
+    ids=["partial-shifted", "exact", "shrunk", "mixed-shrunk-shifted"],
+)
+def test_window_geometry(size, window, shift, table_window):
+    check_fp32(size, heads=2, head_dim=16, window=window, shift=shift, table_window=table_window, batch=2)
+
+
+@pytest.mark.parametrize("head_dim", [8, 32, 64])
+def test_head_dims(head_dim):
+    """16 is covered above; 8 is padded to a 16-wide tile, 32 and 64 are used by wider Swin stages."""
+    check_fp32((3, 2, 5), heads=2, head_dim=head_dim, window=(2, 2, 3), shift=(1, 0, 1), batch=2)
+
+
+@pytest.mark.parametrize(
+    "bias, pad, gate", [(False, False, False), (True, False, False), (False, True, False), (False, False, True)]
+)
+def test_optional_inputs(bias, pad, gate):
+    check_fp32((3, 2, 5), heads=2, head_dim=16, window=(2, 2, 3), shift=(1, 0, 1), batch=2,
+              bias=bias, pad=pad, gate=gate)
+
+
+def test_custom_scale_and_non_contiguous_qkv():
+    """A qkv view with a row stride larger than 3C and an explicit softmax scale."""
+    heads, head_dim, window, shift = 2, 16, (2, 2, 3), (1, 0, 1)
+    inputs = make_inputs((3, 2, 5), heads, head_dim, window, batch=2)
+    wide = torch.randn(2, 3, 2, 5, 3 * heads * head_dim + 5, device=DEVICE, requires_grad=True)
+    inputs["qkv"] = wide[..., 5:]
+    assert not inputs["qkv"].is_contiguous()
+    out, grads = run("triton", inputs, heads, window, shift, window, scale=0.3)
+    ref_out, ref_grads = run("torch", inputs, heads, window, shift, window, scale=0.3)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=5e-5, rtol=1e-4)
+
+
+def test_output_dtype_follows_the_reference():
+    """fp16 qkv with fp32 gate logits: the reference's type promotion gives fp32 (values checked on the GPU)."""
+    inputs = make_inputs((2, 2, 3), 1, 16, (2, 2, 3), dtype=torch.float16, bias=False, pad=False, gate=False)
+    gate = torch.zeros(1, 2, 2, 3, 1, device=DEVICE)
+    with mf.backend("triton"):
+        out = window_attention(inputs["qkv"], 1, (2, 2, 3), gate_logits=gate)
+    assert out.dtype == torch.float32 and out.shape == (1, 2, 2, 3, 16)
+
+
+def test_pad_kv_gradient_is_zero_without_padding():
+    inputs = make_inputs((2, 4, 3), 1, 16, (2, 2, 3), bias=False, gate=False)
+    _, grads = run("triton", inputs, 1, (2, 2, 3), (0, 0, 0), (2, 2, 3))
+    assert torch.count_nonzero(grads["pad_kv"]) == 0
+
+
+def test_only_some_inputs_need_grad():
+    """Frozen qkv with a trainable table and gate: the backward skips the dq/dk/dv kernel."""
+    inputs = make_inputs((3, 2, 5), 2, 16, (2, 2, 3), batch=2, pad=False)
+    inputs["qkv"] = inputs["qkv"].detach()
+    _, grads = run("triton", inputs, 2, (2, 2, 3), (1, 0, 1), (2, 2, 3))
+    _, ref_grads = run("torch", inputs, 2, (2, 2, 3), (1, 0, 1), (2, 2, 3))
+    assert grads.keys() == {"bias_table", "gate_logits"}
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=5e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ sm_90 compile, no GPU needed
+
+# Runs in a subprocess without TRITON_INTERPRET (the kernels must be decorated as compiled JIT functions): compiles
+# the kernels ahead of time for Hopper with the launch configs used on a GPU and reports ptxas's stack use (spills).
+# This checks what the interpreter cannot: tl.dot shapes, layouts, constexpr arithmetic, register pressure.
+AOT_SCRIPT = r"""
+import importlib, json, os, re, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+wa = importlib.import_module("medmap_fast.kernels.window_attention")
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+FP32_PTRS = {"BIAS", "PAD_KV", "LSE", "DELTA", "DQ", "DPAD_PARTS", "DBIAS"}
+DTYPE_PTRS = {"QKV", "GATE", "OUT", "DOUT", "DQKV"}
+results = []
+for kernel_name, dtype, head_dim, ones in json.loads(sys.argv[1]):
+    kernel = {"fwd": wa._window_attention_fwd, "bwd": wa._window_attention_bwd,
+              "bias": wa._window_attention_bwd_bias}[kernel_name]
+    torch_dtype = getattr(torch, dtype)
+    cfg = wa._launch_config(kernel_name, 343, head_dim, torch_dtype)
+    consts = dict(BM=cfg["BM"], BN=cfg["BN"], DPAD=max(16, triton.next_power_of_2(head_dim)), SHIFTED=True,
+                  PREC="ieee" if dtype == "float32" else "tf32", HAS_BIAS=True, HAS_PAD=True, HAS_GATE=True)
+    element = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+    signature, constexprs = {}, {}
+    for arg in kernel.arg_names:
+        if arg in consts or arg in ones:  # the launcher turns integer arguments equal to 1 into constexprs
+            signature[arg], constexprs[arg] = "constexpr", consts.get(arg, 1)
+        elif arg in FP32_PTRS or arg in DTYPE_PTRS:
+            signature[arg] = "*fp32" if arg in FP32_PTRS else "*" + element
+        else:
+            signature[arg] = "fp32" if arg == "qk_scale" else "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True)
+    stack = re.search(r"STACK:(\d+)", usage.stdout)
+    results.append([kernel_name, dtype, head_dim, None if stack is None else int(stack.group(1))])
+print(json.dumps(results))
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """bf16 at the paper's head dim 16 and at 64, fp16, fp32, and the specialisation of arguments equal to 1."""
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton build carries no NVIDIA backend (ptxas) to compile for sm_90")
+    ones = ["NWIN", "NWH", "NWW", "NQT", "BW", "WPC"]
+    cases = [[k, "bfloat16", hd, []] for k in ("fwd", "bwd", "bias") for hd in (16, 64)]
+    cases += [[k, dtype, 16, []] for k in ("fwd", "bwd") for dtype in ("float16", "float32")]
+    cases += [["fwd", "bfloat16", 16, ones], ["bias", "bfloat16", 16, ones]]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", AOT_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == len(cases)
+    for kernel, dtype, head_dim, stack in results:
+        if stack is not None and dtype != "float32":  # fp32 (IEEE dot on FMA units) is a correctness path
+            assert stack <= 8, f"{kernel} {dtype} d{head_dim}: {stack} bytes of register spills"
+
+
+# -------------------------------------------------------------------------------------------------------------- GPU
+
+
+def flash_rule_errors(size, heads, head_dim, window, shift, dtype, batch=2, table_window=(7, 7, 7), device="cuda"):
+    """(name, kernel error, same-dtype reference error, fp64 magnitude) for the output and every gradient."""
+    inputs = make_inputs(size, heads, head_dim, table_window, batch=batch, device=device, dtype=dtype)
+    inputs["bias_table"].data.mul_(0.1)  # trunc_normal(0.02)-like scale relative to the scores
+    fp64 = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    results = {}
+    for label, backend, leaves in (("kernel", "triton", inputs), ("ref", "torch", inputs), ("fp64", "torch", fp64)):
+        out, grads = run(backend, leaves, heads, window, shift, table_window)
+        results[label] = {"out": out, **grads}
+    return [(name, (results["kernel"][name].double() - exact).abs().max().item(),
+             (results["ref"][name].double() - exact).abs().max().item(), exact.abs().max().item())
+            for name, exact in results["fp64"].items()]
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "size, heads, head_dim, window, shift",
+    [
+        ((20, 21, 22), 3, 16, (7, 7, 7), (3, 3, 3)),  # stage 1 of the paper config, padded and shifted
+        ((12, 12, 12), 6, 16, (7, 7, 7), (0, 0, 0)),  # stage 2 width, padded
+        ((6, 6, 6), 4, 32, (6, 6, 6), (0, 0, 0)),  # shrunk window (table 7^3)
+        ((14, 14, 14), 2, 64, (7, 7, 7), (3, 3, 3)),
+    ],
+    ids=["stage1-shifted", "stage2", "shrunk-d32", "d64-shifted"],
+)
+def test_gpu_flash_rule(size, heads, head_dim, window, shift, dtype):
+    for name, err, ref_err, magnitude in flash_rule_errors(size, heads, head_dim, window, shift, dtype):
+        assert err <= 2 * ref_err + 1e-6 * magnitude, f"{name}: kernel error {err:.3g} vs reference {ref_err:.3g}"
