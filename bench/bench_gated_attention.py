@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_swin_gpu import time_cuda
+from _timing import time_cuda
 
 import medmap_fast as mf
 from medmap_fast.kernels import gated_attention, gated_attention_reference

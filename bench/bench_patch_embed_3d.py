@@ -18,7 +18,6 @@ forward+backward with CUDA events, next to the device's copy bandwidth measured 
 from __future__ import annotations
 
 import os
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import medmap_fast as mf
+from _timing import copy_bandwidth_gbs, cuda_time_ms, graph_time_ms, peak_mib  # bench/ is on sys.path
 from medmap_fast.kernels.patch_embed_3d import padded_size, patch_embed_3d_reference, patch_embed_3d_triton
 
 CUDA = torch.cuda.is_available()
@@ -144,53 +144,6 @@ def test_patch_embed_3d_speed(benchmark, impl, size, layer_norm, backward):
 
 
 # ---- GPU check (bench/gpu_check.py) ----------------------------------------------------------------------------
-
-def cuda_time_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> float:
-    """Median of ``repeats`` timings with CUDA events, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def graph_time_ms(fn: Callable[[], object]) -> float:
-    """Median replay time of a CUDA graph of ``fn``: the device time, without the host's launch gaps (as in a
-    training step whose queue is kept full, or one captured in a graph)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (Triton compiles, cuBLAS/cuDNN pick algorithms) off the capture
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return cuda_time_ms(graph.replay)
-
-
-def peak_mib(fn: Callable[[], object]) -> float:
-    """Memory the call allocates at its peak beyond what was allocated before it, MiB."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def copy_bandwidth_gbs(nbytes: int = 2**30) -> tuple[float, float]:
-    """Device-to-device copy of a large tensor (clone): (ms, GB/s counting bytes read and written)."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    ms = cuda_time_ms(lambda: src.clone(), repeats=20)
-    return ms, 2 * nbytes / ms / 1e6
-
 
 def scaled_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()

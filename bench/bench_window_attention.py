@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import medmap_fast as mf
-from bench_swin_gpu import time_cuda  # median ms and peak MiB with CUDA events (bench/ is on sys.path)
+from _timing import time_cuda  # median ms and peak MiB with CUDA events (bench/ is on sys.path)
 
 wa = importlib.import_module("medmap_fast.kernels.window_attention")  # the module, not the op of the same name
 

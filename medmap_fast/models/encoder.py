@@ -1,0 +1,227 @@
+"""``MedMAPEncoder``: the modality-aware 3D MRI vision encoder (DESIGN §1, §4).
+
+Two ways of being modality-aware over one flat batch of V volumes of mixed modalities:
+
+* ``sharing="gated"`` (default): one :class:`SwinViT3D` trunk with per-modality patch-embedding weights and a
+  head-wise modality gate in every Swin block; all V volumes go through every layer in one pass, each volume's
+  weights gathered by its modality id.
+* ``sharing="separate"``: one plain trunk per modality (the paper's literal wording); volumes are grouped by
+  modality, one trunk pass per modality present, and the outputs are put back in input order.
+
+Checkpoints are a directory with ``config.json`` and ``model.safetensors`` (:meth:`MedMAPEncoder.save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medmap_fast.modalities import ModalityRegistry
+from medmap_fast.validation import check_index, check_volumes, fail
+
+from .swin3d import SwinViT3D, as_triple
+
+SHARING = ("gated", "separate")
+# The paper's trunk (MONAI SwinUNETR's swinViT at feature size 48); any SwinViT3D argument overrides these.
+SWIN_DEFAULTS: dict[str, Any] = dict(
+    in_chans=1, embed_dim=48, window_size=(7, 7, 7), patch_size=(2, 2, 2), depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24)
+)
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+FORMAT = "medmap-fast/MedMAPEncoder"
+FORMAT_VERSION = 1
+
+
+class EncoderOutput(NamedTuple):
+    """``tokens`` [V, N, C] (normalised last stage, N = D4*H4*W4), ``pooled`` [V, C] (token mean), ``features``
+    (the 5 normalised stage maps [V, C_i, D_i, H_i, W_i], channels-last memory)."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+    features: list[torch.Tensor]
+
+
+class MedMAPEncoder(nn.Module):
+    """Modality-aware Swin-3D encoder: ``enc(volumes [V, Cin, D, H, W], modality_ids [V]) -> EncoderOutput``.
+
+    Args:
+        modalities: None (the twelve default modalities) or anything :class:`ModalityRegistry` accepts.
+        sharing: "gated" (one trunk, per-modality patch embedding + modality-gated attention) or "separate"
+            (one trunk per modality).
+        **swin_kwargs: :class:`SwinViT3D` (= MONAI ``SwinTransformer``) arguments; unset ones take the paper's
+            values (``SWIN_DEFAULTS``: in_chans 1, embed_dim 48, window 7, patch 2, depths 2-2-2-2, heads 3-6-12-24).
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[Any] | Mapping[str, str] | ModalityRegistry | None = None,
+        sharing: str = "gated",
+        **swin_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if sharing not in SHARING:
+            fail("sharing", f"one of {SHARING}", repr(sharing))
+        for name in ("num_modalities", "modality_gate"):
+            if name in swin_kwargs:
+                fail(name, "not to be given (MedMAPEncoder sets it from modalities and sharing)", repr(swin_kwargs[name]))
+        self.modalities = modalities if isinstance(modalities, ModalityRegistry) else ModalityRegistry(modalities)
+        self.sharing = sharing
+        self.swin_kwargs = {**SWIN_DEFAULTS, **swin_kwargs}
+        m = len(self.modalities)
+        if sharing == "gated":
+            self.trunk = SwinViT3D(**self.swin_kwargs, num_modalities=m, modality_gate=True)
+        else:
+            self.trunks = nn.ModuleList(SwinViT3D(**self.swin_kwargs) for _ in range(m))
+        first = self.trunk if sharing == "gated" else self.trunks[0]
+        # normalised as the trunk stores them (e.g. window 7 -> (7, 7, 7))
+        self.swin_kwargs = {k: first.config.get(k, v) for k, v in self.swin_kwargs.items()}
+        self.in_chans, self.patch_size, self.num_features = first.in_chans, first.patch_size, first.num_features
+
+    def forward(self, volumes: torch.Tensor, modality_ids: torch.Tensor | Sequence[int | str]) -> EncoderOutput:
+        """volumes [V, Cin, D, H, W] float, modality_ids [V] long (or a list of ids / modality names)."""
+        volumes = check_volumes(volumes, "volumes", self.in_chans, min_size=self.patch_size)
+        ids = self._modality_ids(modality_ids, volumes)
+        if self.sharing == "gated":
+            features = self.trunk(volumes, True, ids)
+        else:
+            features = self._separate(volumes, ids)
+        last = features[-1].permute(0, 2, 3, 4, 1)  # a channels-last view: the reshape below copies nothing
+        tokens = last.reshape(last.shape[0], -1, last.shape[-1])
+        return EncoderOutput(tokens, tokens.mean(1), features)
+
+    def _modality_ids(self, modality_ids: object, volumes: torch.Tensor) -> torch.Tensor:
+        if isinstance(modality_ids, Sequence) and not isinstance(modality_ids, str):
+            ids = [self.modalities.index(i, "modality_ids") if isinstance(i, str) else i for i in modality_ids]
+            modality_ids = torch.tensor(ids, dtype=torch.long, device=volumes.device)
+        return check_index(modality_ids, "modality_ids", volumes.shape[0], len(self.modalities), what="modality ids")
+
+    def _separate(self, volumes: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+        """One trunk pass per modality present; stage maps gathered back into input order."""
+        order = torch.argsort(ids, stable=True)
+        counts = torch.bincount(ids, minlength=len(self.modalities)).tolist()
+        groups, start = [], 0
+        for m, count in enumerate(counts):
+            if count:
+                groups.append(self.trunks[m](volumes[order[start : start + count]]))
+                start += count
+        if len(groups) == 1:  # one modality: the stable sort left the input order unchanged
+            return groups[0]
+        inverse = torch.argsort(order)
+        return [torch.cat(stage)[inverse] for stage in zip(*groups)]
+
+    def from_monai(self, source: nn.Module | Mapping[str, torch.Tensor]) -> MedMAPEncoder:
+        """Copy MONAI Swin weights (SwinTransformer, SwinUNETR or state_dict) into every modality slot (gates reset to
+        zero), so that every modality's outputs equal MONAI's. Returns ``self``."""
+        for trunk in [self.trunk] if self.sharing == "gated" else self.trunks:
+            trunk.load_monai(source)
+        return self
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def get_config(self) -> dict[str, Any]:
+        """The JSON-able configuration stored in ``config.json``."""
+        swin = {}
+        for key, value in self.swin_kwargs.items():
+            if isinstance(value, tuple):
+                value = list(value)
+            if not isinstance(value, (int, float, str, bool, list, type(None))):
+                raise TypeError(f"save_pretrained: swin argument {key}={value!r} cannot be stored in {CONFIG_NAME}; "
+                                "only plain values (not classes) are supported")
+            swin[key] = value
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "modalities": self.modalities.to_config(),
+                "sharing": self.sharing, "swin": swin}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed), each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.get_config()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_NAME,
+                      lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: torch.device | str = "cpu", **expected: Any
+    ) -> MedMAPEncoder:
+        """Load a :meth:`save_pretrained` directory. ``expected`` (e.g. ``modalities=[...]``, ``embed_dim=48``,
+        ``sharing="gated"``) must match the stored configuration, else ValueError naming config.json."""
+        directory = Path(directory)
+        config = _read_config(directory / CONFIG_NAME)
+        _check_expected(directory / CONFIG_NAME, config, expected)
+        model = cls(modalities=[tuple(m) for m in config["modalities"]], sharing=config["sharing"], **config["swin"])
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: no weights next to {CONFIG_NAME}")
+        state = load_file(weights, device=str(device))
+        _check_state(weights, model, state)
+        model.load_state_dict(state)
+        return model.to(device)
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    """Write through a temporary file in the same directory, then ``os.replace`` it onto ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found (expected a directory written by MedMAPEncoder.save_pretrained)")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{path}: expected a {FORMAT} configuration, got format {config.get('format')!r}"
+                         if isinstance(config, dict) else f"{path}: expected a JSON object")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {config['format_version']} is newer than this medmap-fast "
+                         f"supports ({FORMAT_VERSION}); upgrade medmap-fast")
+    for key, kind in (("modalities", list), ("sharing", str), ("swin", dict)):
+        if not isinstance(config.get(key), kind):
+            raise ValueError(f"{path}: expected {key!r} to be a {kind.__name__}, got {config.get(key)!r}")
+    return config
+
+
+def _check_expected(path: Path, config: dict[str, Any], expected: dict[str, Any]) -> None:
+    for key, want in expected.items():
+        if key == "modalities":  # names compare case-insensitively, as lookups do
+            have, want = [m[0] for m in config["modalities"]], list(ModalityRegistry(want).names)
+            same = [n.lower() for n in have] == [n.lower() for n in want]
+        else:
+            have = config["sharing"] if key == "sharing" else _plain(config["swin"].get(key, SWIN_DEFAULTS.get(key)))
+            want = _plain(as_triple(want, key) if key in ("window_size", "patch_size") else want)
+            same = have == want
+        if not same:
+            raise ValueError(f"{path}: stored {key}={have!r} does not match the requested {key}={want!r}")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _check_state(path: Path, model: MedMAPEncoder, state: Mapping[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k!r} has shape {tuple(state[k].shape)}, the config expects {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]  # in model order: patch_embed first
+    if missing or unexpected or wrong:
+        problems = ([f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}"] if missing else []) + (
+            [f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"] if unexpected else []) + wrong[:4]
+        raise ValueError(f"{path}: weights do not match {CONFIG_NAME} ({len(model.modalities)} modalities, "
+                         f"sharing={model.sharing!r}, embed_dim={model.swin_kwargs['embed_dim']}): " + "; ".join(problems))

@@ -1,0 +1,239 @@
+"""The two MedMAP models: stage-1 vision-language pre-training and the stage-2 abnormality classifier.
+
+Both take the flat batch contract of DESIGN §2: volumes [V, 1, D, H, W], modality_ids [V], study_index [V] (the study
+of every volume, 0..S-1). Report and prompt text embeddings come from the frozen :class:`TextEncoder` (cached), so
+the models only hold trainable projections of them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medmap_fast.fileio import atomic_path
+from medmap_fast.losses import AsymmetricContrastiveLoss, FocalLoss, LabelPromptAlignmentLoss
+from medmap_fast.models.encoder import MedMAPEncoder
+from medmap_fast.models.fusion import CrossCognitionTransformer, CrossModalSemanticAggregation, pack_by_study
+from medmap_fast.validation import check_float_tensor, check_index, describe, fail
+
+TASKS = ("multiclass", "binary", "multilabel")
+HEADS_FILE, HEADS_CONFIG = "heads.safetensors", "heads.json"
+
+
+def token_dim(encoder: MedMAPEncoder) -> int:
+    """Width of the encoder's tokens: its last map, after the PatchMerging that follows every stage (2 x MONAI's
+    ``num_features``)."""
+    return 2 * encoder.num_features
+
+
+def check_study_index(study_index: object, num_volumes: int, num_studies: int) -> torch.Tensor:
+    """study_index [V] long in [0, S)."""
+    return check_index(study_index, "study_index", num_volumes, num_studies, what="study numbers")
+
+
+class PretrainOutput(NamedTuple):
+    """loss (scalar); volume_emb [V, E] and report_emb [S, E] (projected, not normalised); parts: loss terms."""
+
+    loss: torch.Tensor
+    volume_emb: torch.Tensor
+    report_emb: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class MedMAPPretrainModel(nn.Module):
+    """Stage 1: modality-aware encoder + projections of volumes and (frozen, cached) report embeddings into a joint
+    space, trained with the asymmetric contrastive loss.
+
+    Args:
+        encoder: the vision encoder (its pooled last-stage features are projected).
+        text_dim: width E_text of the report embeddings (384 for the MiniLM-L6 default).
+        embed_dim: width of the joint space.
+        lam, logit_scale_init, logit_scale_max, local_loss: see :class:`AsymmetricContrastiveLoss`.
+    """
+
+    def __init__(self, encoder: MedMAPEncoder, text_dim: int, embed_dim: int = 256, lam: float = 0.5,
+                 local_loss: bool = False, **loss_kwargs: float) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = {"text_dim": text_dim, "embed_dim": embed_dim, "lam": lam, "local_loss": local_loss, **loss_kwargs}
+        self.vision_proj = nn.Linear(token_dim(encoder), embed_dim)
+        self.text_proj = nn.Linear(text_dim, embed_dim)
+        self.loss_fn = AsymmetricContrastiveLoss(lam=lam, local_loss=local_loss, **loss_kwargs)
+
+    def embed_volumes(self, volumes: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
+        """[V, 1, D, H, W], [V] -> projected volume embeddings [V, E]."""
+        return self.vision_proj(self.encoder(volumes, modality_ids).pooled)
+
+    def embed_reports(self, report_embeddings: torch.Tensor) -> torch.Tensor:
+        """Frozen text embeddings [S, E_text] -> projected report embeddings [S, E]."""
+        text_dim = self.text_proj.in_features
+        check_float_tensor(report_embeddings, "report_embeddings", f"[S, {text_dim}]", 2)
+        if report_embeddings.shape[1] != text_dim:
+            fail("report_embeddings", f"a float tensor [S, {text_dim}]", describe(report_embeddings))
+        return self.text_proj(report_embeddings)
+
+    def forward(self, volumes: torch.Tensor, modality_ids: torch.Tensor, study_index: torch.Tensor,
+                report_embeddings: torch.Tensor) -> PretrainOutput:
+        """volumes [V,1,D,H,W], modality_ids [V], study_index [V] in [0, S), report_embeddings [S, E_text]."""
+        report_emb = self.embed_reports(report_embeddings)
+        study_index = check_study_index(study_index, volumes.shape[0] if volumes.ndim else 0, report_emb.shape[0])
+        volume_emb = self.embed_volumes(volumes, modality_ids)
+        loss, parts = self.loss_fn(volume_emb, report_emb, study_index, return_parts=True)
+        return PretrainOutput(loss, volume_emb, report_emb, parts)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """``encoder/`` (the encoder's own format) + the projection and loss weights, each written atomically."""
+        directory = Path(directory)
+        self.encoder.save_pretrained(directory / "encoder")
+        heads = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+        with atomic_path(directory / HEADS_FILE, durable=True) as tmp:
+            save_file(heads, str(tmp))
+        with atomic_path(directory / HEADS_CONFIG, durable=True) as tmp:
+            tmp.write_text(json.dumps(self.config, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> MedMAPPretrainModel:
+        """Inverse of :meth:`save_pretrained`."""
+        directory = Path(directory)
+        config = json.loads((directory / HEADS_CONFIG).read_text())
+        model = cls(MedMAPEncoder.from_pretrained(directory / "encoder"), **config)
+        missing, unexpected = model.load_state_dict(load_file(str(directory / HEADS_FILE)), strict=False)
+        missing = [k for k in missing if not k.startswith("encoder.")]
+        if missing or unexpected:
+            fail(str(directory / HEADS_FILE), f"the weights of {HEADS_CONFIG}'s configuration",
+                 f"missing {missing}, unexpected {unexpected}")
+        return model
+
+
+class ClassifierOutput(NamedTuple):
+    """logits [S, K] (K = 1 for a binary task); features [S, 2*dim]: the fused, pooled CCT streams."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class MedMAPClassifier(nn.Module):
+    """Stage 2: encoder -> CSA (visual and vision-language streams) -> CCT -> head, one prediction per study.
+
+    Args:
+        encoder: the vision encoder (fine-tuned; load stage-1 weights with :meth:`load_pretrained_encoder`).
+        num_classes: K classes (multiclass), labels (multilabel), or 1/2 for a binary task.
+        prompt_embeddings: frozen text embeddings [M, E_text] of one prompt per encoder modality (e.g. "T2-weighted
+            MRI of the liver"), from :class:`TextEncoder`.
+        task: "multiclass" (softmax cross-entropy), "binary" (one logit) or "multilabel" (one logit per label).
+        loss: "auto" (cross-entropy for multiclass, sigmoid focal otherwise), "ce", "bce" or "focal".
+        label_embeddings: optional frozen text embeddings [K, E_text] of label prompts; adds the alignment term
+            ``align_weight * LabelPromptAlignmentLoss(proj(features), label_embeddings)``.
+        dim, depth, num_heads, mlp_ratio, dropout: CSA/CCT width, CCT layers, heads, FFN ratio, dropout.
+    """
+
+    def __init__(
+        self,
+        encoder: MedMAPEncoder,
+        num_classes: int,
+        prompt_embeddings: torch.Tensor,
+        task: str = "multiclass",
+        loss: str = "auto",
+        label_embeddings: torch.Tensor | None = None,
+        align_weight: float = 0.1,
+        dim: int = 256,
+        depth: int = 2,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        focal_alpha: float | None = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            fail("task", f"one of {TASKS}", repr(task))
+        num_modalities = len(encoder.modalities)
+        check_float_tensor(prompt_embeddings, "prompt_embeddings", f"[{num_modalities}, E_text]", 2)
+        if prompt_embeddings.shape[0] != num_modalities:
+            fail("prompt_embeddings", f"one row per encoder modality [{num_modalities}, E_text]",
+                 describe(prompt_embeddings))
+        if task == "binary" and num_classes not in (1, 2):
+            fail("num_classes", "1 or 2 for a binary task", repr(num_classes))
+        self.task, self.num_classes = task, num_classes
+        self.encoder = encoder
+        self.csa = CrossModalSemanticAggregation(token_dim(encoder), dim, prompt_embeddings)
+        self.cct = CrossCognitionTransformer(dim, depth, num_heads, num_modalities, mlp_ratio, dropout)
+        outputs = 1 if task == "binary" else num_classes
+        self.head = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, dim), nn.GELU(), nn.Dropout(dropout),
+                                  nn.Linear(dim, outputs))
+        loss = {"multiclass": "ce"}.get(task, "focal") if loss == "auto" else loss
+        if loss not in ("ce", "bce", "focal") or (loss == "ce") != (task == "multiclass"):
+            fail("loss", f"'auto', or 'ce' for multiclass and 'bce'/'focal' otherwise (task={task!r})", repr(loss))
+        self.loss_name = loss
+        self.focal = FocalLoss(focal_alpha, focal_gamma) if loss == "focal" else None
+        self.align_weight = align_weight if label_embeddings is not None else 0.0
+        if label_embeddings is not None:
+            rows = 2 if task == "binary" else num_classes
+            check_float_tensor(label_embeddings, "label_embeddings", f"[{rows}, E_text]", 2)
+            if label_embeddings.shape[0] != rows:
+                fail("label_embeddings", f"one prompt embedding per class [{rows}, E_text]", describe(label_embeddings))
+            self.register_buffer("label_embeddings", label_embeddings.detach().float().clone())
+            self.align_proj = nn.Linear(2 * dim, label_embeddings.shape[1])
+            self.align_loss = LabelPromptAlignmentLoss()
+
+    def forward(self, volumes: torch.Tensor, modality_ids: torch.Tensor, study_index: torch.Tensor,
+                num_studies: int | None = None) -> ClassifierOutput:
+        """volumes [V,1,D,H,W], modality_ids [V], study_index [V] in [0, S) -> logits [S, K] and fused features.
+
+        ``num_studies`` defaults to ``study_index.max() + 1``; a study with no volume is an error.
+        """
+        out = self.encoder(volumes, modality_ids)
+        v = out.tokens.shape[0]
+        if num_studies is None:
+            num_studies = int(study_index.max()) + 1 if isinstance(study_index, torch.Tensor) and v else 0
+        study_index = check_study_index(study_index, v, num_studies)
+        modality_ids = modality_ids.to(study_index.device).long()
+        visual, vision_language = self.csa(out.tokens, modality_ids)
+        packed = pack_by_study(visual, modality_ids, study_index, num_studies)
+        vl_packed = pack_by_study(vision_language, modality_ids, study_index, num_studies).tokens
+        features = self.cct(packed, vl_packed)
+        return ClassifierOutput(self.head(features), features)
+
+    def compute_loss(self, output: ClassifierOutput, labels: torch.Tensor) -> torch.Tensor:
+        """Supervised loss (+ the label-prompt alignment term when label embeddings were given).
+
+        labels: [S] class indices (multiclass), [S] 0/1 (binary) or [S, K] multi-hot (multilabel).
+        """
+        logits = output.logits
+        s = logits.shape[0]
+        if self.task == "multiclass":
+            labels = check_index(labels, "labels", s, self.num_classes, "study", "class indices")
+            loss = nn.functional.cross_entropy(logits, labels)
+        else:
+            shape = (s, 1) if self.task == "binary" else (s, self.num_classes)
+            if not isinstance(labels, torch.Tensor) or labels.numel() != shape[0] * shape[1]:
+                fail("labels", f"0/1 labels of shape {shape}", describe(labels) if isinstance(labels, torch.Tensor)
+                     else type(labels).__name__)
+            target = labels.reshape(shape).to(logits.dtype)
+            loss = (self.focal(logits, target) if self.focal is not None
+                    else nn.functional.binary_cross_entropy_with_logits(logits, target))
+        if self.align_weight:
+            # one prompt per class (multiclass), per label (multilabel), or "absent"/"present" (binary)
+            target = labels.reshape(s, -1).float() if self.task == "multilabel" else labels.reshape(s).long()
+            loss = loss + self.align_weight * self.align_loss(
+                self.align_proj(output.features), self.label_embeddings, target)
+        return loss
+
+    def load_pretrained_encoder(self, source: str | Path | MedMAPEncoder | MedMAPPretrainModel) -> MedMAPClassifier:
+        """Initialise the encoder from stage 1: a MedMAPPretrainModel (or its saved folder, which holds
+        ``encoder/``), or an encoder (or its saved folder). A different encoder configuration is an error."""
+        if isinstance(source, (str, Path)):
+            folder = Path(source)
+            source = MedMAPEncoder.from_pretrained(folder / "encoder" if (folder / "encoder").is_dir() else folder)
+        if isinstance(source, MedMAPPretrainModel):
+            source = source.encoder
+        if source.get_config() != self.encoder.get_config():
+            fail("source", f"an encoder with this classifier's configuration {self.encoder.get_config()}",
+                 f"configuration {source.get_config()}")
+        self.encoder.load_state_dict(source.state_dict())
+        return self

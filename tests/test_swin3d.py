@@ -1,0 +1,281 @@
+"""SwinViT3D against MONAI 1.6.1's SwinTransformer: keys, outputs, gradients, loading, unsupported arguments, the
+modality extras (per-modality patch embedding, head-wise gate) and the Triton backend dispatch.
+
+Small fp32 models (feature 12, window 5) on 2 x 1 x 30 x 28 x 34 volumes: stage grids 15x14x17, 8x7x9, 4x4x5, 2x2x3,
+1x1x2, so windows are padded, shifted, and shrunk below the configured window (MONAI's table_window quirk). The
+paper's window 7 (343-token windows) runs once on the same volumes (a window of 7 fits stage 2's side 7 exactly).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import medmap_fast.kernels as K
+from medmap_fast.models.swin3d import SwinViT3D
+
+swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr", reason="MONAI is needed for the parity tests")
+
+SMALL = dict(in_chans=1, embed_dim=12, window_size=(5, 5, 5), patch_size=(2, 2, 2), depths=(2, 2, 2, 2),
+             num_heads=(3, 6, 12, 24))
+SHAPE = (2, 1, 30, 28, 34)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine every small op otherwise waits for the busy second core
+    (measured here: this file 7x slower with 2 threads). Results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def monai_swin(**overrides) -> torch.nn.Module:
+    model = swin_unetr.SwinTransformer(**{**SMALL, **overrides})
+    with torch.no_grad():  # perturb every weight (LayerNorms start at 1 and 0) so that none is trivial
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+def loss_of(outs: list[torch.Tensor]) -> torch.Tensor:
+    """A fixed random linear functional of every stage map, so every output feeds the gradients."""
+    gen = torch.Generator().manual_seed(1)
+    return sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, rtol: float = 2e-4) -> None:
+    err = (ours - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= rtol * scale + 1e-6, f"{what}: max error {err:.3e} for values up to {scale:.3e}"
+
+
+def run_both(ours: torch.nn.Module, ref: torch.nn.Module, normalize: bool = True, shape: tuple = SHAPE):
+    x = torch.randn(shape)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_ref = ours(x_ours, normalize), ref(x_ref, normalize)
+    loss_of(out_ours).backward()
+    loss_of(out_ref).backward()
+    return x_ours, x_ref, out_ours, out_ref
+
+
+@pytest.mark.parametrize(
+    "overrides, normalize, shape",
+    [
+        (dict(downsample="merging", window_size=(7, 7, 7)), True, SHAPE),
+        (dict(downsample="merging", use_v2=True), False, SHAPE),
+        (dict(downsample="mergingv2", window_size=(4, 6, 5)), False, SHAPE),
+        (dict(downsample="mergingv2", use_v2=True), True, SHAPE),
+        (dict(patch_norm=True, qkv_bias=False, use_checkpoint=True, drop_rate=0.1, drop_path_rate=0.2), True, SHAPE),
+    ],
+    ids=["merging-window7", "merging-v2-raw", "mergingv2-anisotropic-raw", "mergingv2-v2", "patchnorm-nobias-ckpt-drop"],
+)
+def test_outputs_and_gradients_match_monai(overrides: dict, normalize: bool, shape: tuple) -> None:
+    ref = monai_swin(**overrides)
+    ours = SwinViT3D.from_monai(ref).eval()
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x_ours, x_ref, out_ours, out_ref = run_both(ours, ref, normalize, shape)
+    assert [o.shape for o in out_ours] == [o.shape for o in out_ref]
+    for i, (a, b) in enumerate(zip(out_ours, out_ref)):
+        assert_close(a, b, f"stage {i} output")
+    assert_close(x_ours.grad, x_ref.grad, "input gradient")
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None, name
+        assert_close(p.grad, ref_params[name].grad, f"gradient of {name}")
+
+
+def test_train_mode_stochastic_depth_matches_monai_with_the_same_seed() -> None:
+    """Per-sample drop-path masks draw the same random numbers as MONAI's (element-wise dropout masks do not: our
+    tensors are channels-last, MONAI's are not, so the same stream lands on other elements)."""
+    ref = monai_swin(drop_path_rate=0.5).train()
+    ours = SwinViT3D.from_monai(ref).train()
+    x = torch.randn(SHAPE[:1] + (1, 20, 18, 22))
+    with torch.no_grad():
+        torch.manual_seed(5)
+        expected = ref(x)
+        torch.manual_seed(5)
+        got = ours(x)
+        torch.manual_seed(6)
+        other = ours(x)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert_close(a, b, f"stage {i} output in train mode")
+    assert not torch.allclose(other[-1], got[-1])  # the masks are random: another seed drops other paths
+
+
+def test_state_dict_keys_and_shapes_equal_monai() -> None:
+    for overrides in (dict(), dict(use_v2=True, patch_norm=True), dict(qkv_bias=False, downsample="mergingv2")):
+        ref = {k: tuple(v.shape) for k, v in swin_unetr.SwinTransformer(**{**SMALL, **overrides}).state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in SwinViT3D(**SMALL, **overrides).state_dict().items()}
+        assert ours == ref, overrides
+
+
+def test_channels_last_outputs() -> None:
+    outs = SwinViT3D(**SMALL)(torch.randn(SHAPE))
+    assert [o.shape[1] for o in outs] == [12, 24, 48, 96, 192]
+    assert all(o.permute(0, 2, 3, 4, 1).is_contiguous() for o in outs)
+
+
+def test_from_monai_sources_give_the_same_model() -> None:
+    ref = monai_swin(downsample="mergingv2")
+    unetr = swin_unetr.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, window_size=5, downsample="mergingv2")
+    unetr.swinViT.load_state_dict(ref.state_dict())
+    prefixed = {f"module.{k}": v for k, v in unetr.state_dict().items()}  # DataParallel(SwinUNETR)
+    ssl_style = {"state_dict": {f"module.{k.replace('mlp.linear', 'mlp.fc')}": v for k, v in ref.state_dict().items()}}
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        expected = ref(x)[-1]
+        for source in (ref, unetr, prefixed, ssl_style):
+            model = SwinViT3D.from_monai(source, **({} if isinstance(source, torch.nn.Module) else
+                                                    dict(downsample="mergingv2")))
+            assert_close(model(x)[-1], expected, f"from_monai({type(source).__name__})")
+
+
+def test_from_monai_state_dict_infers_the_configuration() -> None:
+    ref = monai_swin(use_v2=True, patch_norm=True, qkv_bias=False, mlp_ratio=2.0)
+    model = SwinViT3D.from_monai(ref.state_dict())
+    for key in ("in_chans", "embed_dim", "window_size", "patch_size", "depths", "num_heads", "mlp_ratio", "qkv_bias",
+                "patch_norm", "use_v2"):
+        assert model.config[key] == SwinViT3D.from_monai(ref).config[key], key
+
+
+def test_from_monai_errors_name_the_problem() -> None:
+    state = monai_swin().state_dict()
+    missing = {k: v for k, v in state.items() if k != "layers2.0.blocks.1.attn.qkv.weight"}
+    with pytest.raises(ValueError, match=r"missing 'layers2\.0\.blocks\.1\.attn\.qkv\.weight'"):
+        SwinViT3D.from_monai(missing)
+    with pytest.raises(ValueError, match=r"unexpected 'head\.weight'"):
+        SwinViT3D.from_monai({**state, "head.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"'patch_embed\.proj\.weight' has shape \(12, 1, 2, 2, 2\), expected"):
+        SwinViT3D.from_monai(state, patch_size=4)
+    with pytest.raises(ValueError, match="downsample"):
+        SwinViT3D(**SMALL, downsample="mergingv2").load_monai(monai_swin(downsample="merging"))
+    with pytest.raises(ValueError, match="window_size"):
+        aniso = swin_unetr.SwinTransformer(**{**SMALL, "window_size": (5, 3, 5)}).state_dict()
+        SwinViT3D.from_monai(aniso)
+    with pytest.raises(TypeError, match="source"):
+        SwinViT3D.from_monai("weights.pt")
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(use_hyena=True), "use_hyena"),
+        (dict(hyena_stages=(True, False, False, False)), "hyena_stages"),
+        (dict(hyena_kernel_size=5), "hyena_kernel_size"),
+        (dict(spatial_dims=2), "spatial_dims"),
+        (dict(attn_drop_rate=0.1), "attn_drop_rate"),
+    ],
+)
+def test_unsupported_arguments_raise(kwargs: dict, name: str) -> None:
+    with pytest.raises(NotImplementedError, match=name):
+        SwinViT3D(**SMALL, **kwargs)
+
+
+def test_defaults_of_unsupported_arguments_and_unknown_names() -> None:
+    SwinViT3D(**SMALL, use_hyena=False, hyena_kernel_size=3, use_flash_attention=True)  # MONAI's defaults: accepted
+    with pytest.raises(TypeError, match="not_an_argument"):
+        SwinViT3D(**SMALL, not_an_argument=1)
+    with pytest.raises(ValueError, match="modality_gate"):
+        SwinViT3D(**SMALL, modality_gate=True)
+    with pytest.raises(ValueError, match="downsample"):
+        SwinViT3D(**SMALL, downsample="pool")
+
+
+def modality_model(monai_ref: torch.nn.Module, m: int = 3) -> SwinViT3D:
+    return SwinViT3D.from_monai(monai_ref, num_modalities=m, modality_gate=True).eval()
+
+
+def test_modality_extras_keys_and_monai_parity() -> None:
+    ref = monai_swin()
+    model = modality_model(ref)
+    extra = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in ref.state_dict()}
+    assert extra == {f"layers{i + 1}.0.blocks.{j}.gate.{p}": (3, 12 * 2**i, h) if p == "weight" else (3, h)
+                     for i, h in enumerate(SMALL["num_heads"]) for j in range(2) for p in ("weight", "bias")}
+    assert tuple(model.patch_embed.proj.weight.shape) == (3, 12, 1, 2, 2, 2)
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        for ids in ([0, 2], [1, 1]):
+            assert_close(model(x, modality_ids=torch.tensor(ids))[-1], ref(x)[-1], f"modalities {ids}")
+
+
+def test_gate_is_exactly_one_at_init_and_wired() -> None:
+    ref = monai_swin()
+    plain, gated = SwinViT3D.from_monai(ref).eval(), modality_model(ref)
+    x, ids = torch.randn(SHAPE), torch.tensor([0, 1])
+    gated_out = gated(x, modality_ids=ids)
+    with torch.no_grad():
+        for a, b in zip(gated_out, plain(x)):
+            assert torch.equal(a, b)  # 2 * sigmoid(0) == 1 exactly: bit-identical to the ungated trunk
+    loss_of(gated_out).backward()
+    gate = gated.layers2[0].blocks[1].gate
+    assert gate.weight.grad[:2].abs().sum() > 0 and gate.weight.grad[2].abs().sum() == 0  # modality 2 absent
+    with torch.no_grad():
+        gate.bias[1].fill_(1.5)  # only modality 1's gate moves
+        moved = gated(x, modality_ids=ids)
+        before = [o.detach() for o in gated_out]
+    assert torch.equal(moved[1][0], before[1][0]) and torch.equal(moved[2][0], before[2][0])  # volume 0: modality 0
+    assert not torch.allclose(moved[2][1], before[2][1])  # volume 1: modality 1, gated stage 2 changes it
+
+
+def test_modality_ids_are_checked() -> None:
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="modality_ids"):
+        SwinViT3D(**SMALL)(x, modality_ids=torch.tensor([0, 0]))  # a plain trunk takes no ids
+    with pytest.raises(ValueError, match="modality_ids"):
+        SwinViT3D(**SMALL, num_modalities=3)(x)
+    with pytest.raises(ValueError, match="modality_ids"):
+        SwinViT3D(**SMALL, num_modalities=3)(x, modality_ids=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"x: expected a float tensor \[V, 1, D, H, W\]"):
+        SwinViT3D(**SMALL)(torch.randn(2, 3, 8, 8, 8))
+
+
+def _op_module(name: str):
+    return importlib.import_module(f"medmap_fast.kernels.{name}")  # the package attribute of that name is the op
+
+
+def _triton_ops_available() -> bool:
+    return (K.triton_available() and hasattr(_op_module("patch_embed_3d"), "patch_embed_3d_triton")
+            and hasattr(_op_module("window_attention"), "window_attention_triton"))
+
+
+@pytest.mark.skipif(not _triton_ops_available(),
+                    reason="patch_embed_3d_triton / window_attention_triton are not in medmap_fast.kernels yet, or "
+                           "Triton is not installed")
+def test_model_uses_the_triton_backend_when_selected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ops dispatch to their Triton kernels inside ``backend("triton")`` and the trunk output is unchanged."""
+    pe, wa = _op_module("patch_embed_3d"), _op_module("window_attention")
+    calls = {"patch_embed_3d": 0, "window_attention": 0}
+
+    def spy(module, name, op):
+        real = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            calls[op] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(pe, "patch_embed_3d_triton", "patch_embed_3d")
+    spy(wa, "window_attention_triton", "window_attention")
+    # shifted and padded windows of 2 on an 8^3 volume keep the interpreter fast
+    model = SwinViT3D(in_chans=1, embed_dim=12, window_size=2, patch_size=2, depths=(2, 2), num_heads=(3, 6),
+                      num_modalities=2, modality_gate=True).eval()
+    x, ids = torch.randn(2, 1, 8, 10, 8), torch.tensor([1, 0])
+    with torch.no_grad():
+        with K.backend("torch"):
+            expected = model(x, modality_ids=ids)
+        assert calls == {"patch_embed_3d": 0, "window_attention": 0}
+        with K.backend("triton"):
+            got = model(x, modality_ids=ids)
+    assert calls == {"patch_embed_3d": 1, "window_attention": 4}
+    for a, b in zip(got, expected):
+        assert_close(a, b, "triton vs torch backend", rtol=1e-4)
