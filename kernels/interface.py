@@ -16,6 +16,7 @@ from ._backend import use_triton
 from .gated_attention import gated_attention_reference
 from .patch_embed_3d import patch_embed_3d_reference
 from .window_attention import window_attention_reference
+from .window_attention_cpu import window_attention_cpu
 
 Triple = tuple[int, int, int]
 
@@ -98,6 +99,8 @@ def window_attention(
         from .window_attention import window_attention_triton
 
         return window_attention_triton(*args, **kwargs)
+    if qkv.device.type == "cpu":
+        return window_attention_cpu(*args, **kwargs)
     return window_attention_reference(*args, **kwargs)
 
 

@@ -61,14 +61,16 @@ def shift_regions(size: int, window: int, shift: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def shift_mask(
-    padded: tuple[int, int, int], window_size: tuple[int, int, int], shift_size: tuple[int, int, int]
+    padded: tuple[int, int, int], window_size: tuple[int, int, int], shift_size: tuple[int, int, int],
+    value: float = SHIFT_MASK_VALUE,
 ) -> torch.Tensor:
-    """[nW, n, n] float: 0 within a region of the rolled grid, -100 across regions (MONAI's compute_mask)."""
+    """[nW, n, n] float: 0 within a region of the rolled grid, ``value`` across regions (MONAI's compute_mask uses
+    -100)."""
     rd, rh, rw = (shift_regions(p, w, s) for p, w, s in zip(padded, window_size, shift_size))
     ids = rd[:, None, None] * 9 + rh[None, :, None] * 3 + rw[None, None, :]
     wins = partition(ids[None, ..., None], window_size)[..., 0]  # [nW, n]
     diff = wins[:, :, None] != wins[:, None, :]
-    return torch.where(diff, SHIFT_MASK_VALUE, 0.0)
+    return torch.where(diff, value, 0.0)
 
 
 def partition(x: torch.Tensor, window_size: tuple[int, int, int]) -> torch.Tensor:

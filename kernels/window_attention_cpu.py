@@ -1,0 +1,111 @@
+"""CPU fast path of the torch backend's window attention: the same maths as ``window_attention_reference``, a chunk
+of windows at a time, with the backward recomputing the scores (flash-style) instead of saving them.
+
+Why not SDPA on CPU: with a learnable bias table the mask needs a gradient, so SDPA takes its math path and
+materialises the [B, nW, heads, n, n] scores several times; MONAI's -100 shift mask then makes exp() produce fp32
+denormals, which run on the CPU's slow microcode path. Here the scores of ~1 MiB of windows stay in cache, the shift
+mask is -inf (the softmax differs from -100's by < exp(-100) relative, below fp64 resolution), and windows that do
+not straddle regions of the rolled grid skip the mask entirely.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .patch_embed_3d import padded_size
+from .window_attention import apply_gate, relative_position_index, shift_mask, window_merge, window_qkv
+
+CHUNK_BYTES = 1 << 20  # scores per chunk: one 343-token window x 3 heads fits a core's L2
+
+
+@functools.lru_cache(maxsize=64)
+def _straddling(padded: tuple[int, int, int], window_size: tuple[int, int, int],
+                shift_size: tuple[int, int, int]) -> tuple[bool, ...]:
+    """For every window of the rolled grid: does it hold tokens of more than one region (so needs the mask)?"""
+    return tuple(shift_mask(padded, window_size, shift_size).flatten(1).ne(0).any(1).tolist())
+
+
+def _scores(qs, k, bias, neg_inf, masked, sl) -> torch.Tensor:
+    s = torch.matmul(qs, k.transpose(-2, -1))  # [windows, heads, n, n]
+    if bias is not None:
+        s.add_(bias)
+    if any(masked[sl]):
+        s.add_(neg_inf[sl])
+    return s
+
+
+class ChunkedWindowAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias + mask) v over q, k, v [B, nW, heads, n, d]; bias [heads, n, n] or None;
+    neg_inf [nW, 1, n, n] (0 / -inf) or None with ``masked`` flags per window."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, neg_inf, masked, scale):
+        b, nw, h, n, _ = q.shape
+        qs, bias_d = q * scale, None if bias is None else bias.detach()
+        out = torch.empty_like(q)
+        cw = max(1, CHUNK_BYTES // (h * n * n * q.element_size()))
+        for i in range(b):
+            for w0 in range(0, nw, cw):
+                sl = slice(w0, w0 + cw)
+                p = torch.softmax(_scores(qs[i, sl], k[i, sl], bias_d, neg_inf, masked, sl), -1)
+                torch.matmul(p, v[i, sl], out=out[i, sl])
+        ctx.save_for_backward(qs, k, v, bias, neg_inf)
+        ctx.masked, ctx.scale = masked, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        qs, k, v, bias, neg_inf = ctx.saved_tensors
+        b, nw, h, n, _ = qs.shape
+        grad, bias_d = grad.contiguous(), None if bias is None else bias.detach()
+        dq, dk, dv = torch.empty_like(qs), torch.empty_like(k), torch.empty_like(v)
+        dbias = None
+        if bias is not None and ctx.needs_input_grad[3]:
+            dbias = torch.zeros(bias.shape, dtype=torch.promote_types(bias.dtype, torch.float32))
+        cw = max(1, CHUNK_BYTES // (h * n * n * qs.element_size()))
+        for i in range(b):
+            for w0 in range(0, nw, cw):
+                sl = slice(w0, w0 + cw)
+                p = torch.softmax(_scores(qs[i, sl], k[i, sl], bias_d, neg_inf, ctx.masked, sl), -1)
+                g = grad[i, sl]
+                torch.matmul(p.transpose(-2, -1), g, out=dv[i, sl])
+                ds = torch._softmax_backward_data(torch.matmul(g, v[i, sl].transpose(-2, -1)), p, -1, p.dtype)
+                if dbias is not None:
+                    dbias += ds.sum(0)
+                torch.matmul(ds, k[i, sl], out=dq[i, sl])
+                torch.matmul(ds.transpose(-2, -1), qs[i, sl], out=dk[i, sl])
+        dq.mul_(ctx.scale)
+        return dq, dk, dv, None if dbias is None else dbias.to(bias.dtype), None, None, None
+
+
+def window_attention_cpu(
+    qkv: torch.Tensor,
+    num_heads: int,
+    window_size: tuple[int, int, int],
+    shift_size: tuple[int, int, int] = (0, 0, 0),
+    bias_table: torch.Tensor | None = None,
+    *,
+    table_window: tuple[int, int, int] | None = None,
+    pad_kv: torch.Tensor | None = None,
+    gate_logits: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``window_attention_reference``'s signature and results, faster on CPU tensors (see the module docstring)."""
+    b, d, h, w, c3 = qkv.shape
+    window_size, shift_size = tuple(window_size), tuple(shift_size)
+    padded = tuple(padded_size(s, k) for s, k in zip((d, h, w), window_size))
+    q, k, v = (t.unflatten(0, (b, -1)).contiguous()
+               for t in window_qkv(qkv, num_heads, window_size, shift_size, pad_kv))
+    bias = neg_inf = None
+    masked = (False,) * q.shape[1]
+    if bias_table is not None:
+        index = relative_position_index(window_size, tuple(table_window or window_size))
+        bias = bias_table[index].permute(2, 0, 1).to(q.dtype)  # [h, n, n]
+    if any(shift_size):
+        neg_inf = shift_mask(padded, window_size, shift_size, float("-inf")).to(q.dtype)[:, None]
+        masked = _straddling(padded, window_size, shift_size)
+    scale = (c3 // 3 // num_heads) ** -0.5 if scale is None else scale
+    out = ChunkedWindowAttention.apply(q, k, v, bias, neg_inf, masked, scale)
+    return apply_gate(window_merge(out.flatten(0, 1), (d, h, w), window_size, shift_size), gate_logits)
