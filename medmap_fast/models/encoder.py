@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medmap_fast.fileio import atomic_path
 from medmap_fast.modalities import ModalityRegistry
 from medmap_fast.validation import check_index, check_volumes, fail
 
@@ -143,9 +143,10 @@ class MedMAPEncoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         config = self.get_config()
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME,
-                      lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+        with atomic_path(directory / WEIGHTS_NAME, durable=True) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        with atomic_path(directory / CONFIG_NAME, durable=True) as tmp:
+            tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return directory
 
     @classmethod
@@ -165,18 +166,6 @@ class MedMAPEncoder(nn.Module):
         _check_state(weights, model, state)
         model.load_state_dict(state)
         return model.to(device)
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Write through a temporary file in the same directory, then ``os.replace`` it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_config(path: Path) -> dict[str, Any]:
