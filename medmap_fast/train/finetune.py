@@ -1,0 +1,140 @@
+"""Stage 2: fine-tune the (pre-trained) encoder with CSA + CCT + head to classify studies; predict; save and load.
+
+The classifier's modality prompts are one text per encoder modality, ``text.prompt_template`` filled with the
+registry description (e.g. "T2-weighted MRI"), embedded once by the frozen text encoder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medmap_fast.data.study import Study
+from medmap_fast.fileio import atomic_path
+from medmap_fast.modalities import ModalityRegistry
+from medmap_fast.models.encoder import MedMAPEncoder
+from medmap_fast.models.medmap import MedMAPClassifier, MedMAPPretrainModel
+from medmap_fast.models.text import TextEncoder
+from medmap_fast.train.config import train_config
+from medmap_fast.train.data import StudyCollate
+from medmap_fast.train.distributed import DistributedContext, unwrap
+from medmap_fast.train.loop import Batch, fit, seed_everything, to_device
+from medmap_fast.train.pretrain import build_encoder
+from medmap_fast.validation import fail
+
+MODEL_DIR = "model"
+WEIGHTS_FILE, CONFIG_FILE = "classifier.safetensors", "classifier.json"
+
+
+def modality_prompts(modalities: ModalityRegistry, template: str) -> list[str]:
+    """One prompt per modality, in registry order: ``template`` with ``{name}`` and ``{description}`` filled in."""
+    return [template.format(name=m.name, description=m.description) for m in modalities]
+
+
+def finetune_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Supervised loss of one batch of studies; logs the batch accuracy."""
+    out = model(batch["volumes"], batch["modality_ids"], batch["study_index"], num_studies=batch["num_studies"])
+    loss = unwrap(model).compute_loss(out, batch["labels"])
+    logits = out.logits.detach()
+    predicted = logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long()
+    return loss, {"accuracy": float((predicted == batch["labels"]).float().mean())}
+
+
+def build_classifier(config: dict[str, Any], num_classes: int, text_encoder: TextEncoder,
+                     encoder: MedMAPEncoder | None = None) -> MedMAPClassifier:
+    """A classifier over ``encoder`` (default: a new one from the config) with the configured modality prompts."""
+    encoder = encoder if encoder is not None else build_encoder(config)
+    prompts = text_encoder.encode(modality_prompts(encoder.modalities, config["text"]["prompt_template"]))
+    return MedMAPClassifier(encoder, num_classes, prompts, **config["finetune"]["model"])
+
+
+def finetune(
+    studies: Sequence[Study],
+    config: dict[str, Any],
+    num_classes: int,
+    text_encoder: TextEncoder,
+    ctx: DistributedContext,
+    init: str | Path | MedMAPPretrainModel | None = None,
+    run_dir: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+    on_epoch_end: Any = None,
+    progress: bool = True,
+    resume: bool = True,
+) -> tuple[MedMAPClassifier, list[dict[str, float]]]:
+    """Train stage 2 on ``studies``; ``init`` is the stage-1 model (or its saved folder), None = random encoder.
+
+    With ``run_dir``, checkpoints go there and rank 0 saves the classifier under ``run_dir/model``
+    (:func:`load_classifier` reads it back).
+    """
+    train = train_config(config, "finetune")
+    seed_everything(train.seed)
+    model = build_classifier(config, num_classes, text_encoder)
+    if init is not None:
+        model.load_pretrained_encoder(init)
+    collate = StudyCollate(model.encoder.modalities.names, max_volumes=config["finetune"].get("max_volumes"))
+    run_config = {"encoder": config["encoder"], "finetune": config["finetune"], "text": config["text"],
+                  "init": str(init) if isinstance(init, (str, Path)) else type(init).__name__}
+    history = fit(model, list(studies), collate, finetune_step, train, ctx, run_dir, desc="stage 2 (fine-tuning)",
+                  resume=resume, progress=progress, on_epoch_end=on_epoch_end, run_config=run_config,
+                  find_unused_parameters=model.encoder.sharing == "separate")
+    if run_dir is not None and ctx.is_main:
+        names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        save_classifier(model, Path(run_dir) / MODEL_DIR, config, names)
+    return model, history
+
+
+@torch.no_grad()
+def predict(model: MedMAPClassifier, studies: Sequence[Study], batch_size: int = 16,
+            device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [S, K] (binary: [S] of "present"; multilabel: independent sigmoids), labels [S]) of every
+    study, with all its volumes."""
+    device = device or next(model.parameters()).device
+    model.eval().to(device)
+    collate = StudyCollate(model.encoder.modalities.names)
+    probs = []
+    for start in range(0, len(studies), batch_size):
+        batch = to_device(collate(studies[start : start + batch_size]), device)
+        logits = model(batch["volumes"], batch["modality_ids"], batch["study_index"], batch["num_studies"]).logits
+        logits = logits.float()
+        probs.append((logits.softmax(1) if model.task == "multiclass" else logits.sigmoid().squeeze(-1)).cpu())
+    return torch.cat(probs).numpy(), np.array([s.label for s in studies])
+
+
+def save_classifier(model: MedMAPClassifier, directory: str | Path, config: dict[str, Any],
+                    class_names: Sequence[str]) -> None:
+    """``encoder/`` (the encoder's format), ``classifier.safetensors`` (everything else, prompt embeddings included)
+    and ``classifier.json`` (the run config and class names), each written atomically."""
+    directory = Path(directory)
+    model.encoder.save_pretrained(directory / "encoder")
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    with atomic_path(directory / WEIGHTS_FILE, durable=True) as tmp:
+        save_file(weights, str(tmp))
+    meta = {"num_classes": model.num_classes, "class_names": list(class_names), "config": config,
+            "prompt_shape": list(model.csa.prompt_embeddings.shape),
+            "label_shape": list(model.label_embeddings.shape) if hasattr(model, "label_embeddings") else None}
+    with atomic_path(directory / CONFIG_FILE, durable=True) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
+
+
+def load_classifier(directory: str | Path) -> tuple[MedMAPClassifier, dict[str, Any]]:
+    """Inverse of :func:`save_classifier`: (classifier in eval mode, its metadata: class_names, config)."""
+    directory = Path(directory)
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    kwargs = dict(meta["config"]["finetune"]["model"])
+    if meta["label_shape"] is not None:
+        kwargs["label_embeddings"] = torch.zeros(meta["label_shape"])  # the saved buffer replaces it
+    model = MedMAPClassifier(MedMAPEncoder.from_pretrained(directory / "encoder"), meta["num_classes"],
+                             torch.zeros(meta["prompt_shape"]), **kwargs)
+    missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
+    missing = [k for k in missing if not k.startswith("encoder.")]
+    if missing or unexpected:
+        fail(str(directory / WEIGHTS_FILE), f"the weights of {CONFIG_FILE}'s configuration",
+             f"missing {missing}, unexpected {unexpected}")
+    return model.eval(), meta

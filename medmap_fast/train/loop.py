@@ -1,0 +1,249 @@
+"""The training loop shared by both stages: AdamW, linear warm-up + cosine decay, AMP, gradient accumulation,
+seeding, progress bar with ETA, DDP, and checkpoints that resume a killed run exactly where it stopped.
+
+A stage provides a dataset (any indexable of items), a ``collate`` that turns a list of items into a batch (a dict of
+tensors and plain values) and a ``step_loss(model, batch) -> (loss, logs)``; :func:`fit` does the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medmap_fast.train.checkpoint import CHECKPOINT_NAME, TrainState, load_checkpoint, save_checkpoint
+from medmap_fast.train.distributed import DistributedContext, ShardedSampler, mean_over_ranks, unwrap, wrap_model
+from medmap_fast.validation import fail
+
+AMP_MODES = ("auto", "bf16", "off")
+Batch = dict[str, Any]
+StepLoss = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one stage (the ``train:`` section of a stage in the YAML config).
+
+    batch_size is per process and per micro-batch, in items (studies); the effective batch is
+    ``batch_size * grad_accum * world_size``. warmup_fraction of all optimiser steps ramp the LR linearly from 0,
+    then it follows a cosine to ``lr * min_lr_ratio``. ``lr_scale`` multiplies the LR of parameters whose name
+    starts with a prefix (e.g. ``{"encoder.": 0.5}`` for a gentler encoder update when fine-tuning). amp: "auto"
+    (bf16 autocast on CUDA, off on CPU), "bf16" or "off". checkpoint_every: also checkpoint every n optimiser steps
+    (0 = only at the end of each epoch).
+    """
+
+    epochs: int = 10
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.0
+    lr_scale: dict[str, float] = dataclasses.field(default_factory=dict)
+    grad_clip: float | None = 1.0
+    amp: str = "auto"
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                fail(name, "an int >= 1", repr(value))
+        if self.amp not in AMP_MODES:
+            fail("amp", f"one of {AMP_MODES}", repr(self.amp))
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            fail("warmup_fraction", "a fraction in [0, 1)", repr(self.warmup_fraction))
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            fail("lr", "a positive float", repr(self.lr))
+        self.betas = tuple(self.betas)  # YAML gives a list
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, name: str = "train") -> TrainConfig:
+        """Build from a config section; an unknown key is an error naming it (catches typos)."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            fail(name, f"keys among {sorted(known)}", f"unknown keys {unknown}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class WarmupCosine:
+    """LR multiplier of optimiser step t: linear warm-up from 0 over ``warmup`` steps, then a cosine from 1 down to
+    ``min_ratio`` at ``total``. A dataclass, not a closure, so LambdaLR can save it in its state."""
+
+    warmup: int
+    total: int
+    min_ratio: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float,
+                 lr_scale: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, scalars (``logit_scale``) and other 1-D parameters; per-prefix
+    LR multipliers from ``lr_scale`` (the longest matching prefix wins). Frozen parameters are left out."""
+    lr_scale = lr_scale or {}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        prefixes = [k for k in lr_scale if name.startswith(k)]
+        scale = lr_scale[max(prefixes, key=len)] if prefixes else 1.0
+        decay = weight_decay if p.ndim >= 2 else 0.0
+        groups.setdefault((scale, decay), []).append(p)
+    return [{"params": ps, "lr": lr * scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
+
+
+def autocast(device: torch.device, amp: str) -> Any:
+    """bf16 autocast on CUDA for amp "auto"/"bf16"; a no-op otherwise (CPU trains in fp32)."""
+    if device.type == "cuda" and amp in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor of a batch (non-blocking from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True,
+                mininterval=2.0)
+
+
+def fit(
+    model: nn.Module,
+    dataset: Sequence[Any],
+    collate: Callable[[list[Any]], Batch],
+    step_loss: StepLoss,
+    config: TrainConfig,
+    ctx: DistributedContext,
+    run_dir: str | Path | None = None,
+    desc: str = "train",
+    resume: bool = True,
+    progress: bool = True,
+    find_unused_parameters: bool = False,
+    on_epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    run_config: dict[str, Any] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` in place; returns the log: one dict per logged optimiser step (``step``, ``epoch``, ``lr``,
+    ``loss`` and the stage's logs averaged since the previous entry) and one per epoch (``epoch_end`` = 1, plus
+    whatever ``on_epoch_end(model, epoch)`` returns, e.g. validation metrics).
+
+    With ``run_dir``, rank 0 writes ``checkpoint.pt`` there at the end of every epoch (and every
+    ``checkpoint_every`` steps); if one exists and ``resume`` is true, training continues from it (same
+    configuration required: ``run_config`` plus ``config``). The model is moved to ``ctx.device``.
+    """
+    seed_everything(config.seed)
+    model.to(ctx.device)
+    ddp = wrap_model(model, ctx, find_unused_parameters)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.lr, config.lr_scale),
+                                  lr=config.lr, betas=config.betas, fused=ctx.device.type == "cuda")
+    sampler = ShardedSampler(len(dataset), ctx, shuffle=True, seed=config.seed)
+    micro_per_epoch = math.ceil(sampler.per_rank / config.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    schedule = WarmupCosine(round(config.warmup_fraction * total_steps), total_steps, config.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    full_config = {"train": config.to_dict(), "run": run_config or {}, "world_size": ctx.world_size,
+                   "dataset_size": len(dataset)}
+    ckpt = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
+    state = TrainState()
+    if ckpt is not None and resume and ckpt.is_file():
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, full_config)
+
+    def checkpoint() -> None:
+        if ckpt is not None and ctx.is_main:
+            save_checkpoint(ckpt, model, optimizer, scheduler, state, full_config)
+
+    bar = _progress(total_steps, state.step, desc, progress and ctx.is_main)
+    sums: dict[str, float] = {}
+    count = 0
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(state.epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        sampler.skip(state.batches_in_epoch * config.batch_size)
+        # A generator of its own: the loader must not draw from the global RNG, which the checkpoint restores for
+        # the model (dropout) and the collate function, or a resumed epoch would see shifted random streams.
+        loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
+                            num_workers=config.num_workers, pin_memory=ctx.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+        micro = state.batches_in_epoch
+        for batch in loader:
+            window_start = micro - micro % config.grad_accum
+            window = min(config.grad_accum, micro_per_epoch - window_start)
+            last_in_window = micro + 1 == window_start + window
+            sync = ddp.no_sync() if ctx.is_distributed and not last_in_window else nullcontext()
+            with sync:
+                with autocast(ctx.device, config.amp):
+                    loss, logs = step_loss(ddp, to_device(batch, ctx.device))
+                (loss / window).backward()
+            for key, value in {"loss": float(loss.detach()), **logs}.items():
+                sums[key] = sums.get(key, 0.0) + value
+            count += 1
+            micro += 1
+            if not last_in_window:
+                continue
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step, state.batches_in_epoch = state.step + 1, micro
+            bar.update(1)
+            if state.step % config.log_every == 0 or micro == micro_per_epoch:
+                logs = mean_over_ranks({k: v / count for k, v in sums.items()}, ctx)
+                entry = {"step": state.step, "epoch": epoch + micro / micro_per_epoch,
+                         "lr": scheduler.get_last_lr()[0], "elapsed_s": time.perf_counter() - started, **logs}
+                state.history.append(entry)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{entry['lr']:.2e}")
+                sums, count = {}, 0
+            if config.checkpoint_every and state.step % config.checkpoint_every == 0 and micro < micro_per_epoch:
+                checkpoint()
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
+        if on_epoch_end is not None:
+            model.eval()
+            with torch.no_grad():
+                state.history.append({"step": state.step, "epoch": epoch + 1, "epoch_end": 1,
+                                      **on_epoch_end(unwrap(ddp), epoch)})
+            model.train()
+        checkpoint()
+    bar.close()
+    model.eval()
+    return state.history

@@ -1,0 +1,107 @@
+"""Stage 1: modality-aware vision-language pre-training, and its zero-shot report-retrieval evaluation.
+
+Every volume of a study is pulled towards the frozen embedding of the study's report (asymmetric contrastive loss,
+:class:`~medmap_fast.models.medmap.MedMAPPretrainModel`). The result is saved with ``save_pretrained`` under
+``<run_dir>/model`` (its ``encoder/`` initialises stage 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medmap_fast.data.study import Study
+from medmap_fast.models.encoder import MedMAPEncoder
+from medmap_fast.models.medmap import MedMAPPretrainModel
+from medmap_fast.train.config import train_config
+from medmap_fast.train.data import StudyCollate, TextTable
+from medmap_fast.train.distributed import DistributedContext
+from medmap_fast.train.evaluate import recall_at_k
+from medmap_fast.train.loop import Batch, fit, seed_everything, to_device
+
+MODEL_DIR = "model"
+
+
+def build_encoder(config: dict[str, Any]) -> MedMAPEncoder:
+    """The encoder of the ``encoder`` config section."""
+    return MedMAPEncoder(**config["encoder"])
+
+
+def pretrain_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Contrastive loss of one batch; logs its two terms and the logit scale."""
+    out = model(batch["volumes"], batch["modality_ids"], batch["study_index"], batch["report_embeddings"])
+    return out.loss, {k: float(v) for k, v in out.parts.items()}
+
+
+def pretrain(
+    studies: Sequence[Study],
+    config: dict[str, Any],
+    reports: TextTable,
+    ctx: DistributedContext,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    resume: bool = True,
+) -> tuple[MedMAPPretrainModel, list[dict[str, float]]]:
+    """Train stage 1 on ``studies`` (their reports must be in ``reports``); returns the model and its training log.
+
+    With ``run_dir``, checkpoints go there (a killed run resumes) and rank 0 saves the model under
+    ``run_dir/model``.
+    """
+    train = train_config(config, "pretrain")
+    seed_everything(train.seed)
+    model = MedMAPPretrainModel(build_encoder(config), text_dim=reports.dim, **config["pretrain"]["model"])
+    collate = StudyCollate(model.encoder.modalities.names, reports, config["pretrain"].get("max_volumes"))
+    history = fit(model, list(studies), collate, pretrain_step, train, ctx, run_dir, desc="stage 1 (pre-training)",
+                  resume=resume, progress=progress, find_unused_parameters=model.encoder.sharing == "separate",
+                  run_config={"encoder": config["encoder"], "pretrain": config["pretrain"], "text": config["text"]})
+    if run_dir is not None and ctx.is_main:
+        model.save_pretrained(Path(run_dir) / MODEL_DIR)
+    return model, history
+
+
+@torch.no_grad()
+def embed_studies(model: MedMAPPretrainModel, studies: Sequence[Study], batch_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """One L2-normalised embedding per study [S, E]: the renormalised mean of its volumes' normalised embeddings."""
+    model.eval().to(device)
+    collate = StudyCollate(model.encoder.modalities.names)
+    out = []
+    for start in range(0, len(studies), batch_size):
+        batch = to_device(collate(studies[start : start + batch_size]), device)
+        v = F.normalize(model.embed_volumes(batch["volumes"], batch["modality_ids"]).float(), dim=-1)
+        sums = torch.zeros(batch["num_studies"], v.shape[1], device=device).index_add_(0, batch["study_index"], v)
+        out.append(F.normalize(sums, dim=-1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def retrieval_metrics(model: MedMAPPretrainModel, studies: Sequence[Study], reports: TextTable,
+                      batch_size: int = 16, device: torch.device | None = None) -> dict[str, float]:
+    """Zero-shot report retrieval on held-out studies, in both directions.
+
+    Candidates are the distinct report texts of ``studies`` (identical reports are one candidate, correct for every
+    study that has it). ``retrieval_r1/_r5``: a study (its pooled volume embedding) finds its report among them;
+    ``report_to_study_r1/_r5``: a report finds one of its studies. ``chance_r1/_r5``: the expected study-to-report
+    recall of a random ranking.
+    """
+    device = device or next(model.parameters()).device
+    study_emb = embed_studies(model, studies, batch_size, device)
+    texts = list(dict.fromkeys(s.report for s in studies))
+    report_emb = F.normalize(model.embed_reports(reports.lookup(texts).to(device)).float(), dim=-1).cpu()
+    owner = torch.tensor([texts.index(s.report) for s in studies])
+    relevant = owner[:, None] == torch.arange(len(texts))[None, :]  # [S, R]
+    similarity = study_emb @ report_emb.T
+    s2r = recall_at_k(similarity, relevant)
+    r2s = recall_at_k(similarity.T, relevant.T)
+    n = len(texts)
+    return {
+        "retrieval_r1": s2r[1], "retrieval_r5": s2r[5],
+        "report_to_study_r1": r2s[1], "report_to_study_r5": r2s[5],
+        "chance_r1": 1.0 / n, "chance_r5": min(5, n) / n,
+        "num_studies": len(studies), "num_reports": n,
+    }
