@@ -155,6 +155,7 @@ def gpu_rows(batch: int = 2) -> list[dict]:
             n = math.prod(window)
             windows = batch * math.prod(wa.padded_size(tokens, 7) // 7 for _ in range(3))
             fwd_flop = 4 * windows * heads * n * n * (channels // heads)
+            per_program = wa._heads_per_program(channels // heads, heads)
             for passes, flop, names in (("fwd", fwd_flop, ["out"]), ("fwd+bwd", 3.5 * fwd_flop, list(errors))):
                 ms, peak = time_cuda(step(impls["triton"], inputs, None if passes == "fwd" else dout))
                 worst = max(names, key=lambda k: errors[k][0] - 2 * errors[k][1])
@@ -165,7 +166,8 @@ def gpu_rows(batch: int = 2) -> list[dict]:
                     base_ms, base_peak = time_cuda(step(fn, inputs, None if passes == "fwd" else dout))
                     rows.append({
                         "op": "window_attention", "case": f"{case} {batch}x{tokens}^3 C{channels} h{heads} "
-                        f"shift{shift[0]}", "dtype": "bf16", "pass": passes, "ms": ms, "baseline": name,
+                        f"shift{shift[0]} {per_program} heads/program", "dtype": "bf16", "pass": passes, "ms": ms,
+                        "baseline": name,
                         "baseline_ms": base_ms, "speedup": base_ms / ms, "peak_mib": peak,
                         "baseline_peak_mib": base_peak, "metric": "TFLOP/s", "value": flop / ms / 1e9,
                         "max_err": errors[worst][0], "ref_err": errors[worst][1], "ok": ok,

@@ -4,9 +4,16 @@ Layouts (flash-attention style, one place documents them all):
   patch_embed_3d    x [V, Cin, D, H, W] -> [V, D', H', W', C] channels-last (see ``patch_embed_3d.py``)
   window_attention  qkv [B, D, H, W, 3C] -> [B, D, H, W, C] (see ``window_attention.py``)
   gated_attention   q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> [B, Lq, H, Dh] (see ``gated_attention.py``)
+
+Autocast: under ``torch.autocast`` for the inputs' device, each op is a lower-precision op like SDPA or a matmul: its
+activations and matmul operands (float64 aside) are cast to the autocast dtype, the small parameters that the ops
+convert themselves (bias table, pad_kv, pair bias, LayerNorm affine) are left as they are, and the op runs with
+autocast off, in those dtypes, on every backend.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -19,6 +26,20 @@ from .window_attention import window_attention_reference
 from .window_attention_cpu import window_attention_cpu
 
 Triple = tuple[int, int, int]
+
+
+def _autocast(
+    device_type: str, *tensors: torch.Tensor | None
+) -> tuple[tuple[torch.Tensor | None, ...], contextlib.AbstractContextManager]:
+    """``tensors`` as torch.autocast hands them to a lower-precision op on ``device_type`` (floating tensors other
+    than float64 in the autocast dtype when autocast is on there; unchanged otherwise, None stays None), and the
+    context to run the op in: autocast off, so that every backend computes in those dtypes."""
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+    return cast, torch.autocast(device_type, enabled=False)
 
 
 def patch_embed_3d(
@@ -52,12 +73,14 @@ def patch_embed_3d(
             fail("modality_ids", f"a [V] tensor choosing one of the {m} weights", "None")
         modality_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     modality_ids = check_index(modality_ids, "modality_ids", x.shape[0], m, what="modality ids")
+    (x, weight, bias), autocast_off = _autocast(x.device.type, x, weight, bias)
     kwargs = dict(layer_norm=layer_norm, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, out_dtype=out_dtype)
-    if use_triton(x, "patch_embed_3d"):
-        from .patch_embed_3d import patch_embed_3d_triton
+    with autocast_off:
+        if use_triton(x, "patch_embed_3d"):
+            from .patch_embed_3d import patch_embed_3d_triton
 
-        return patch_embed_3d_triton(x, weight, bias, modality_ids, **kwargs)
-    return patch_embed_3d_reference(x, weight, bias, modality_ids, **kwargs)
+            return patch_embed_3d_triton(x, weight, bias, modality_ids, **kwargs)
+        return patch_embed_3d_reference(x, weight, bias, modality_ids, **kwargs)
 
 
 def window_attention(
@@ -93,15 +116,17 @@ def window_attention(
         fail("pad_kv", f"shape {(2 * c3 // 3,)}", describe(pad_kv))
     if gate_logits is not None and tuple(gate_logits.shape) != (b, d, h, w, num_heads):
         fail("gate_logits", f"shape {(b, d, h, w, num_heads)}", describe(gate_logits))
+    (qkv, gate_logits), autocast_off = _autocast(qkv.device.type, qkv, gate_logits)
     args = (qkv, num_heads, window_size, shift_size, bias_table)
     kwargs = dict(table_window=table_window, pad_kv=pad_kv, gate_logits=gate_logits, scale=scale)
-    if use_triton(qkv, "window_attention"):
-        from .window_attention import window_attention_triton
+    with autocast_off:
+        if use_triton(qkv, "window_attention"):
+            from .window_attention import window_attention_triton
 
-        return window_attention_triton(*args, **kwargs)
-    if qkv.device.type == "cpu":
-        return window_attention_cpu(*args, **kwargs)
-    return window_attention_reference(*args, **kwargs)
+            return window_attention_triton(*args, **kwargs)
+        if qkv.device.type == "cpu":
+            return window_attention_cpu(*args, **kwargs)
+        return window_attention_reference(*args, **kwargs)
 
 
 def _modality_ids(ids: object, name: str, batch: int, length: int, upper: int) -> torch.Tensor:
@@ -163,9 +188,11 @@ def gated_attention(
         fail("pair_bias", "a tensor [H, Mq, Mk] when q_modality / k_modality are given", "None")
     if gate_logits is not None and (tuple(gate_logits.shape) != (b, lq, h) or not gate_logits.is_floating_point()):
         fail("gate_logits", f"a float tensor [{b}, {lq}, {h}]", describe(gate_logits))
+    (q, k, v, gate_logits), autocast_off = _autocast(q.device.type, q, k, v, gate_logits)
     args = (q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits, scale)
-    if use_triton(q, "gated_attention"):
-        from .gated_attention import gated_attention_triton
+    with autocast_off:
+        if use_triton(q, "gated_attention"):
+            from .gated_attention import gated_attention_triton
 
-        return gated_attention_triton(*args)
-    return gated_attention_reference(*args)
+            return gated_attention_triton(*args)
+        return gated_attention_reference(*args)

@@ -72,8 +72,10 @@ def patch_embed_3d_reference(
         if bias is not None:
             out = out + bias[ids][:, None, :]
         out = out.reshape(v, dn, hn, wn, c)
-    if layer_norm:
-        out = F.layer_norm(out, (c,), ln_weight, ln_bias, eps)
+    if layer_norm:  # in fp32 at least, as the kernel (and autocast's layer_norm) does it, also for bf16 inputs
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        affine = (None if t is None else t.to(dtype) for t in (ln_weight, ln_bias))
+        out = F.layer_norm(out.to(dtype), (c,), *affine, eps)
     return out.to(out_dtype or x.dtype)
 
 

@@ -59,18 +59,45 @@ def shift_regions(size: int, window: int, shift: int) -> torch.Tensor:
     return (r >= size - window).long() + (r >= size - shift).long()
 
 
+def _window_regions(
+    padded: tuple[int, int, int], window_size: tuple[int, int, int], shift_size: tuple[int, int, int]
+) -> torch.Tensor:
+    """[nW, n] long: region id of every token of every window of the rolled grid (MONAI's compute_mask)."""
+    rd, rh, rw = (shift_regions(p, w, s) for p, w, s in zip(padded, window_size, shift_size))
+    ids = rd[:, None, None] * 9 + rh[None, :, None] * 3 + rw[None, None, :]
+    return partition(ids[None, ..., None], window_size)[..., 0]
+
+
+def _region_mask(regions: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:
+    """Region ids [nW, n] -> mask [nW, n, n] of ``dtype`` on their device: 0 within a region, ``value`` across."""
+    across = regions[:, :, None] != regions[:, None, :]
+    return torch.zeros(across.shape, dtype=dtype, device=across.device).masked_fill_(across, value)
+
+
 @functools.lru_cache(maxsize=64)
 def shift_mask(
     padded: tuple[int, int, int], window_size: tuple[int, int, int], shift_size: tuple[int, int, int],
     value: float = SHIFT_MASK_VALUE,
 ) -> torch.Tensor:
-    """[nW, n, n] float: 0 within a region of the rolled grid, ``value`` across regions (MONAI's compute_mask uses
-    -100)."""
-    rd, rh, rw = (shift_regions(p, w, s) for p, w, s in zip(padded, window_size, shift_size))
-    ids = rd[:, None, None] * 9 + rh[None, :, None] * 3 + rw[None, None, :]
-    wins = partition(ids[None, ..., None], window_size)[..., 0]  # [nW, n]
-    diff = wins[:, :, None] != wins[:, None, :]
-    return torch.where(diff, value, 0.0)
+    """[nW, n, n] float32 on the CPU: 0 within a region of the rolled grid, ``value`` across regions (MONAI's
+    compute_mask uses -100)."""
+    return _region_mask(_window_regions(padded, window_size, shift_size), value, torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_regions(
+    padded: tuple[int, int, int], window_size: tuple[int, int, int], shift_size: tuple[int, int, int],
+    device: torch.device,
+) -> torch.Tensor:
+    """:func:`_window_regions` [nW, n] kept on ``device``: each call builds its mask there from these few KiB (no
+    host-to-device copy), rather than caching the mask itself (hundreds of MiB at the paper's stage 1)."""
+    return _window_regions(padded, window_size, shift_size).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_index(window: tuple[int, ...], table_window: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """relative_position_index flattened to [n * n], kept on ``device`` (no host-to-device copy per call)."""
+    return relative_position_index(window, table_window).to(device).reshape(-1)
 
 
 def partition(x: torch.Tensor, window_size: tuple[int, int, int]) -> torch.Tensor:
@@ -151,26 +178,38 @@ def window_attention_reference(
     b, d, h, w, _ = qkv.shape
     window_size, shift_size = tuple(window_size), tuple(shift_size)
     padded = tuple(padded_size(s, k) for s, k in zip((d, h, w), window_size))
-    q, k, v = (t.unflatten(0, (b, -1)) for t in window_qkv(qkv, num_heads, window_size, shift_size, pad_kv))
-    mask = None  # q, k, v are [B, nW, h, n, d]: the mask broadcasts over the batch
+    q, k, v = window_qkv(qkv, num_heads, window_size, shift_size, pad_kv)  # [B*nW, h, n, hd]
+    n, head_dim = q.shape[2:]
+    mask = None  # [h, n, n] in q's dtype (as SDPA wants it), broadcast over the windows
     if bias_table is not None:
-        index = relative_position_index(window_size, tuple(table_window or window_size)).to(qkv.device)
-        mask = bias_table[index].permute(2, 0, 1)  # [h, n, n]
+        index = _device_index(window_size, tuple(table_window or window_size), qkv.device)
+        mask = bias_table[index].view(n, n, num_heads).permute(2, 0, 1).to(q.dtype)
     if any(shift_size):
-        smask = shift_mask(padded, window_size, shift_size).to(device=qkv.device, dtype=qkv.dtype)[:, None]
-        mask = smask if mask is None else mask + smask  # [nW, h, n, n]
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale
-    )  # [B, nW, h, n, d]
-    return apply_gate(window_merge(out.flatten(0, 1), (d, h, w), window_size, shift_size), gate_logits)
+        regions = _device_regions(padded, window_size, shift_size, qkv.device)
+        smask = _region_mask(regions, SHIFT_MASK_VALUE, qkv.dtype)[:, None]
+        mask = (smask if mask is None else mask + smask).expand(-1, num_heads, -1, -1)  # [nW, h, n, n]
+        # SDPA's fused kernels take 4-D inputs: fold the windows into the heads, q [B, nW*h, n, hd], so that the
+        # mask [nW*h, n, n] broadcasts over the batch instead of being copied per batch element
+        q, k, v = (t.reshape(b, -1, n, head_dim) for t in (q, k, v))
+        mask = mask.reshape(-1, n, n)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = out.reshape(-1, num_heads, n, head_dim)  # [B*nW, h, n, hd]
+    return apply_gate(window_merge(out, (d, h, w), window_size, shift_size), gate_logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Triton implementation. Every program works on one (window, head) pair of one batch element, straight from the
-# channels-last qkv tensor: token t of window `win` sits at position p = origin(win) + coords(t) of the rolled, padded
-# grid, i.e. at voxel (p + shift) mod padded of the original grid (a padded voxel when that is past the volume). So
-# padding, cyclic shift, partition and their reverses are index arithmetic; the bias row of a (query, key) pair is
-# rel(query) - rel(key) + R0 (the table_window decomposition is separable); the shift mask compares region ids.
+# Triton implementation. Every program works on one window of one batch element and a group of G = HEADS_PER_PROGRAM
+# consecutive heads, straight from the channels-last qkv tensor: token t of window `win` sits at position
+# p = origin(win) + coords(t) of the rolled, padded grid, i.e. at voxel (p + shift) mod padded of the original grid (a
+# padded voxel when that is past the volume). So padding, cyclic shift, partition and their reverses are index
+# arithmetic; the bias row of a (query, key) pair is rel(query) - rel(key) + R0 (the table_window decomposition is
+# separable); the shift mask compares region ids.
+#
+# The G heads share all of that: token positions, volume rows, the bias-table rows and the additive mask of a
+# [BM, BN] block of pairs are computed once per block, then a static loop runs the G heads on 2-D tiles (per-head
+# state is carried in tuples), reading each row's G heads as adjacent channel slices. Not one 3-D [G, T, HD] tile:
+# Triton puts every warp of a batched tl.dot on the batch axis, so each warp would redo the shared index work
+# (warps > G even duplicate the heads), and Hopper's wgmma does not take batched operands.
 # ----------------------------------------------------------------------------------------------------------------------
 
 _jit = triton.jit if triton is not None else (lambda fn: fn)  # kernels are never launched without Triton
@@ -185,8 +224,9 @@ def _region(p, size, window, shift):
 
 
 @_jit
-def _tokens(t, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW):
-    """Tokens t [T] of window ``win`` -> (in window, real voxel, voxel index in the volume, region id, table offset)."""
+def _tokens(t, b, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW):
+    """Tokens t [T] of window ``win`` of batch element b -> (in window, real voxel, row of the volume-major
+    [B*D*H*W, ...] tensors, region id, table offset), all [T]."""
     pd = (win // (NWH * NWW)) * WD + t // (WH * WW)  # position in the rolled, padded grid
     ph = ((win // NWW) % NWH) * WH + (t // WW) % WH
     pw = (win % NWW) * WW + t % WW
@@ -195,9 +235,9 @@ def _tokens(t, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH
     ow = (pw + SW) % WP
     valid = t < n
     real = valid & (od < D) & (oh < H) & (ow < W)
-    vox = tl.where(real, (od * H + oh) * W + ow, 0)
+    row = b.to(tl.int64) * (D * H * W) + tl.where(real, (od * H + oh) * W + ow, 0)
     region = (_region(pd, DP, WD, SD) * 3 + _region(ph, HP, WH, SH)) * 3 + _region(pw, WP, WW, SW)
-    return valid, real, vox, region, _table_offset(t, TH, TW)
+    return valid, real, row, region, _table_offset(t, TH, TW)
 
 
 @_jit
@@ -208,83 +248,130 @@ def _table_offset(t, TH, TW):
 
 
 @_jit
-def _rows(ptr, row, stride, dd, rows_mask, dmask):
-    """Load [T, DPAD] from ``ptr + row * stride + dd`` (zeros outside the masks)."""
-    return tl.load(ptr + row[:, None] * stride + dd[None, :], mask=rows_mask[:, None] & dmask[None, :], other=0.0)
+def _repeat(x, G: tl.constexpr):
+    """A tuple of G copies of x (the initial per-head state)."""
+    xs = ()
+    for _ in tl.static_range(G):
+        xs = xs + (x,)
+    return xs
 
 
 @_jit
-def _pad_kv(PAD_KV, h, dd, dmask, C, HD):
-    """k and v [DPAD] of padded voxels for head h (PAD_KV is qkv itself, a harmless read, when unused)."""
-    return (tl.load(PAD_KV + h * HD + dd, mask=dmask, other=0.0),
-            tl.load(PAD_KV + C + h * HD + dd, mask=dmask, other=0.0))
+def _head_rows(ptr, row, stride, col, HD, dd, rows_mask, dmask, G: tl.constexpr):
+    """G tiles [T, DPAD], head g's at channels col + g * HD + dd of rows ``row`` (zeros outside the masks): the loads
+    of one row's heads are adjacent channel slices, issued back to back."""
+    ptrs = ptr + row[:, None] * stride + col + dd[None, :]
+    mask = rows_mask[:, None] & dmask[None, :]
+    tiles = ()
+    for g in tl.static_range(G):
+        tiles = tiles + (tl.load(ptrs + g * HD, mask=mask, other=0.0),)
+    return tiles
 
 
 @_jit
-def _kv_rows(ptr, row, stride, dd, real, dmask, pad, HAS_PAD: tl.constexpr):
-    """k or v rows of a key block; padded voxels take ``pad`` [DPAD] (MONAI: the qkv bias), else zeros."""
-    x = _rows(ptr, row, stride, dd, real, dmask)
+def _store_head_rows(ptr, tiles, row, stride, col, HD, dd, rows_mask, dmask, G: tl.constexpr):
+    """Store G tiles [T, DPAD] where :func:`_head_rows` reads them (cast to the pointer's type)."""
+    ptrs = ptr + row[:, None] * stride + col + dd[None, :]
+    mask = rows_mask[:, None] & dmask[None, :]
+    for g in tl.static_range(G):
+        tl.store(ptrs + g * HD, tiles[g].to(ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _pad_kv(PAD_KV, col, HD, dd, dmask, C, G: tl.constexpr):
+    """k and v [DPAD] of padded voxels, a tuple of G each (PAD_KV is qkv itself, a harmless read, when unused)."""
+    pad_k = ()
+    pad_v = ()
+    for g in tl.static_range(G):
+        pad_k = pad_k + (tl.load(PAD_KV + col + g * HD + dd, mask=dmask, other=0.0),)
+        pad_v = pad_v + (tl.load(PAD_KV + C + col + g * HD + dd, mask=dmask, other=0.0),)
+    return pad_k, pad_v
+
+
+@_jit
+def _kv_rows(ptr, row, stride, col, HD, dd, real, dmask, pads, HAS_PAD: tl.constexpr, G: tl.constexpr):
+    """G k or v tiles [T, DPAD] of a key block; padded voxels take ``pads[g]`` (MONAI: the qkv bias), else zeros."""
+    tiles = _head_rows(ptr, row, stride, col, HD, dd, real, dmask, G)
     if HAS_PAD:
-        x = tl.where(real[:, None], x, pad[None, :].to(x.dtype))
-    return x
+        padded = ()
+        for g in tl.static_range(G):
+            padded = padded + (tl.where(real[:, None], tiles[g], pads[g][None, :].to(tiles[g].dtype)),)
+        tiles = padded
+    return tiles
 
 
 @_jit
-def _bias(BIAS, rel_q, rel_k, valid_q, valid_k, h, HEADS, R0):
-    """Relative-position bias [BM, BN] gathered from the table [rows, HEADS]."""
-    row = rel_q[:, None] - rel_k[None, :] + R0
-    return tl.load(BIAS + row * HEADS + h, mask=valid_q[:, None] & valid_k[None, :], other=0.0).to(tl.float32)
-
-
-@_jit
-def _scores(q, k, bias, reg_q, reg_k, valid_k, qk_scale, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr,
-            PREC: tl.constexpr):
-    """Scores in the log2 domain [BM, BN]: (q.k * scale + bias + shift mask) * log2(e); -inf past the window."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    if HAS_BIAS:
-        s += bias
-    if SHIFTED:
-        s += tl.where(reg_q[:, None] != reg_k[None, :], _SHIFT_MASK, 0.0)
-    return tl.where(valid_k[None, :], s * _LOG2E, float("-inf"))
-
-
-@_jit
-def _gate(GATE, row, real, h, HEADS):
-    """2 * sigmoid(gate logit) per row [T] (fp32)."""
-    return 2.0 * tl.sigmoid(tl.load(GATE + row * HEADS + h, mask=real, other=0.0).to(tl.float32))
-
-
-@_jit
-def _split_pid(pid, tiles, HEADS, NWIN):
-    """Program id -> (tile, head, window over the batch, batch element, window); tiles vary fastest."""
-    bw = pid // (tiles * HEADS)
-    return pid % tiles, (pid // tiles) % HEADS, bw, bw // NWIN, bw % NWIN
-
-
-@_jit
-def _key_block(QKV, offs, b, win, h, dd, dmask, DHW, C, HD, pad_k, pad_v,
-               n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD: tl.constexpr):
-    """A key block of one (window, head): flags, volume rows, region ids, table offsets, k and v [T, DPAD]."""
-    valid, real, vox, reg, rel = _tokens(offs, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW)
-    row = b.to(tl.int64) * DHW + vox
-    k = _kv_rows(QKV + C + h * HD, row, 3 * C, dd, real, dmask, pad_k, HAS_PAD)
-    v = _kv_rows(QKV + 2 * C + h * HD, row, 3 * C, dd, real, dmask, pad_v, HAS_PAD)
+def _key_block(QKV, offs, b, win, col, HD, dd, dmask, C, pad_k, pad_v,
+               n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW,
+               HAS_PAD: tl.constexpr, G: tl.constexpr):
+    """A key block of one window: flags, rows, region ids, table offsets [T] and the G heads' k and v tiles."""
+    valid, real, row, reg, rel = _tokens(offs, b, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W,
+                                         TH, TW)
+    k = _kv_rows(QKV + C, row, 3 * C, col, HD, dd, real, dmask, pad_k, HAS_PAD, G)
+    v = _kv_rows(QKV + 2 * C, row, 3 * C, col, HD, dd, real, dmask, pad_v, HAS_PAD, G)
     return valid, real, row, reg, rel, k, v
 
 
 @_jit
-def _query_grad_side(QKV, DOUT, GATE, LSE, DELTA, offs, b, win, bw, h, dd, dmask, DHW, C, HD, HEADS,
-                     n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_GATE: tl.constexpr):
-    """What the backward needs of a query block: flags, rows, q, dO of the attention (gate applied), lse, delta."""
-    valid, real, vox, reg, rel = _tokens(offs, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW)
-    row = b.to(tl.int64) * DHW + vox
-    q = _rows(QKV + h * HD, row, 3 * C, dd, real, dmask)
-    do = _rows(DOUT + h * HD, row, C, dd, real, dmask).to(tl.float32)
+def _bias_rows(BIAS, rel_q, rel_k, valid_q, valid_k, HEADS, R0):
+    """Pointers [BM, BN] to head 0's bias of a block of (query, key) pairs in the table [rows, HEADS], and their mask;
+    every head shares them (head h's bias is at pointer + h)."""
+    return BIAS + (rel_q[:, None] - rel_k[None, :] + R0) * HEADS, valid_q[:, None] & valid_k[None, :]
+
+
+@_jit
+def _mask(reg_q, reg_k, valid_k, SHIFTED: tl.constexpr):
+    """The additive mask every head shares [BM, BN] (or [1, BN]): MONAI's shift mask, -inf past the window."""
+    if SHIFTED:
+        mask = tl.where(valid_k[None, :], tl.where(reg_q[:, None] != reg_k[None, :], _SHIFT_MASK, 0.0), float("-inf"))
+    else:
+        mask = tl.where(valid_k, 0.0, float("-inf"))[None, :]
+    return mask
+
+
+@_jit
+def _bias(bias_ptrs, bias_mask, h):
+    """Relative-position bias [BM, BN] of head h gathered from the table [rows, HEADS]."""
+    return tl.load(bias_ptrs + h, mask=bias_mask, other=0.0).to(tl.float32)
+
+
+@_jit
+def _scores(q, k, bias, mask, qk_scale, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """Scores of one head in the log2 domain [BM, BN]: (q.k * scale + bias + mask) * log2(e)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if HAS_BIAS:
+        s += bias
+    return (s + mask) * _LOG2E
+
+
+@_jit
+def _gate(GATE, row, real, h, HEADS):
+    """2 * sigmoid(gate logit) of head h per row [T] (fp32)."""
+    return 2.0 * tl.sigmoid(tl.load(GATE + row * HEADS + h, mask=real, other=0.0).to(tl.float32))
+
+
+@_jit
+def _split_pid(pid, tiles, HEADS, NWIN, G: tl.constexpr):
+    """Program id -> (tile, first of the G heads, window over the batch, batch element, window); tiles vary
+    fastest."""
+    groups = HEADS // G
+    bw = pid // (tiles * groups)
+    return pid % tiles, ((pid // tiles) % groups) * G, bw, bw // NWIN, bw % NWIN
+
+
+@_jit
+def _query_grads(QKV, DOUT, GATE, LSE, DELTA, offs, row, valid, real, bw, h, dd, dmask, C, HD, HEADS, n,
+                 HAS_GATE: tl.constexpr):
+    """What the backward needs of head h in a query block: q and dO of the attention (gate applied) [T, DPAD],
+    lse and delta [T]."""
+    mask = real[:, None] & dmask[None, :]
+    q = tl.load(QKV + row[:, None] * (3 * C) + h * HD + dd[None, :], mask=mask, other=0.0)
+    do = tl.load(DOUT + row[:, None] * C + h * HD + dd[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         do = do * _gate(GATE, row, real, h, HEADS)[:, None]
     lse = tl.load(LSE + (bw * HEADS + h) * n + offs, mask=valid, other=float("inf"))  # p = 0 past the window
     delta = tl.load(DELTA + row * HEADS + h, mask=real, other=0.0)
-    return valid, real, row, reg, rel, q, do.to(q.dtype), lse, delta
+    return q, do.to(q.dtype), lse, delta
 
 
 @_jit
@@ -293,44 +380,48 @@ def _window_attention_fwd(
     n, NWIN, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, R0,
     HEADS, HD, NQT, NKT, qk_scale,
     HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, HAS_GATE: tl.constexpr, SHIFTED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """One query block of one (window, head): online softmax over the window's key blocks; out [B,D,H,W,C], lse."""
-    qt, h, bw, b, win = _split_pid(tl.program_id(0), NQT, HEADS, NWIN)
+    """One query block of one window for G heads: online softmax over the window's key blocks; out [B,D,H,W,C],
+    lse [B*nW, HEADS, n]."""
+    G: tl.constexpr = HEADS_PER_PROGRAM
+    qt, h0, bw, b, win = _split_pid(tl.program_id(0), NQT, HEADS, NWIN, G)
     C = HEADS * HD
-    DHW = D * H * W
     dd = tl.arange(0, DPAD)
     dmask = dd < HD
     offs_m = qt * BM + tl.arange(0, BM)
-    valid_q, real_q, vox_q, reg_q, rel_q = _tokens(offs_m, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP,
+    valid_q, real_q, row_q, reg_q, rel_q = _tokens(offs_m, b, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP,
                                                    D, H, W, TH, TW)
-    row_q = b.to(tl.int64) * DHW + vox_q
-    q = _rows(QKV + h * HD, row_q, 3 * C, dd, real_q, dmask)  # padded queries: zeros (their output is cropped)
-    pad_k, pad_v = _pad_kv(PAD_KV, h, dd, dmask, C, HD)
-    m_i = tl.full([BM], float("-inf"), tl.float32)  # key block 0 holds key 0 for every row, so m_i turns finite
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, DPAD], tl.float32)
+    q = _head_rows(QKV, row_q, 3 * C, h0 * HD, HD, dd, real_q, dmask, G)  # padded queries: zeros (output cropped)
+    pad_k, pad_v = _pad_kv(PAD_KV, h0 * HD, HD, dd, dmask, C, G)
+    m_i = _repeat(tl.full([BM], float("-inf"), tl.float32), G)  # key block 0 holds key 0: m_i turns finite
+    l_i = _repeat(tl.zeros([BM], tl.float32), G)
+    acc = _repeat(tl.zeros([BM, DPAD], tl.float32), G)
     for kt in range(0, NKT):
         valid_k, _, _, reg_k, rel_k, k, v = _key_block(
-            QKV, kt * BN + tl.arange(0, BN), b, win, h, dd, dmask, DHW, C, HD, pad_k, pad_v,
-            n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD)
-        if HAS_BIAS:
-            bias = _bias(BIAS, rel_q, rel_k, valid_q, valid_k, h, HEADS, R0)
-        else:
-            bias = 0.0
-        s = _scores(q, k, bias, reg_q, reg_k, valid_k, qk_scale, HAS_BIAS, SHIFTED, PREC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
-    out = acc / l_i[:, None]
-    if HAS_GATE:
-        out = out * _gate(GATE, row_q, real_q, h, HEADS)[:, None]
-    tl.store(OUT + row_q[:, None] * C + h * HD + dd[None, :], out.to(OUT.dtype.element_ty),
-             mask=real_q[:, None] & dmask[None, :])
-    tl.store(LSE + (bw * HEADS + h) * n + offs_m, m_i + tl.log2(l_i), mask=valid_q)
+            QKV, kt * BN + tl.arange(0, BN), b, win, h0 * HD, HD, dd, dmask, C, pad_k, pad_v,
+            n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD, G)
+        bias_ptrs, bias_mask = _bias_rows(BIAS, rel_q, rel_k, valid_q, valid_k, HEADS, R0)
+        mask = _mask(reg_q, reg_k, valid_k, SHIFTED)
+        m_next, l_next, acc_next = (), (), ()
+        for g in tl.static_range(G):
+            bias = _bias(bias_ptrs, bias_mask, h0 + g) if HAS_BIAS else 0.0
+            s = _scores(q[g], k[g], bias, mask, qk_scale, HAS_BIAS, PREC)
+            m_new = tl.maximum(m_i[g], tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i[g] - m_new)
+            m_next = m_next + (m_new,)
+            l_next = l_next + (l_i[g] * alpha + tl.sum(p, 1),)
+            acc_next = acc_next + (acc[g] * alpha[:, None] + tl.dot(p.to(v[g].dtype), v[g], input_precision=PREC),)
+        m_i, l_i, acc = m_next, l_next, acc_next
+    out = ()
+    for g in tl.static_range(G):
+        o = acc[g] / l_i[g][:, None]
+        if HAS_GATE:
+            o = o * _gate(GATE, row_q, real_q, h0 + g, HEADS)[:, None]
+        out = out + (o,)
+        tl.store(LSE + (bw * HEADS + h0 + g) * n + offs_m, m_i[g] + tl.log2(l_i[g]), mask=valid_q)
+    _store_head_rows(OUT, out, row_q, C, h0 * HD, HD, dd, real_q, dmask, G)
 
 
 @_jit
@@ -339,49 +430,52 @@ def _window_attention_bwd(
     n, NWIN, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, R0,
     HEADS, HD, NQT, NKT, qk_scale,
     HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, HAS_GATE: tl.constexpr, SHIFTED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """One key block of one (window, head): dk, dv over all query blocks (stored), dq by fp32 atomics into DQ,
+    """One key block of one window for G heads: dk, dv over all query blocks (stored), dq by fp32 atomics into DQ,
     and the padded keys' dk/dv summed into this program's slot of DPAD_PARTS [B*nW, NKT, 2, C]."""
-    kt, h, bw, b, win = _split_pid(tl.program_id(0), NKT, HEADS, NWIN)
+    G: tl.constexpr = HEADS_PER_PROGRAM
+    kt, h0, bw, b, win = _split_pid(tl.program_id(0), NKT, HEADS, NWIN, G)
     C = HEADS * HD
-    DHW = D * H * W
     dd = tl.arange(0, DPAD)
     dmask = dd < HD
-    pad_k, pad_v = _pad_kv(PAD_KV, h, dd, dmask, C, HD)
+    pad_k, pad_v = _pad_kv(PAD_KV, h0 * HD, HD, dd, dmask, C, G)
     valid_k, real_k, row_k, reg_k, rel_k, k, v = _key_block(
-        QKV, kt * BN + tl.arange(0, BN), b, win, h, dd, dmask, DHW, C, HD, pad_k, pad_v,
-        n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD)
-    dk = tl.zeros([BN, DPAD], tl.float32)
-    dv = tl.zeros([BN, DPAD], tl.float32)
+        QKV, kt * BN + tl.arange(0, BN), b, win, h0 * HD, HD, dd, dmask, C, pad_k, pad_v,
+        n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD, G)
+    dk = _repeat(tl.zeros([BN, DPAD], tl.float32), G)
+    dv = _repeat(tl.zeros([BN, DPAD], tl.float32), G)
     for qt in range(0, NQT):
         offs_m = qt * BM + tl.arange(0, BM)
-        valid_q, real_q, row_q, reg_q, rel_q, q, do, lse, delta = _query_grad_side(
-            QKV, DOUT, GATE, LSE, DELTA, offs_m, b, win, bw, h, dd, dmask, DHW, C, HD, HEADS,
-            n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_GATE)
-        if HAS_BIAS:
-            bias = _bias(BIAS, rel_q, rel_k, valid_q, valid_k, h, HEADS, R0)
-        else:
-            bias = 0.0
-        s = _scores(q, k, bias, reg_q, reg_k, valid_k, qk_scale, HAS_BIAS, SHIFTED, PREC)
-        p = tl.exp2(s - lse[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
-        dq = tl.dot(ds, k, input_precision=PREC) * qk_scale
-        tl.atomic_add(DQ + row_q[:, None] * C + h * HD + dd[None, :], dq, mask=real_q[:, None] & dmask[None, :],
-                      sem="relaxed")
-    dk = dk * qk_scale
-    out_mask = real_k[:, None] & dmask[None, :]
-    tl.store(DQKV + row_k[:, None] * (3 * C) + C + h * HD + dd[None, :], dk.to(DQKV.dtype.element_ty), mask=out_mask)
-    tl.store(DQKV + row_k[:, None] * (3 * C) + 2 * C + h * HD + dd[None, :], dv.to(DQKV.dtype.element_ty),
-             mask=out_mask)
+        valid_q, real_q, row_q, reg_q, rel_q = _tokens(offs_m, b, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP,
+                                                       WP, D, H, W, TH, TW)
+        bias_ptrs, bias_mask = _bias_rows(BIAS, rel_q, rel_k, valid_q, valid_k, HEADS, R0)
+        mask = _mask(reg_q, reg_k, valid_k, SHIFTED)
+        dk_next, dv_next = (), ()
+        for g in tl.static_range(G):
+            q, do, lse, delta = _query_grads(QKV, DOUT, GATE, LSE, DELTA, offs_m, row_q, valid_q, real_q, bw, h0 + g,
+                                             dd, dmask, C, HD, HEADS, n, HAS_GATE)
+            bias = _bias(bias_ptrs, bias_mask, h0 + g) if HAS_BIAS else 0.0
+            p = tl.exp2(_scores(q, k[g], bias, mask, qk_scale, HAS_BIAS, PREC) - lse[:, None])
+            dv_next = dv_next + (dv[g] + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC),)
+            dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
+            ds = (p * (dp - delta[:, None])).to(q.dtype)
+            dk_next = dk_next + (dk[g] + tl.dot(tl.trans(ds), q, input_precision=PREC),)
+            dq = tl.dot(ds, k[g], input_precision=PREC) * qk_scale
+            tl.atomic_add(DQ + row_q[:, None] * C + (h0 + g) * HD + dd[None, :], dq,
+                          mask=real_q[:, None] & dmask[None, :], sem="relaxed")
+        dk, dv = dk_next, dv_next
+    dk_scaled = ()
+    for g in tl.static_range(G):
+        dk_scaled = dk_scaled + (dk[g] * qk_scale,)
+    _store_head_rows(DQKV + C, dk_scaled, row_k, 3 * C, h0 * HD, HD, dd, real_k, dmask, G)
+    _store_head_rows(DQKV + 2 * C, dv, row_k, 3 * C, h0 * HD, HD, dd, real_k, dmask, G)
     if HAS_PAD:
-        padded = valid_k & ~real_k
-        slot = DPAD_PARTS + (bw * NKT + kt) * (2 * C) + h * HD + dd
-        tl.store(slot, tl.sum(tl.where(padded[:, None], dk, 0.0), 0), mask=dmask)
-        tl.store(slot + C, tl.sum(tl.where(padded[:, None], dv, 0.0), 0), mask=dmask)
+        padded = (valid_k & ~real_k)[:, None]
+        slot = DPAD_PARTS + (bw * NKT + kt) * (2 * C) + h0 * HD + dd
+        for g in tl.static_range(G):
+            tl.store(slot + g * HD, tl.sum(tl.where(padded, dk_scaled[g], 0.0), 0), mask=dmask)
+            tl.store(slot + C + g * HD, tl.sum(tl.where(padded, dv[g], 0.0), 0), mask=dmask)
 
 
 @_jit
@@ -390,63 +484,91 @@ def _window_attention_bwd_bias(
     n, NWIN, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, R0,
     HEADS, HD, NQT, NKT, qk_scale, BW, WPC,
     HAS_PAD: tl.constexpr, HAS_GATE: tl.constexpr, SHIFTED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """dS of one (query block, key block, head) summed in registers over a chunk of WPC windows (the bias is the
-    same in every window), then added into DBIAS [HEADS, n, n] (fp32 atomics, one per chunk)."""
+    """dS of one (query block, key block) for G heads summed in registers over a chunk of WPC windows (the bias is
+    the same in every window), then added into DBIAS [HEADS, n, n] (fp32 atomics, one per chunk)."""
+    G: tl.constexpr = HEADS_PER_PROGRAM
     pid = tl.program_id(0)
     kt = pid % NKT
     qt = (pid // NKT) % NQT
-    h = (pid // (NKT * NQT)) % HEADS
-    chunk = pid // (NKT * NQT * HEADS)
+    h0 = ((pid // (NKT * NQT)) % (HEADS // G)) * G
+    chunk = pid // (NKT * NQT * (HEADS // G))
     C = HEADS * HD
-    DHW = D * H * W
     dd = tl.arange(0, DPAD)
     dmask = dd < HD
     offs_m = qt * BM + tl.arange(0, BM)
     offs_n = kt * BN + tl.arange(0, BN)
-    valid_q = offs_m < n
-    valid_k = offs_n < n
-    bias = _bias(BIAS, _table_offset(offs_m, TH, TW), _table_offset(offs_n, TH, TW), valid_q, valid_k, h, HEADS, R0)
-    pad_k, pad_v = _pad_kv(PAD_KV, h, dd, dmask, C, HD)
-    acc = tl.zeros([BM, BN], tl.float32)
+    bias_ptrs, bias_mask = _bias_rows(BIAS, _table_offset(offs_m, TH, TW), _table_offset(offs_n, TH, TW),
+                                      offs_m < n, offs_n < n, HEADS, R0)
+    bias = ()
+    for g in tl.static_range(G):
+        bias = bias + (_bias(bias_ptrs, bias_mask, h0 + g),)
+    pad_k, pad_v = _pad_kv(PAD_KV, h0 * HD, HD, dd, dmask, C, G)
+    acc = _repeat(tl.zeros([BM, BN], tl.float32), G)
     for bw in range(chunk * WPC, tl.minimum(chunk * WPC + WPC, BW)):
         b = bw // NWIN
         win = bw % NWIN
-        _, _, _, reg_k, _, k, v = _key_block(QKV, offs_n, b, win, h, dd, dmask, DHW, C, HD, pad_k, pad_v,
-                                             n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD)
-        _, _, _, reg_q, _, q, do, lse, delta = _query_grad_side(
-            QKV, DOUT, GATE, LSE, DELTA, offs_m, b, win, bw, h, dd, dmask, DHW, C, HD, HEADS,
-            n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_GATE)
-        s = _scores(q, k, bias, reg_q, reg_k, valid_k, qk_scale, True, SHIFTED, PREC)
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        acc += p * (dp - delta[:, None])
-    tl.atomic_add(DBIAS + (h * n + offs_m[:, None]) * n + offs_n[None, :], acc,
-                  mask=valid_q[:, None] & valid_k[None, :], sem="relaxed")
+        valid_k, _, _, reg_k, _, k, v = _key_block(
+            QKV, offs_n, b, win, h0 * HD, HD, dd, dmask, C, pad_k, pad_v,
+            n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD, G)
+        valid_q, real_q, row_q, reg_q, _ = _tokens(offs_m, b, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP,
+                                                   D, H, W, TH, TW)
+        mask = _mask(reg_q, reg_k, valid_k, SHIFTED)
+        acc_next = ()
+        for g in tl.static_range(G):
+            q, do, lse, delta = _query_grads(QKV, DOUT, GATE, LSE, DELTA, offs_m, row_q, valid_q, real_q, bw, h0 + g,
+                                             dd, dmask, C, HD, HEADS, n, HAS_GATE)
+            p = tl.exp2(_scores(q, k[g], bias[g], mask, qk_scale, True, PREC) - lse[:, None])
+            dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
+            acc_next = acc_next + (acc[g] + p * (dp - delta[:, None]),)
+        acc = acc_next
+    for g in tl.static_range(G):
+        tl.atomic_add(DBIAS + ((h0 + g) * n + offs_m[:, None]) * n + offs_n[None, :], acc[g], mask=bias_mask,
+                      sem="relaxed")
 
 
-# (BM, BN, num_warps, num_stages) per kernel for 16-bit inputs, by head_dim <= 16 (the paper's Swin stages) or more.
-# Chosen from sm_90 compiles of the all-features variants (bias + shift + pad + gate): no register spills (8 bytes
-# for the d64 d(bias) kernel), at most 8 warps per program. Not yet timed on a GPU.
+# (BM, BN, num_warps, num_stages) per (heads per program, head_dim <= 16) and kernel, for 16-bit inputs. Chosen from
+# sm_90 compiles of the all-features variants (bias + shift + pad + gate, specialised as the launcher does): no
+# register spills, wgmma for the heads' tl.dots, at most 8 warps per program. Not yet timed on a GPU.
 _GPU_CONFIGS = {
-    ("fwd", True): (64, 32, 4, 2), ("bwd", True): (64, 64, 8, 2), ("bias", True): (64, 64, 8, 2),
-    ("fwd", False): (64, 32, 8, 2), ("bwd", False): (32, 64, 8, 2), ("bias", False): (64, 32, 8, 2),
+    (1, True): dict(fwd=(64, 32, 4, 2), bwd=(64, 64, 8, 2), bias=(64, 64, 8, 2)),
+    (2, True): dict(fwd=(64, 32, 4, 2), bwd=(64, 64, 8, 2), bias=(64, 64, 8, 2)),
+    (3, True): dict(fwd=(64, 16, 4, 2), bwd=(32, 64, 8, 2), bias=(64, 32, 8, 2)),
+    (4, True): dict(fwd=(64, 16, 4, 2), bwd=(32, 64, 8, 2), bias=(64, 32, 8, 2)),
+    (1, False): dict(fwd=(64, 32, 8, 2), bwd=(32, 64, 8, 2), bias=(64, 32, 8, 2)),
+    (2, False): dict(fwd=(64, 32, 8, 2), bwd=(16, 64, 8, 2), bias=(64, 32, 8, 2)),
 }
 _FP32_CONFIG = (16, 32, 4, 2)  # IEEE-fp32 tl.dot runs on the FMA units: small tiles keep register spills small
+_CHANNELS_PER_PROGRAM = 64  # heads per program: 4 of head dim 16 (or less), 2 of 32, 1 of 64 or more
 
 
-def _launch_config(kernel: str, n: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """BM (query tile), BN (key tile), num_warps, num_stages of ``kernel`` ("fwd", "bwd" or "bias") for windows of
-    n tokens; tiles are powers of 2 >= 16 (tl.dot's minimum on a GPU), masked past n."""
+def _head_tile(head_dim: int) -> int:
+    """DPAD: the head dim padded to a power of 2 >= 16 (tl.dot's minimum on a GPU)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _heads_per_program(head_dim: int, heads: int) -> int:
+    """G: the largest divisor of ``heads`` with G * DPAD <= 64 channels (12 heads of 16 -> 4, 6 -> 3, 2 -> 2)."""
+    g = max(1, _CHANNELS_PER_PROGRAM // _head_tile(head_dim))
+    while heads % g:
+        g -= 1
+    return g
+
+
+def _launch_config(kernel: str, n: int, head_dim: int, heads: int, dtype: torch.dtype) -> dict:
+    """BM (query tile), BN (key tile), num_warps, num_stages and HEADS_PER_PROGRAM of ``kernel`` ("fwd", "bwd" or
+    "bias") for windows of n tokens and ``heads`` heads of ``head_dim``; tiles are powers of 2 >= 16 (tl.dot's
+    minimum on a GPU), masked past n."""
+    g = _heads_per_program(head_dim, heads)
     if interpreting():  # few, large blocks: each interpreted block op costs milliseconds
         block = min(512, max(16, triton.next_power_of_2(n)))
         bm, bn, warps, stages = block, block, 4, 1
     elif dtype == torch.float32:
         bm, bn, warps, stages = _FP32_CONFIG
     else:
-        bm, bn, warps, stages = _GPU_CONFIGS[(kernel, head_dim <= 16)]
-    return dict(BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+        bm, bn, warps, stages = _GPU_CONFIGS[(g, head_dim <= 16)][kernel]
+    return dict(BM=bm, BN=bn, num_warps=warps, num_stages=stages, HEADS_PER_PROGRAM=g)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,9 +607,13 @@ class _Geometry:
     def is_padded(self) -> bool:
         return self.padded != self.size
 
+    def head_groups(self, cfg: dict) -> int:
+        """Programs per (window, tile): one per group of HEADS_PER_PROGRAM heads."""
+        return self.heads // cfg["HEADS_PER_PROGRAM"]
+
     def config(self, kernel: str, dtype: torch.dtype) -> tuple[dict, int, int]:
         """Launch config of ``kernel`` and its numbers of query and key tiles per window."""
-        cfg = _launch_config(kernel, self.n, self.head_dim, dtype)
+        cfg = _launch_config(kernel, self.n, self.head_dim, self.heads, dtype)
         return cfg, triton.cdiv(self.n, cfg["BM"]), triton.cdiv(self.n, cfg["BN"])
 
     def args(self, q_tiles: int, k_tiles: int, dtype: torch.dtype) -> tuple[tuple, dict]:
@@ -497,15 +623,9 @@ class _Geometry:
         scalars = (self.n, self.windows // self.batch, hp // self.window[1], wp // self.window[2], *self.window,
                    *self.shift, dp, hp, wp, *self.size, th, tw, r0, self.heads, self.head_dim, q_tiles, k_tiles,
                    self.scale)
-        constexprs = dict(DPAD=max(16, triton.next_power_of_2(self.head_dim)), SHIFTED=any(self.shift),
+        constexprs = dict(DPAD=_head_tile(self.head_dim), SHIFTED=any(self.shift),
                           PREC="ieee" if dtype == torch.float32 else "tf32")
         return scalars, constexprs
-
-
-@functools.lru_cache(maxsize=64)
-def _device_index(window: tuple[int, ...], table_window: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """relative_position_index flattened to [n * n], kept on ``device`` (no host-to-device copy per backward)."""
-    return relative_position_index(window, table_window).to(device).reshape(-1)
 
 
 def _windows_per_program(programs: int, windows: int, device: torch.device) -> int:
@@ -529,7 +649,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         has_pad = pad_kv is not None and geo.is_padded
         cfg, q_tiles, k_tiles = geo.config("fwd", qkv.dtype)
         scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
-        _window_attention_fwd[(geo.windows * geo.heads * q_tiles,)](
+        _window_attention_fwd[(geo.windows * geo.head_groups(cfg) * q_tiles,)](
             qkv, qkv if bias_table is None else bias_table, pad_kv if has_pad else qkv,
             qkv if gate_logits is None else gate_logits, out, lse, *scalars,
             HAS_BIAS=bias_table is not None, HAS_PAD=has_pad, HAS_GATE=gate_logits is not None, **constexprs, **cfg,
@@ -558,7 +678,7 @@ class WindowAttentionFunction(torch.autograd.Function):
             dqkv = torch.empty_like(qkv)
             dq = torch.zeros(b, d, h, w, c, device=qkv.device, dtype=torch.float32)
             dpad_parts = torch.empty(geo.windows, k_tiles, 2 * c, device=qkv.device, dtype=torch.float32)
-            _window_attention_bwd[(geo.windows * geo.heads * k_tiles,)](
+            _window_attention_bwd[(geo.windows * geo.head_groups(cfg) * k_tiles,)](
                 *tensors, dqkv, dq, dpad_parts, *scalars, HAS_BIAS=bias_table is not None, **flags, **constexprs,
                 **cfg,
             )
@@ -569,8 +689,9 @@ class WindowAttentionFunction(torch.autograd.Function):
             cfg, q_tiles, k_tiles = geo.config("bias", qkv.dtype)
             scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
             dense = torch.zeros(geo.heads, geo.n, geo.n, device=qkv.device, dtype=torch.float32)
-            per_program = _windows_per_program(q_tiles * k_tiles * geo.heads, geo.windows, qkv.device)
-            grid = (q_tiles * k_tiles * geo.heads * triton.cdiv(geo.windows, per_program),)
+            tiles = q_tiles * k_tiles * geo.head_groups(cfg)
+            per_program = _windows_per_program(tiles, geo.windows, qkv.device)
+            grid = (tiles * triton.cdiv(geo.windows, per_program),)
             _window_attention_bwd_bias[grid](
                 *tensors, dense, *scalars, geo.windows, per_program, **flags, **constexprs, **cfg,
             )

@@ -206,6 +206,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 "scale_grad": loss_fn.logit_scale.grad,
             }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank leaves while its peer still uses the group (gloo aborts the peer otherwise)
     finally:
         dist.destroy_process_group()
 

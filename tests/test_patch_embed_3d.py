@@ -132,6 +132,21 @@ def test_matches_reference(case):
     check_against_reference(case)
 
 
+@pytest.mark.parametrize("case", CASES[:2], ids=str)
+def test_autocast_runs_in_the_autocast_dtype(case):
+    """Under torch.autocast("cpu", bf16) the op runs in bf16, as a Conv3d would: bf16 output close to the fp32
+    result, fp32 gradients for the fp32 leaves (torch backend)."""
+    inputs = make_inputs(case, device="cpu")
+    ref_out, ref_grads = forward_backward(inputs, case, "torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = forward_backward(inputs, case, "torch", dy_dtype=torch.float32)
+    assert out.dtype == torch.bfloat16
+    assert_scaled_close(out.float(), ref_out, 2e-2, "out")
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert_scaled_close(grads[name], ref_grads[name], 2e-2, f"d{name}")
+
+
 @pytest.mark.parametrize("case", GPU_TILING_CASES, ids=str)
 def test_gpu_tiling_matches_reference(case, monkeypatch):
     """The block sizes and grid the GPU uses (small tiles, split reductions, K in chunks), run by the interpreter."""

@@ -1,9 +1,10 @@
 """Triton window attention vs the plain-PyTorch reference: outputs and every gradient.
 
 fp32 (Triton interpreter on CPU, or the GPU): full 7^3 windows (n = 343), partial windows, shifted blocks, shrunk
-windows with the 7^3 table, with and without bias table / pad_kv / gate, head dims 8 / 16 / 32 / 64, batch > 1, several
-tiles per window. Without a GPU: the kernels compile for sm_90 without register spills. GPU (bf16, fp16): the
-flash-attention rule, kernel error vs an fp64 reference <= 2x the same-dtype reference's error.
+windows with the 7^3 table, with and without bias table / pad_kv / gate, head dims 8 / 16 / 32 / 64, 1 to 4 heads per
+program, batch > 1, several tiles per window. Without a GPU: the kernels compile for sm_90 without register spills and
+with wgmma. GPU (bf16, fp16): the flash-attention rule, kernel error vs an fp64 reference <= 2x the same-dtype
+reference's error.
 """
 
 from __future__ import annotations
@@ -85,12 +86,17 @@ def test_shifted_partial_windows_343_tokens():
     check_fp32((8, 7, 9), heads=1, head_dim=16, window=(7, 7, 7), shift=(3, 3, 3))
 
 
-def test_multi_tile_window(monkeypatch):
+@pytest.mark.parametrize("heads", [1, 3])
+def test_multi_tile_window(monkeypatch, heads):
     """Unequal 16-query / 32-key tiles over a padded, shifted 120-token window (8 x 4 tiles, partial last ones):
-    online softmax across key tiles, dq summed over key tiles, bias rows and masks of off-diagonal tiles (the
-    interpreter otherwise runs one tile per window; the GPU runs 64 x 64 tiles in every fp32 test)."""
-    monkeypatch.setattr(wa, "_launch_config", lambda *_: dict(BM=16, BN=32, num_warps=4, num_stages=2))
-    check_fp32((3, 5, 6), heads=1, head_dim=16, window=(4, 5, 6), shift=(1, 2, 3), table_window=(7, 7, 7))
+    online softmax across key tiles, dq summed over key tiles, bias rows and masks of off-diagonal tiles, for one
+    head and for 3 heads in one program (the interpreter otherwise runs one tile per window; the GPU runs 16 x 32
+    tiles in every fp32 test)."""
+    def config(kernel, n, head_dim, heads, dtype):
+        return dict(BM=16, BN=32, num_warps=4, num_stages=2, HEADS_PER_PROGRAM=wa._heads_per_program(head_dim, heads))
+
+    monkeypatch.setattr(wa, "_launch_config", config)
+    check_fp32((3, 5, 6), heads=heads, head_dim=16, window=(4, 5, 6), shift=(1, 2, 3), table_window=(7, 7, 7))
 
 
 @pytest.mark.parametrize(
@@ -111,6 +117,27 @@ def test_window_geometry(size, window, shift, table_window):
 def test_head_dims(head_dim):
     """16 is covered above; 8 is padded to a 16-wide tile, 32 and 64 are used by wider Swin stages."""
     check_fp32((3, 2, 5), heads=2, head_dim=head_dim, window=(2, 2, 3), shift=(1, 0, 1), batch=2)
+
+
+@pytest.mark.parametrize(
+    "head_dim, heads, per_program",
+    [(16, 4, 4), (16, 8, 4), (8, 12, 4), (16, 6, 3), (16, 3, 3), (16, 2, 2), (16, 5, 1), (32, 2, 2), (32, 3, 1),
+     (64, 4, 1), (24, 4, 2)],
+)
+def test_heads_per_program(head_dim, heads, per_program):
+    """Up to 64 channels of heads per program, the largest count that divides the heads."""
+    assert wa._heads_per_program(head_dim, heads) == per_program
+
+
+@pytest.mark.parametrize(
+    "heads, head_dim, per_program",
+    [(8, 16, 4), (6, 16, 3), (2, 16, 2), (5, 16, 1), (4, 32, 2), (3, 32, 1)],
+    ids=["4-per-program-x2", "3-of-6", "2-of-2", "1-of-5", "d32-2-per-program-x2", "d32-1-of-3"],
+)
+def test_several_heads_per_program(heads, head_dim, per_program):
+    """Programs of 4, 3, 2 and 1 heads, with one or several head groups per window (bias, pad, gate, shift)."""
+    assert wa._heads_per_program(head_dim, heads) == per_program
+    check_fp32((3, 2, 5), heads=heads, head_dim=head_dim, window=(2, 2, 3), shift=(1, 0, 1), batch=2)
 
 
 @pytest.mark.parametrize(
@@ -144,6 +171,53 @@ def test_output_dtype_follows_the_reference():
     assert out.dtype == torch.float32 and out.shape == (1, 2, 2, 3, 16)
 
 
+@pytest.mark.parametrize("shift", [(0, 0, 0), (1, 0, 1)], ids=["shift0", "shift1"])
+def test_reference_sdpa_is_4d_with_cached_device_tensors(monkeypatch, shift):
+    """The torch reference (the GPU baseline) calls SDPA with 4-D inputs (5-D ones fall to its math path) and a mask
+    that broadcasts over the batch, and takes the relative index and the shift regions from per-device caches (no
+    host-to-device copy per call)."""
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, scale=None):
+        shapes.append((q.shape, attn_mask.shape))
+        return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    inputs = make_inputs((3, 2, 5), 2, 16, (2, 2, 3), batch=2, device="cpu", pad=False, gate=False)
+    wa._device_index.cache_clear()
+    wa._device_regions.cache_clear()
+    for _ in range(2):
+        wa.window_attention_reference(inputs["qkv"], 2, (2, 2, 3), shift, inputs["bias_table"])
+    nw, n = 4, 12  # windows per batch element (padded to 4 x 2 x 6), tokens per window
+    if any(shift):  # windows folded into the heads, the mask [nW * heads, n, n] broadcast over the batch
+        assert shapes == [((2, nw * 2, n, 16), (nw * 2, n, n))] * 2
+    else:  # [B * nW, heads, n, hd] with the bias [heads, n, n] broadcast over the windows
+        assert shapes == [((2 * nw, 2, n, 16), (2, n, n))] * 2
+    assert wa._device_index.cache_info()[:2] == (1, 1)  # hits, misses
+    assert wa._device_regions.cache_info()[:2] == ((1, 1) if any(shift) else (0, 0))
+
+
+@pytest.mark.parametrize("shift", [(0, 0, 0), (1, 1, 1)], ids=["shift0", "shift1"])
+def test_autocast_runs_in_the_autocast_dtype(shift):
+    """Under torch.autocast("cpu", bf16) the op runs in bf16, as SDPA would: bf16 output close to the fp32 result
+    (fp32 gate logits included, which would otherwise promote the output), fp32 gradients for the fp32 leaves
+    (torch backend: the interpreter's bf16 is not faithful)."""
+    window = (3, 3, 3)
+    inputs = make_inputs((4, 5, 6), 2, 16, window, batch=2, device="cpu")
+    ref_out, ref_grads = run("torch", inputs, 2, window, shift, window)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = run("torch", inputs, 2, window, shift, window)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref_out, atol=5e-2, rtol=5e-2)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        scale = ref_grads[name].abs().max().item()
+        assert grads[name].dtype == torch.float32
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=3e-2 * scale, rtol=3e-2,
+                                   msg=lambda m: f"d{name}: {m}")
+
+
 def test_pad_kv_gradient_is_zero_without_padding():
     inputs = make_inputs((2, 4, 3), 1, 16, (2, 2, 3), bias=False, gate=False)
     _, grads = run("triton", inputs, 1, (2, 2, 3), (0, 0, 0), (2, 2, 3))
@@ -164,8 +238,10 @@ def test_only_some_inputs_need_grad():
 # ------------------------------------------------------------------------------------ sm_90 compile, no GPU needed
 
 # Runs in a subprocess without TRITON_INTERPRET (the kernels must be decorated as compiled JIT functions): compiles
-# the kernels ahead of time for Hopper with the launch configs used on a GPU and reports ptxas's stack use (spills).
-# This checks what the interpreter cannot: tl.dot shapes, layouts, constexpr arithmetic, register pressure.
+# the kernels ahead of time for Hopper with the launch configs used on a GPU, specialised as the launcher does
+# (pointers and a head dim divisible by 16 are marked so; integer arguments equal to 1 become constexprs), and reports
+# ptxas's stack use (spills) and whether the tl.dots became wgmma. This checks what the interpreter cannot: tl.dot
+# shapes, layouts, constexpr arithmetic, register pressure.
 AOT_SCRIPT = r"""
 import importlib, json, os, re, subprocess, sys, tempfile
 import torch, triton
@@ -176,52 +252,67 @@ cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 FP32_PTRS = {"BIAS", "PAD_KV", "LSE", "DELTA", "DQ", "DPAD_PARTS", "DBIAS"}
 DTYPE_PTRS = {"QKV", "GATE", "OUT", "DOUT", "DQKV"}
 results = []
-for kernel_name, dtype, head_dim, ones in json.loads(sys.argv[1]):
+for kernel_name, dtype, head_dim, heads, ones, features in json.loads(sys.argv[1]):
     kernel = {"fwd": wa._window_attention_fwd, "bwd": wa._window_attention_bwd,
               "bias": wa._window_attention_bwd_bias}[kernel_name]
     torch_dtype = getattr(torch, dtype)
-    cfg = wa._launch_config(kernel_name, 343, head_dim, torch_dtype)
-    consts = dict(BM=cfg["BM"], BN=cfg["BN"], DPAD=max(16, triton.next_power_of_2(head_dim)), SHIFTED=True,
-                  PREC="ieee" if dtype == "float32" else "tf32", HAS_BIAS=True, HAS_PAD=True, HAS_GATE=True)
+    cfg = wa._launch_config(kernel_name, 343, head_dim, heads, torch_dtype)
+    consts = dict(BM=cfg["BM"], BN=cfg["BN"], HEADS_PER_PROGRAM=cfg["HEADS_PER_PROGRAM"], SHIFTED=features,
+                  DPAD=wa._head_tile(head_dim), PREC="ieee" if dtype == "float32" else "tf32", HAS_BIAS=features,
+                  HAS_PAD=features, HAS_GATE=features)
     element = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
-    signature, constexprs = {}, {}
-    for arg in kernel.arg_names:
-        if arg in consts or arg in ones:  # the launcher turns integer arguments equal to 1 into constexprs
+    signature, constexprs, aligned = {}, {}, []
+    for i, arg in enumerate(kernel.arg_names):
+        if arg in consts or arg in ones:
             signature[arg], constexprs[arg] = "constexpr", consts.get(arg, 1)
         elif arg in FP32_PTRS or arg in DTYPE_PTRS:
             signature[arg] = "*fp32" if arg in FP32_PTRS else "*" + element
+            aligned.append(i)
         else:
             signature[arg] = "fp32" if arg == "qk_scale" else "i32"
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+            if arg == "HD" and head_dim % 16 == 0:
+                aligned.append(i)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True)
     stack = re.search(r"STACK:(\d+)", usage.stdout)
-    results.append([kernel_name, dtype, head_dim, None if stack is None else int(stack.group(1))])
+    results.append([kernel_name, dtype, head_dim, heads, cfg["HEADS_PER_PROGRAM"],
+                    None if stack is None else int(stack.group(1)), "wgmma.mma_async" in compiled.asm["ptx"]])
 print(json.dumps(results))
 """
 
 
 def test_kernels_compile_for_hopper():
-    """bf16 at the paper's head dim 16 and at 64, fp16, fp32, and the specialisation of arguments equal to 1."""
+    """bf16 for every heads-per-program row of the config table (head dim 16 with 4, 3, 2 and 1 heads per program,
+    32 with 2, 64 with 1), fp16, fp32, the specialisation of arguments equal to 1; all with bias, shift, pad and gate,
+    and without any of them (the constexpr branches not taken)."""
     triton = pytest.importorskip("triton")
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this Triton build carries no NVIDIA backend (ptxas) to compile for sm_90")
     ones = ["NWIN", "NWH", "NWW", "NQT", "BW", "WPC"]
-    cases = [[k, "bfloat16", hd, []] for k in ("fwd", "bwd", "bias") for hd in (16, 64)]
-    cases += [[k, dtype, 16, []] for k in ("fwd", "bwd") for dtype in ("float16", "float32")]
-    cases += [["fwd", "bfloat16", 16, ones], ["bias", "bfloat16", 16, ones]]
+    shapes = {(16, 12): 4, (16, 6): 3, (16, 2): 2, (16, 1): 1, (32, 2): 2, (64, 2): 1}  # (head dim, heads) -> G
+    kernels = ("fwd", "bwd", "bias")
+    cases = [[k, "bfloat16", hd, heads, [], True] for k in kernels for hd, heads in shapes]
+    cases += [[k, "bfloat16", 16, 12, [], False] for k in kernels]
+    cases += [[k, dtype, 16, 12, [], True] for k in ("fwd", "bwd") for dtype in ("float16", "float32")]
+    cases += [[k, "bfloat16", 16, 12, ones, True] for k in ("fwd", "bias")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", AOT_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
                          env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(results) == len(cases)
-    for kernel, dtype, head_dim, stack in results:
-        if stack is not None and dtype != "float32":  # fp32 (IEEE dot on FMA units) is a correctness path
-            assert stack <= 8, f"{kernel} {dtype} d{head_dim}: {stack} bytes of register spills"
+    for kernel, dtype, head_dim, heads, per_program, stack, wgmma in results:
+        name = f"{kernel} {dtype} d{head_dim} x{heads} ({per_program} per program)"
+        if dtype == "bfloat16":
+            assert per_program == shapes[head_dim, heads], name
+        if dtype != "float32":  # fp32 (IEEE dot on FMA units) is a correctness path
+            assert stack is not None and stack <= 8, f"{name}: {stack} bytes of register spills"
+            assert wgmma, f"{name}: no wgmma (a batched tl.dot, or tiles wgmma cannot take)"
 
 
 # -------------------------------------------------------------------------------------------------------------- GPU

@@ -75,6 +75,7 @@ class WindowAttention3D(nn.Module):
         if dim % num_heads:
             raise ValueError(f"num_heads: expected a divisor of the stage width {dim}, got {num_heads}")
         self.dim, self.num_heads, self.window_size = dim, num_heads, window_size
+        self.scale = (dim // num_heads) ** -0.5  # MONAI's attribute: patch_monai carries a MONAI module's value over
         rows = math.prod(2 * w - 1 for w in window_size)
         self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window_size, window_size).clone())
@@ -91,7 +92,7 @@ class WindowAttention3D(nn.Module):
         pad_kv = None if self.qkv.bias is None else self.qkv.bias[self.dim :]  # MONAI pads before the qkv Linear
         out = window_attention(
             qkv, self.num_heads, window, shift, self.relative_position_bias_table,
-            table_window=self.window_size, pad_kv=pad_kv, gate_logits=gate_logits,
+            table_window=self.window_size, pad_kv=pad_kv, gate_logits=gate_logits, scale=self.scale,
         )
         return self.proj_drop(self.proj(out))
 

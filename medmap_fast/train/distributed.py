@@ -67,8 +67,12 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
 
 
 def shutdown(ctx: DistributedContext) -> None:
-    """Leave the process group (no-op for a single process)."""
+    """Leave the process group (no-op for a single process).
+
+    The barrier first: a rank that destroys its group while a peer still talks to it makes gloo abort that peer.
+    """
     if ctx.is_distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
