@@ -6,17 +6,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 QUICK_BUDGET_S = 240  # the issue's bound for --quick on 2 CPU cores (not asserted: CI machines may be shared)
 QUICK_MIN_AUC = 0.75
+# The liver classes (steatosis, iron, cirrhosis, three focal lesions) are learned within the quick budget (0.78
+# measured for seed 0); the brain classes are not yet (see report.md), so only the liver's own AUC is bounded.
+QUICK_MIN_LIVER_AUC = 0.65
 
 
-@pytest.mark.skip(reason="the demo does not learn the abnormalities reliably yet (issue 3 open): one --quick run "
-                  "measured macro AUC 0.764 against the 0.75 bound, per-organ AUC brain 0.37 / liver 0.56, in 484 s "
-                  "against the 240 s budget; too close to the bound to gate CI on")
 def test_quick_demo_learns_and_writes_its_run_folder(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "MEDMAP_FAST_CACHE": str(tmp_path / "cache")}  # a cold text-embedding cache, as on a new machine
@@ -41,7 +39,8 @@ def test_quick_demo_learns_and_writes_its_run_folder(tmp_path):
     for key in ("retrieval_r1", "retrieval_r5"):
         assert 0.0 <= pretrain[key] <= 1.0, key
     assert test["auc_macro"] >= QUICK_MIN_AUC, test["auc_macro"]
-    assert test["accuracy"] > test["chance_accuracy"]
+    assert test["accuracy"] > 2 * test["chance_accuracy"]
+    assert test["per_organ"]["liver"]["auc_macro"] >= QUICK_MIN_LIVER_AUC, test["per_organ"]
     assert (out / "stage2" / "model" / "classifier.json").is_file()
     report = (out / "report.md").read_text()
     assert "Held-out classification" in report and "![ROC curves](roc_curves.png)" in report

@@ -4,6 +4,7 @@ sigmoid focal loss against the formula and MONAI, the label-prompt alignment los
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -209,6 +210,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.barrier()  # no rank leaves while its peer still uses the group (gloo aborts the peer otherwise)
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # results are saved; skip interpreter finalisation, where gloo's threads can still abort (SIGABRT)
 
 
 def test_distributed_gather_equals_single_process(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medmap_fast.models.encoder import MedMAPEncoder
-from medmap_fast.models.fusion import pack_by_study
+from medmap_fast.models.fusion import masked_max, masked_mean, pack_by_study
 from medmap_fast.models.medmap import MedMAPClassifier, MedMAPPretrainModel
 
 TINY = dict(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), window_size=4)
@@ -95,9 +95,27 @@ def test_pack_by_study_keeps_order_and_pads() -> None:
     assert packed.modality[0, :4].tolist() == [1, 1, 0, 0]
 
 
-def test_missing_modalities_do_not_leak(batch) -> None:
+def test_masked_max_ignores_padding() -> None:
+    x = torch.tensor([[[1.0, -5.0], [9.0, 9.0], [2.0, -1.0]]])
+    padding = torch.tensor([[False, True, False]])
+    assert masked_max(x, padding).tolist() == [[2.0, -1.0]]
+    assert masked_mean(x, padding).tolist() == [[1.5, -3.0]]
+
+
+@pytest.mark.parametrize("pool,width", [("mean", 2), ("max", 2), ("mean_max", 4)])
+def test_cct_pooling(batch, pool: str, width: int) -> None:
+    model = classifier(pool=pool)
+    out = model(batch["volumes"], batch["modality_ids"], batch["study_index"])
+    assert out.features.shape == (3, width * model.cct.layers[0].a_from_b.q.in_features)
+    assert out.logits.shape == (3, 3)
+    with pytest.raises(ValueError, match="pool: expected one of"):
+        classifier(pool="sum")
+
+
+@pytest.mark.parametrize("pool", ["mean", "max", "mean_max"])
+def test_missing_modalities_do_not_leak(batch, pool: str) -> None:
     """A study's prediction depends only on its own volumes, however many slots other studies need."""
-    model = classifier().eval()
+    model = classifier(pool=pool).eval()
     with torch.no_grad():
         full = model(batch["volumes"], batch["modality_ids"], batch["study_index"]).logits
         alone = model(batch["volumes"][2:3], batch["modality_ids"][2:3], torch.tensor([0])).logits

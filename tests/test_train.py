@@ -17,7 +17,7 @@ from torch import nn
 from medmap_fast.data.study import Study
 from medmap_fast.train.checkpoint import CHECKPOINT_NAME
 from medmap_fast.train.config import load_config
-from medmap_fast.train.data import StudyCollate, stratified_split
+from medmap_fast.train.data import StudyCollate, load_studies, stratified_split
 from medmap_fast.train.distributed import DistributedContext, ShardedSampler, init_distributed, shutdown
 from medmap_fast.train.loop import TrainConfig, WarmupCosine, fit, param_groups
 
@@ -142,7 +142,7 @@ def toy_collate(items):
 
 def toy_loss(model, batch):
     loss = ((model(batch["x"]) - batch["y"]) ** 2).mean()
-    return loss, {"mse": float(loss)}
+    return loss, {"mse": float(loss.detach())}
 
 
 def _train_toy(config: TrainConfig, dropout: float = 0.0, run_dir=None, step_loss=toy_loss, ctx=CPU):
@@ -222,6 +222,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
     finally:
         shutdown(ctx)
+    os._exit(0)  # results are saved; skip interpreter finalisation, where gloo's threads can still abort (SIGABRT)
 
 
 def test_ddp_on_gloo_equals_one_process_on_the_global_batch(tmp_path):
@@ -264,6 +265,44 @@ def test_collate_shares_identical_reports_and_subsets_modalities():
     assert sub["volumes"][:, 0, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]  # each volume still from its own study
     with pytest.raises(ValueError, match="max_volumes"):
         StudyCollate(max_volumes=0)
+
+
+def test_collate_augment_flips_a_study_jointly_and_rescales_each_volume():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, 4, generator=g)
+    study = Study("s", "brain", ("T1", "T2", "FLAIR"), base.expand(3, -1, -1, -1).clone(), (1.0,) * 3, "r", 0)
+    torch.manual_seed(3)
+    first = StudyCollate(augment=True)([study] * 4)["volumes"][:, 0]
+    torch.manual_seed(3)
+    assert torch.equal(first, StudyCollate(augment=True)([study] * 4)["volumes"][:, 0])  # seeded: reproducible
+    flips = [()] + [(a,) for a in range(3)] + [(0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    used = set()
+    for s in range(4):
+        axes = []
+        for v in first[3 * s : 3 * s + 3]:  # each volume = a * flip(base) + b, the same flip for the whole study
+            fits = [f for f in flips if _affine_residual(v, base.flip(f) if f else base) < 1e-5]
+            assert len(fits) == 1, fits
+            axes.append(fits[0])
+        assert len(set(axes)) == 1, axes
+        used.add(axes[0])
+        assert not torch.allclose(first[3 * s], first[3 * s + 1])  # its own intensity change per volume
+    assert len(used) > 1, used  # the flips are drawn per study
+
+
+def _affine_residual(y: torch.Tensor, x: torch.Tensor) -> float:
+    """Relative residual of the least-squares fit y = a * x + b."""
+    design = torch.stack([x.flatten(), torch.ones(x.numel())], 1).double()
+    coef = torch.linalg.lstsq(design, y.flatten().double()[:, None]).solution
+    return float((design @ coef - y.flatten().double()[:, None]).norm() / y.double().norm())
+
+
+def test_demo_studies_are_the_same_with_parallel_generation():
+    data = {"source": "demo", "num_studies": 6, "size": 16, "test_fraction": 0.5}
+    serial = load_studies({**data, "num_workers": 0}, seed=1)
+    parallel = load_studies({**data, "num_workers": 2}, seed=1)
+    assert [s.study_id for s in serial.train] == [s.study_id for s in parallel.train]
+    for a, b in zip(serial.train + serial.test, parallel.train + parallel.test):
+        assert torch.equal(a.volume, b.volume) and a.report == b.report and a.label == b.label
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -148,22 +148,47 @@ class CrossCognitionLayer(nn.Module):
         return a + self.ffn_a(a), b + self.ffn_b(b)
 
 
+POOLINGS = ("mean", "max", "mean_max")
+
+
+def masked_max(x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """Max over the non-padded tokens: x [S, L, dim], padding [S, L] -> [S, dim] (every study has a token)."""
+    return x.masked_fill(padding[..., None], float("-inf")).amax(1)
+
+
 class CrossCognitionTransformer(nn.Module):
-    """L CrossCognitionLayers followed by a final LayerNorm per stream; returns the two pooled streams [S, 2*dim]."""
+    """L CrossCognitionLayers followed by a final LayerNorm per stream; returns the two pooled streams.
+
+    ``pool``: how each stream's tokens become one vector: "mean", "max" (a focal finding lives in few tokens, and a
+    mean over every token of every modality dilutes it), or "mean_max" (both, concatenated). Output [S, out_dim] with
+    ``out_dim`` = 2 * dim, or 4 * dim for "mean_max".
+    """
 
     def __init__(self, dim: int, depth: int, num_heads: int, num_modalities: int, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, pool: str = "mean") -> None:
         super().__init__()
+        if pool not in POOLINGS:
+            fail("pool", f"one of {POOLINGS}", repr(pool))
+        self.pool = pool
+        self.out_dim = 2 * dim * (2 if pool == "mean_max" else 1)
         self.layers = nn.ModuleList(
             CrossCognitionLayer(dim, num_heads, num_modalities, mlp_ratio, dropout) for _ in range(depth)
         )
         self.norm_a, self.norm_b = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
+    def _pool(self, x: torch.Tensor, padding: torch.Tensor) -> list[torch.Tensor]:
+        pooled = []
+        if self.pool in ("mean", "mean_max"):
+            pooled.append(masked_mean(x, padding))
+        if self.pool in ("max", "mean_max"):
+            pooled.append(masked_max(x, padding))
+        return pooled
+
     def forward(self, visual: StudyTokens, vision_language: torch.Tensor) -> torch.Tensor:
-        """visual: packed stream 1; vision_language [S, L, dim] packed stream 2 (same layout) -> [S, 2*dim]."""
+        """visual: packed stream 1; vision_language [S, L, dim] packed stream 2 (same layout) -> [S, out_dim]."""
         a, b = visual.tokens, vision_language
         for layer in self.layers:
             a, b = layer(a, b, visual.modality, visual.padding)
         return torch.cat(
-            [masked_mean(self.norm_a(a), visual.padding), masked_mean(self.norm_b(b), visual.padding)], dim=-1
+            [*self._pool(self.norm_a(a), visual.padding), *self._pool(self.norm_b(b), visual.padding)], dim=-1
         )

@@ -111,7 +111,7 @@ class MedMAPPretrainModel(nn.Module):
 
 
 class ClassifierOutput(NamedTuple):
-    """logits [S, K] (K = 1 for a binary task); features [S, 2*dim]: the fused, pooled CCT streams."""
+    """logits [S, K] (K = 1 for a binary task); features [S, cct.out_dim]: the fused, pooled CCT streams."""
 
     logits: torch.Tensor
     features: torch.Tensor
@@ -130,6 +130,8 @@ class MedMAPClassifier(nn.Module):
         label_embeddings: optional frozen text embeddings [K, E_text] of label prompts; adds the alignment term
             ``align_weight * LabelPromptAlignmentLoss(proj(features), label_embeddings)``.
         dim, depth, num_heads, mlp_ratio, dropout: CSA/CCT width, CCT layers, heads, FFN ratio, dropout.
+        pool: how CCT pools each stream's tokens: "mean" (default), "max" or "mean_max" (see
+            :class:`CrossCognitionTransformer`).
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class MedMAPClassifier(nn.Module):
         dropout: float = 0.1,
         focal_alpha: float | None = 0.25,
         focal_gamma: float = 2.0,
+        pool: str = "mean",
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -162,9 +165,10 @@ class MedMAPClassifier(nn.Module):
         self.task, self.num_classes = task, num_classes
         self.encoder = encoder
         self.csa = CrossModalSemanticAggregation(token_dim(encoder), dim, prompt_embeddings)
-        self.cct = CrossCognitionTransformer(dim, depth, num_heads, num_modalities, mlp_ratio, dropout)
+        self.cct = CrossCognitionTransformer(dim, depth, num_heads, num_modalities, mlp_ratio, dropout, pool)
         outputs = 1 if task == "binary" else num_classes
-        self.head = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, dim), nn.GELU(), nn.Dropout(dropout),
+        fused = self.cct.out_dim
+        self.head = nn.Sequential(nn.LayerNorm(fused), nn.Linear(fused, dim), nn.GELU(), nn.Dropout(dropout),
                                   nn.Linear(dim, outputs))
         loss = {"multiclass": "ce"}.get(task, "focal") if loss == "auto" else loss
         if loss not in ("ce", "bce", "focal") or (loss == "ce") != (task == "multiclass"):
@@ -178,7 +182,7 @@ class MedMAPClassifier(nn.Module):
             if label_embeddings.shape[0] != rows:
                 fail("label_embeddings", f"one prompt embedding per class [{rows}, E_text]", describe(label_embeddings))
             self.register_buffer("label_embeddings", label_embeddings.detach().float().clone())
-            self.align_proj = nn.Linear(2 * dim, label_embeddings.shape[1])
+            self.align_proj = nn.Linear(fused, label_embeddings.shape[1])
             self.align_loss = LabelPromptAlignmentLoss()
 
     def forward(self, volumes: torch.Tensor, modality_ids: torch.Tensor, study_index: torch.Tensor,

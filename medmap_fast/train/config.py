@@ -31,8 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "encoder": {"modalities": None, "sharing": "gated", "in_chans": 1, "embed_dim": 24, "patch_size": 2,
                 "window_size": 4, "depths": [2, 2, 2], "num_heads": [3, 6, 12]},
     "text": {"model": None, "pooling": "mean", "prompt_template": "{description} MRI"},
-    "pretrain": {"model": {"embed_dim": 128, "lam": 0.5}, "train": {}, "max_volumes": None},
-    "finetune": {"model": {"dim": 64, "depth": 1, "num_heads": 4}, "train": {}, "max_volumes": None},
+    "pretrain": {"model": {"embed_dim": 128, "lam": 0.5}, "train": {}, "max_volumes": None, "augment": False},
+    "finetune": {"model": {"dim": 64, "depth": 1, "num_heads": 4}, "train": {}, "max_volumes": None, "augment": False},
     "evaluate": {"batch_size": 16},
 }
 
@@ -54,7 +54,8 @@ def _check_keys(section: dict[str, Any], allowed: set[str], name: str) -> None:
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Check section names and build the stage TrainConfigs once (their own checks name bad values)."""
     _check_keys(config, set(DEFAULTS), "config")
-    _check_keys(config["data"], {"source", "num_studies", "size", "test_fraction", "seed", "organs", "classes"}, "data")
+    _check_keys(config["data"], {"source", "num_studies", "size", "test_fraction", "seed", "organs", "classes",
+                                 "num_workers"}, "data")
     _check_keys(config["text"], set(DEFAULTS["text"]) | {"max_length", "cache_dir"}, "text")
     for stage in ("pretrain", "finetune"):
         _check_keys(config[stage], set(DEFAULTS[stage]), stage)

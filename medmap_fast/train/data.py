@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from medmap_fast.data.study import MODALITIES, Study, collate_studies
 from medmap_fast.models.text import TextEncoder
@@ -66,25 +68,31 @@ def load_studies(data: dict[str, Any], seed: int, progress: bool = False) -> Stu
 
     ``source: demo`` generates ``num_studies`` studies of size ``size`` from the seed ``data.seed`` (default: the
     run seed), optionally only of ``organs`` or of ``classes``; labels then index that subset (``class_names``). The
-    same config always gives the same studies and the same split.
+    same config always gives the same studies and the same split, whatever ``num_workers`` (generator processes;
+    None: one per available CPU, 0: in this process).
     """
     source = data.get("source", "demo")
     if source not in DATA_SOURCES:
         fail("data.source", f"one of {DATA_SOURCES}", repr(source))
-    from medmap_fast.data.demo import CLASSES, DemoConfig, generate_study
+    from medmap_fast.data.demo import CLASSES, DemoConfig, DemoDataset
 
     data_seed = int(data.get("seed", seed))
     subset = {k: tuple(data[k]) for k in ("organs", "classes") if data.get(k)}
     config = DemoConfig(size=data["size"], **subset)
     names = config.class_pool
-    indices = range(int(data["num_studies"]))
+    workers = data.get("num_workers")
+    workers = len(os.sched_getaffinity(0)) if workers is None else int(workers)
+    dataset = DemoDataset(int(data["num_studies"]), data_seed, config)
+    # batch_size=None: one study per item, in order; workers render studies in parallel (each on one thread)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers if workers > 1 else 0, prefetch_factor=None
+                        if workers <= 1 else 8)
     if progress:
         from tqdm.auto import tqdm
 
-        indices = tqdm(indices, desc="generating demo studies", unit="study", dynamic_ncols=True, mininterval=2.0)
+        loader = tqdm(loader, desc="generating demo studies", unit="study", dynamic_ncols=True, mininterval=2.0)
     studies = []
-    for i in indices:
-        study = normalize_study(generate_study(i, data_seed, config))
+    for study in loader:
+        study = normalize_study(study)
         studies.append(dataclasses.replace(study, label=names.index(CLASSES[study.label])))
     train, test = stratified_split([s.label for s in studies], float(data["test_fraction"]), data_seed)
     return StudySplit([studies[i] for i in train], [studies[i] for i in test], tuple(names))
@@ -113,26 +121,35 @@ class StudyCollate:
     of the batch's *distinct* reports, ``study_index`` then pointing at report rows (studies with identical reports
     share one positive instead of being each other's false negatives in the contrastive loss).
 
-    ``max_volumes``: keep at most this many modalities per study, drawn at random from the torch RNG (seeded and
-    checkpointed by the training loop); None keeps every volume (evaluation).
+    ``max_volumes``: keep at most this many modalities per study; None keeps every volume (evaluation).
+    ``augment``: random flips of each study along each axis (the same for all its modalities, which stay
+    co-registered) and a random affine intensity change per volume (scale 1 +- 0.1, shift +- 0.1 on z-scored data).
+    Both draw from the torch RNG, which the training loop seeds and checkpoints.
     """
 
     def __init__(self, modality_names: Sequence[str] = MODALITIES, reports: TextTable | None = None,
-                 max_volumes: int | None = None) -> None:
+                 max_volumes: int | None = None, augment: bool = False) -> None:
         if max_volumes is not None and max_volumes < 1:
             fail("max_volumes", "None or an int >= 1", repr(max_volumes))
-        self.modality_names, self.reports, self.max_volumes = tuple(modality_names), reports, max_volumes
+        self.modality_names, self.reports = tuple(modality_names), reports
+        self.max_volumes, self.augment = max_volumes, augment
 
-    def _subset(self, study: Study) -> Study:
+    def _prepare(self, study: Study) -> Study:
         m = len(study.modalities)
-        if self.max_volumes is None or m <= self.max_volumes:
-            return study
-        keep = torch.randperm(m)[: self.max_volumes].sort().values
-        return dataclasses.replace(study, modalities=tuple(study.modalities[i] for i in keep.tolist()),
-                                   volume=study.volume[keep])
+        if self.max_volumes is not None and m > self.max_volumes:
+            keep = torch.randperm(m)[: self.max_volumes].sort().values
+            study = dataclasses.replace(study, modalities=tuple(study.modalities[i] for i in keep.tolist()),
+                                        volume=study.volume[keep])
+        if self.augment:
+            axes = [d + 1 for d in range(3) if bool(torch.rand(()) < 0.5)]
+            volume = study.volume.float().flip(axes) if axes else study.volume.float()
+            scale = 1.0 + 0.2 * (torch.rand(len(study.modalities), 1, 1, 1) - 0.5)
+            shift = 0.2 * (torch.rand(len(study.modalities), 1, 1, 1) - 0.5)
+            study = dataclasses.replace(study, volume=volume * scale + shift)
+        return study
 
     def __call__(self, studies: Sequence[Study]) -> dict[str, Any]:
-        batch = collate_studies([self._subset(s) for s in studies], self.modality_names)
+        batch = collate_studies([self._prepare(s) for s in studies], self.modality_names)
         out = {"volumes": batch.volumes, "modality_ids": batch.modality_ids, "study_index": batch.study_index,
                "labels": batch.labels, "num_studies": batch.num_studies}
         if self.reports is not None:

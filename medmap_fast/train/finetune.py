@@ -78,7 +78,8 @@ def finetune(
     model = build_classifier(config, num_classes, text_encoder)
     if init is not None:
         model.load_pretrained_encoder(init)
-    collate = StudyCollate(model.encoder.modalities.names, max_volumes=config["finetune"].get("max_volumes"))
+    collate = StudyCollate(model.encoder.modalities.names, max_volumes=config["finetune"]["max_volumes"],
+                           augment=config["finetune"]["augment"])
     run_config = {"encoder": config["encoder"], "finetune": config["finetune"], "text": config["text"],
                   "init": str(init) if isinstance(init, (str, Path)) else type(init).__name__}
     history = fit(model, list(studies), collate, finetune_step, train, ctx, run_dir, desc="stage 2 (fine-tuning)",

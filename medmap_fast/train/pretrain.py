@@ -55,7 +55,8 @@ def pretrain(
     train = train_config(config, "pretrain")
     seed_everything(train.seed)
     model = MedMAPPretrainModel(build_encoder(config), text_dim=reports.dim, **config["pretrain"]["model"])
-    collate = StudyCollate(model.encoder.modalities.names, reports, config["pretrain"].get("max_volumes"))
+    collate = StudyCollate(model.encoder.modalities.names, reports, config["pretrain"]["max_volumes"],
+                           config["pretrain"]["augment"])
     history = fit(model, list(studies), collate, pretrain_step, train, ctx, run_dir, desc="stage 1 (pre-training)",
                   resume=resume, progress=progress, find_unused_parameters=model.encoder.sharing == "separate",
                   run_config={"encoder": config["encoder"], "pretrain": config["pretrain"], "text": config["text"]})
