@@ -153,6 +153,16 @@ def window_merge(
     return out[:, : size[0], : size[1], : size[2]]
 
 
+def window_bias(
+    bias_table: torch.Tensor, window_size: tuple[int, int, int], table_window: tuple[int, int, int] | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The relative-position bias [heads, n, n] of an effective window, gathered from its table [T, heads]."""
+    n = window_size[0] * window_size[1] * window_size[2]
+    index = _device_index(window_size, tuple(table_window or window_size), bias_table.device)
+    return bias_table[index].view(n, n, -1).permute(2, 0, 1).to(dtype)
+
+
 def apply_gate(out: torch.Tensor, gate_logits: torch.Tensor | None) -> torch.Tensor:
     """Head-wise gate: out [B, D, H, W, C], gate_logits [B, D, H, W, heads]; head h scaled by 2*sigmoid(logit)."""
     if gate_logits is None:
@@ -182,8 +192,7 @@ def window_attention_reference(
     n, head_dim = q.shape[2:]
     mask = None  # [h, n, n] in q's dtype (as SDPA wants it), broadcast over the windows
     if bias_table is not None:
-        index = _device_index(window_size, tuple(table_window or window_size), qkv.device)
-        mask = bias_table[index].view(n, n, num_heads).permute(2, 0, 1).to(q.dtype)
+        mask = window_bias(bias_table, window_size, table_window, q.dtype)
     if any(shift_size):
         regions = _device_regions(padded, window_size, shift_size, qkv.device)
         smask = _region_mask(regions, SHIFT_MASK_VALUE, qkv.dtype)[:, None]

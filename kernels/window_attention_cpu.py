@@ -15,7 +15,7 @@ import functools
 import torch
 
 from .patch_embed_3d import padded_size
-from .window_attention import apply_gate, relative_position_index, shift_mask, window_merge, window_qkv
+from .window_attention import apply_gate, shift_mask, window_bias, window_merge, window_qkv
 
 CHUNK_BYTES = 1 << 20  # scores per chunk: one 343-token window x 3 heads fits a core's L2
 
@@ -101,8 +101,7 @@ def window_attention_cpu(
     bias = neg_inf = None
     masked = (False,) * q.shape[1]
     if bias_table is not None:
-        index = relative_position_index(window_size, tuple(table_window or window_size))
-        bias = bias_table[index].permute(2, 0, 1).to(q.dtype)  # [h, n, n]
+        bias = window_bias(bias_table, window_size, table_window, q.dtype)  # [h, n, n]
     if any(shift_size):
         neg_inf = shift_mask(padded, window_size, shift_size, float("-inf")).to(q.dtype)[:, None]
         masked = _straddling(padded, window_size, shift_size)

@@ -84,8 +84,9 @@ def load_studies(data: dict[str, Any], seed: int, progress: bool = False) -> Stu
     workers = len(os.sched_getaffinity(0)) if workers is None else int(workers)
     dataset = DemoDataset(int(data["num_studies"]), data_seed, config)
     # batch_size=None: one study per item, in order; workers render studies in parallel (each on one thread)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers if workers > 1 else 0, prefetch_factor=None
-                        if workers <= 1 else 8)
+    parallel = workers > 1
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers if parallel else 0,
+                        prefetch_factor=8 if parallel else None)
     if progress:
         from tqdm.auto import tqdm
 
