@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import interpreting
+from ._indexing import take_rows
 
 try:
     import triton
@@ -54,7 +55,8 @@ def gated_attention_reference(
     """Plain PyTorch: SDPA with the gathered pair bias and the key padding folded into one float mask [B, H, Lq, Lk]."""
     mask = None
     if pair_bias is not None:
-        mask = pair_bias[:, q_modality[:, :, None], k_modality[:, None, :]].transpose(0, 1)  # [B, H, Lq, Lk]
+        pair = q_modality[:, :, None] * pair_bias.shape[-1] + k_modality[:, None, :]  # [B, Lq, Lk]
+        mask = take_rows(pair_bias.flatten(1).T, pair).permute(0, 3, 1, 2)  # [B, H, Lq, Lk]
     empty = None
     if key_padding_mask is not None:
         empty = key_padding_mask.all(dim=1)  # [B]: batch elements without a single key

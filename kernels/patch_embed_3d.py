@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import interpreting
+from ._indexing import take_rows
 
 try:
     import triton
@@ -68,9 +69,9 @@ def patch_embed_3d_reference(
         out = F.linear(patches, w2d[0], None if bias is None else bias[0])
     else:
         ids = modality_ids
-        out = torch.bmm(patches.reshape(v, dn * hn * wn, k), w2d[ids].transpose(1, 2))
+        out = torch.bmm(patches.reshape(v, dn * hn * wn, k), take_rows(w2d, ids).transpose(1, 2))
         if bias is not None:
-            out = out + bias[ids][:, None, :]
+            out = out + take_rows(bias, ids)[:, None, :]
         out = out.reshape(v, dn, hn, wn, c)
     if layer_norm:  # in fp32 at least, as the kernel (and autocast's layer_norm) does it, also for bf16 inputs
         dtype = torch.promote_types(out.dtype, torch.float32)

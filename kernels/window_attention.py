@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import interpreting, triton_available
+from ._indexing import take_rows
 from .patch_embed_3d import padded_size
 
 if triton_available():
@@ -160,7 +161,7 @@ def window_bias(
     """The relative-position bias [heads, n, n] of an effective window, gathered from its table [T, heads]."""
     n = window_size[0] * window_size[1] * window_size[2]
     index = _device_index(window_size, tuple(table_window or window_size), bias_table.device)
-    return bias_table[index].view(n, n, -1).permute(2, 0, 1).to(dtype)
+    return take_rows(bias_table, index).view(n, n, -1).permute(2, 0, 1).to(dtype)
 
 
 def apply_gate(out: torch.Tensor, gate_logits: torch.Tensor | None) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmap_fast.kernels import gated_attention
+from medmap_fast.kernels._indexing import take_rows
 from medmap_fast.models.gating import ModalityGate
 from medmap_fast.validation import fail
 
@@ -84,7 +85,7 @@ class CrossModalSemanticAggregation(nn.Module):
         f = self.visual_proj(tokens)
         prompt_gate = F.relu(self.prompt_proj(self.prompt_embeddings))  # [M, dim]
         visual = f + self.modality_embed(modality_ids)[:, None, :]
-        return visual, f * prompt_gate[modality_ids][:, None, :]
+        return visual, f * take_rows(prompt_gate, modality_ids)[:, None, :]
 
 
 class GatedCrossAttention(nn.Module):

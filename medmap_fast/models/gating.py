@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medmap_fast.kernels._indexing import take_rows
+
 
 class ModalityGate(nn.Module):
     """Gate logits [..., heads] for tokens [..., dim] of per-token (or broadcastable) modality ids.
@@ -31,4 +33,4 @@ class ModalityGate(nn.Module):
             return x @ self.weight[0] + self.bias[0]
         all_logits = (x @ self.weight.permute(1, 0, 2).reshape(x.shape[-1], m * h)).unflatten(-1, (m, h))
         index = modality[..., None, None].expand(*modality.shape, 1, h)
-        return all_logits.gather(-2, index).squeeze(-2) + self.bias[modality]
+        return all_logits.gather(-2, index).squeeze(-2) + take_rows(self.bias, modality)
