@@ -98,11 +98,15 @@ def test_pooling_matches_the_hidden_states(tiny_model_dir):
     torch.testing.assert_close(enc_cls.encode(REPORTS), hidden[:, 0], atol=1e-5, rtol=1e-5)
 
 
-def test_batching_and_padding_do_not_change_embeddings(tiny_model_dir):
-    enc = TextEncoder(tiny_model_dir, batch_size=1, use_cache=False)
-    one_by_one = enc.encode(REPORTS)
-    enc.batch_size = 2
-    torch.testing.assert_close(enc.encode(REPORTS), one_by_one, atol=1e-5, rtol=1e-5)
+def test_an_embedding_does_not_depend_on_the_other_texts(tiny_model_dir):
+    """Bit for bit: the cache keys by the text alone, and seeded training must repeat whichever run filled it."""
+    texts = [*REPORTS, REPORTS[1].upper()]  # the tokenizer is uncased: a second text of REPORTS[1]'s length
+    enc = TextEncoder(tiny_model_dir, use_cache=False)  # batch_size 1 by default
+    one_by_one = enc.encode(texts)
+    assert torch.equal(enc.encode(texts[::-1]), one_by_one.flip(0))
+    assert torch.equal(enc.encode(texts[1:2]), one_by_one[1:2])
+    enc.batch_size = 64  # equal-length texts share a pass: the same up to the last bits, nothing padded
+    torch.testing.assert_close(enc.encode(texts), one_by_one, atol=1e-6, rtol=1e-6)
 
 
 def test_truncation_to_max_length(tiny_model_dir):

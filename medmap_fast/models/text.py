@@ -147,7 +147,9 @@ class TextEncoder:
             text tower.
         pooling: ``"mean"`` (attention-mask aware average of the last hidden states) or ``"cls"`` (first token).
         max_length: tokens kept per text (longer texts are truncated); None = the model's own limit.
-        batch_size: texts per forward pass; texts are sorted by length first to limit padding.
+        batch_size: texts per forward pass. 1 (the default) makes an embedding a function of its text alone, bit for
+            bit, as the cache (keyed by the text) assumes; more is faster on a GPU: only texts of equal token length
+            then share a pass (no padding), and their embeddings may differ from the one-by-one ones in the last bits.
         cache_dir: where embeddings are cached; None = :func:`default_cache_dir`. ``use_cache=False`` disables it.
         device: where the model runs; None = CUDA if available, else CPU.
         dtype: the model's weight dtype (float32 by default; bfloat16 halves memory on GPU).
@@ -161,7 +163,7 @@ class TextEncoder:
         model: str | os.PathLike | None = None,
         pooling: str = "mean",
         max_length: int | None = None,
-        batch_size: int = 64,
+        batch_size: int = 1,
         cache_dir: str | os.PathLike | None = None,
         use_cache: bool = True,
         device: str | torch.device | None = None,
@@ -230,25 +232,26 @@ class TextEncoder:
 
     @torch.no_grad()
     def _embed(self, texts: list[str], progress: bool) -> np.ndarray:
-        """Run the model on ``texts`` -> [len(texts), dim] float32, longest texts first to limit padding."""
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        starts = range(0, len(texts), self.batch_size)
+        """Run the model on ``texts`` -> [len(texts), dim] float32.
+
+        Only texts of the same token length share a forward pass (nothing is padded). Other texts in a pass change
+        the matmul shapes and with them the last bits, so ``batch_size=1`` is the bit-exact setting (see the class).
+        """
+        tokens = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        by_length: dict[int, list[int]] = {}
+        for i, ids in enumerate(tokens["input_ids"]):
+            by_length.setdefault(len(ids), []).append(i)
+        batches = [group[start : start + self.batch_size] for _, group in sorted(by_length.items(), reverse=True)
+                   for start in range(0, len(group), self.batch_size)]
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=f"encoding {len(texts)} texts", unit="batch")
-        for start in starts:
-            idx = order[start : start + self.batch_size]
-            batch = self.tokenizer(
-                [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            ).to(self.device)
+            batches = tqdm(batches, desc=f"encoding {len(texts)} texts", unit="batch")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for idx in batches:
+            batch = {k: torch.tensor([v[i] for i in idx], device=self.device) for k, v in tokens.items()}
             hidden = self.model(**batch).last_hidden_state.float()
-            if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            pooled = hidden[:, 0] if self.pooling == "cls" else hidden.mean(1)  # no padding: every token counts
             out[idx] = pooled.cpu().numpy()
         return out
 
