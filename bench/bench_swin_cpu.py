@@ -77,7 +77,8 @@ def compare(size: int, feature: int, batch: int, repeats: int, warmup: int, back
                 t = timed(step)
                 if i >= warmup:
                     times[name].append(t)
-    return {name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)) for name, ts in times.items()}
+    return {name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts))
+            for name, ts in times.items()}
 
 
 def device_line(backend: str) -> str:

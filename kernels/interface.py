@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from medmap_fast.validation import check_index, describe, fail
+from medmap_fast.validation import check_index, describe, fail, is_integer_dtype
 
 from ._backend import use_triton
 from .gated_attention import gated_attention_reference
@@ -42,6 +42,23 @@ def _autocast(
     return cast, torch.autocast(device_type, enabled=False)
 
 
+def _check_float(name: str, t: object, expected: str, ndims: tuple[int, ...]) -> None:
+    """A floating-point tensor with one of ``ndims`` dimensions (values are not checked: the ops sit on hot paths,
+    and a NaN scan costs a pass and a host sync per call; the model entry points check their inputs' values)."""
+    if not isinstance(t, torch.Tensor):
+        fail(name, expected, type(t).__name__)
+    if t.ndim not in ndims or not t.is_floating_point():
+        fail(name, expected, describe(t))
+
+
+def _triple(value: object, name: str) -> Triple:
+    """Three non-negative ints (a window, shift or table size) as a tuple."""
+    ints = isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not (ints and len(value) == 3 and min(value) >= 0):
+        fail(name, "3 non-negative ints", repr(value))
+    return tuple(value)  # type: ignore[return-value]
+
+
 def patch_embed_3d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -60,11 +77,15 @@ def patch_embed_3d(
     bias [M, C] (or [C]); modality_ids [V] long in [0, M) (may be None when M = 1). Sides that are not multiples of
     the patch are zero-padded at the end. Returns [V, ceil(D/pd), ceil(H/ph), ceil(W/pw), C].
     """
+    _check_float("weight", weight, "a float tensor [M, C, Cin, pd, ph, pw] or [C, Cin, pd, ph, pw]", (5, 6))
+    if bias is not None:
+        _check_float("bias", bias, "a float tensor [M, C] (or [C] for a 5-D weight)", (weight.ndim - 4,))
     if weight.ndim == 5:
         weight = weight[None]
         bias = None if bias is None else bias[None]
-    if x.ndim != 5 or weight.ndim != 6 or x.shape[1] != weight.shape[2]:
-        fail("x", f"[V, Cin, D, H, W] with Cin = weight.shape[-4] for weight {tuple(weight.shape)}", describe(x))
+    _check_float("x", x, f"a float tensor [V, {weight.shape[2]}, D, H, W] (Cin as in weight)", (5,))
+    if x.shape[1] != weight.shape[2]:
+        fail("x", f"a float tensor [V, {weight.shape[2]}, D, H, W] (Cin as in weight)", describe(x))
     m, c = weight.shape[:2]
     if bias is not None and tuple(bias.shape) != (m, c):
         fail("bias", f"shape {(m, c)}", describe(bias))
@@ -74,6 +95,9 @@ def patch_embed_3d(
         modality_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     modality_ids = check_index(modality_ids, "modality_ids", x.shape[0], m, what="modality ids")
     (x, weight, bias), autocast_off = _autocast(x.device.type, x, weight, bias)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            fail(name, f"the dtype of x, {x.dtype}", describe(t))
     kwargs = dict(layer_norm=layer_norm, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, out_dtype=out_dtype)
     with autocast_off:
         if use_triton(x, "patch_embed_3d"):
@@ -101,21 +125,29 @@ def window_attention(
     ``bias_table`` [(2td-1)(2th-1)(2tw-1), heads] was built for; ``pad_kv`` [2C] are the k/v of padded voxels (the
     qkv bias in MONAI); ``gate_logits`` [B, D, H, W, heads] scale head h by 2*sigmoid(logit).
     """
-    if qkv.ndim != 5 or qkv.shape[-1] % (3 * num_heads):
-        fail("qkv", f"[B, D, H, W, 3C] with 3C divisible by 3 * num_heads = {3 * num_heads}", describe(qkv))
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        fail("num_heads", "a positive int", repr(num_heads))
+    expected = (f"a float tensor [B, D, H, W, 3C] with every size >= 1 and 3C divisible by 3 * num_heads = "
+                f"{3 * num_heads}")
+    _check_float("qkv", qkv, expected, (5,))
+    if 0 in qkv.shape or qkv.shape[-1] % (3 * num_heads):
+        fail("qkv", expected, describe(qkv))
     b, d, h, w, c3 = qkv.shape
-    window_size, shift_size = tuple(window_size), tuple(shift_size)
-    table_window = tuple(table_window or window_size)
+    window_size, shift_size = _triple(window_size, "window_size"), _triple(shift_size, "shift_size")
+    table_window = _triple(table_window or window_size, "table_window")
     if any(s >= k for s, k in zip(shift_size, window_size)) or any(k > t for k, t in zip(window_size, table_window)):
         fail("window_size/shift_size", f"shift < window <= table_window {table_window}", f"{window_size}/{shift_size}")
     if bias_table is not None:
         rows = (2 * table_window[0] - 1) * (2 * table_window[1] - 1) * (2 * table_window[2] - 1)
+        _check_float("bias_table", bias_table, f"a float tensor {(rows, num_heads)}", (2,))
         if tuple(bias_table.shape) != (rows, num_heads):
-            fail("bias_table", f"shape {(rows, num_heads)}", describe(bias_table))
+            fail("bias_table", f"a float tensor {(rows, num_heads)}", describe(bias_table))
     if pad_kv is not None and tuple(pad_kv.shape) != (2 * c3 // 3,):
         fail("pad_kv", f"shape {(2 * c3 // 3,)}", describe(pad_kv))
-    if gate_logits is not None and tuple(gate_logits.shape) != (b, d, h, w, num_heads):
-        fail("gate_logits", f"shape {(b, d, h, w, num_heads)}", describe(gate_logits))
+    if gate_logits is not None:
+        _check_float("gate_logits", gate_logits, f"a float tensor {(b, d, h, w, num_heads)}", (5,))
+        if tuple(gate_logits.shape) != (b, d, h, w, num_heads):
+            fail("gate_logits", f"a float tensor {(b, d, h, w, num_heads)}", describe(gate_logits))
     (qkv, gate_logits), autocast_off = _autocast(qkv.device.type, qkv, gate_logits)
     args = (qkv, num_heads, window_size, shift_size, bias_table)
     kwargs = dict(table_window=table_window, pad_kv=pad_kv, gate_logits=gate_logits, scale=scale)
@@ -131,9 +163,12 @@ def window_attention(
 
 def _modality_ids(ids: object, name: str, batch: int, length: int, upper: int) -> torch.Tensor:
     """Modality ids [batch, length] (a [length] tensor is shared by the batch), each in [0, upper)."""
-    expected = f"modality ids [{batch}, {length}] (or [{length}] shared by the batch) with values in [0, {upper})"
+    expected = (f"integer modality ids [{batch}, {length}] (or [{length}] shared by the batch) with values in "
+                f"[0, {upper})")
     if not isinstance(ids, torch.Tensor):
         fail(name, expected, type(ids).__name__)
+    if not is_integer_dtype(ids.dtype):
+        fail(name, expected, describe(ids))
     if ids.ndim == 1 and ids.shape[0] == length:
         ids = ids.expand(batch, length)
     if tuple(ids.shape) != (batch, length):
@@ -174,20 +209,25 @@ def gated_attention(
     lk = k.shape[1]
     if v.shape[1] != lk:
         fail("v", f"as many tokens as k ({lk})", describe(v))
-    if key_padding_mask is not None and (
-            key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, lk)
-            or key_padding_mask.device != q.device):
-        fail("key_padding_mask", f"a bool tensor [{b}, {lk}] on {q.device} (True = missing key)",
-             describe(key_padding_mask))
+    if key_padding_mask is not None:
+        expected = f"a bool tensor [{b}, {lk}] on {q.device} (True = missing key)"
+        if not isinstance(key_padding_mask, torch.Tensor):
+            fail("key_padding_mask", expected, type(key_padding_mask).__name__)
+        if (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, lk)
+                or key_padding_mask.device != q.device):
+            fail("key_padding_mask", expected, describe(key_padding_mask))
     if pair_bias is not None:
-        if pair_bias.ndim != 3 or pair_bias.shape[0] != h or 0 in pair_bias.shape or not pair_bias.is_floating_point():
+        _check_float("pair_bias", pair_bias, f"a float tensor [{h}, Mq, Mk] (one table per head)", (3,))
+        if pair_bias.shape[0] != h or 0 in pair_bias.shape:
             fail("pair_bias", f"a float tensor [{h}, Mq, Mk] (one table per head)", describe(pair_bias))
         q_modality = _modality_ids(q_modality, "q_modality", b, lq, pair_bias.shape[1])
         k_modality = _modality_ids(k_modality, "k_modality", b, lk, pair_bias.shape[2])
     elif q_modality is not None or k_modality is not None:
         fail("pair_bias", "a tensor [H, Mq, Mk] when q_modality / k_modality are given", "None")
-    if gate_logits is not None and (tuple(gate_logits.shape) != (b, lq, h) or not gate_logits.is_floating_point()):
-        fail("gate_logits", f"a float tensor [{b}, {lq}, {h}]", describe(gate_logits))
+    if gate_logits is not None:
+        _check_float("gate_logits", gate_logits, f"a float tensor [{b}, {lq}, {h}]", (3,))
+        if tuple(gate_logits.shape) != (b, lq, h):
+            fail("gate_logits", f"a float tensor [{b}, {lq}, {h}]", describe(gate_logits))
     (q, k, v, gate_logits), autocast_off = _autocast(q.device.type, q, k, v, gate_logits)
     args = (q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits, scale)
     with autocast_off:

@@ -19,9 +19,10 @@ from medmap_fast.validation import check_float_tensor, check_index, describe, fa
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """float64 stays float64 (for exact checks); half precisions compute in float32."""
-    return x if x.dtype == torch.float64 else x.float()
+def _upcast(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in one compute dtype: float64 if any is float64 (for exact checks), else float32."""
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    return tuple(x.to(dtype) for x in xs)
 
 
 def _check_features(x: object, name: str, expected: str, dim: int | None = None) -> torch.Tensor:
@@ -144,7 +145,7 @@ class AsymmetricContrastiveLoss(nn.Module):
             study_index, "study_index", volume_emb.shape[0], report_emb.shape[0], "volume", "study indices"
         ).to(volume_emb.device)
         with torch.autocast(volume_emb.device.type, enabled=False):
-            v, t = F.normalize(_upcast(volume_emb), dim=-1), F.normalize(_upcast(report_emb), dim=-1)
+            v, t = (F.normalize(x, dim=-1) for x in _upcast(volume_emb, report_emb))
             world = _distributed_world()
             own_v, own_t = slice(None), slice(None)
             if world > 1:
@@ -198,9 +199,11 @@ class AsymmetricContrastiveLoss(nn.Module):
 def _sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, alpha: float | None, gamma: float) -> torch.Tensor:
     """Element-wise sigmoid focal loss (Lin et al. 2017); targets may be soft, in [0, 1]."""
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    # 1 - p_t from sigmoid(-x) rather than 1 - sigmoid(x): no cancellation, so it stays accurate (and non-zero,
-    # keeping the gradient of (1 - p_t)^gamma finite for gamma < 1) for confident logits
+    # 1 - p_t from sigmoid(-x) rather than 1 - sigmoid(x): no cancellation, so it stays accurate for confident
+    # logits; the floor at the smallest normal number keeps the gradient of (1 - p_t)^gamma finite for gamma < 1
+    # once sigmoid underflows (|x| > ~87 in float32)
     one_minus_p_t = torch.sigmoid(logits) * (1 - target) + torch.sigmoid(-logits) * target
+    one_minus_p_t = one_minus_p_t.clamp_min(torch.finfo(one_minus_p_t.dtype).tiny)
     loss = ce * one_minus_p_t**gamma
     if alpha is not None:
         loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
@@ -248,7 +251,7 @@ class FocalLoss(nn.Module):
         check_float_tensor(logits, "logits", expected, max(getattr(logits, "ndim", 1), 1))
         target = _focal_target(logits, target)
         with torch.autocast(logits.device.type, enabled=False):
-            loss = _sigmoid_focal(_upcast(logits), _upcast(target), self.alpha, self.gamma)
+            loss = _sigmoid_focal(*_upcast(logits, target), self.alpha, self.gamma)
             return _reduce(loss, self.reduction)
 
 
@@ -321,7 +324,7 @@ class LabelPromptAlignmentLoss(nn.Module):
         e = features.shape[1]
         prompt_emb = _check_features(prompt_emb, "prompt_emb", f"[K, {e}] (E as in features) with K >= 1", e)
         with torch.autocast(features.device.type, enabled=False):
-            f, p = F.normalize(_upcast(features), dim=-1), F.normalize(_upcast(prompt_emb), dim=-1)
+            f, p = (F.normalize(x, dim=-1) for x in _upcast(features, prompt_emb))
             return self.logit_scale.clamp(max=self.logit_scale_max).exp() * f @ p.T + self.logit_bias
 
     def forward(self, features: torch.Tensor, prompt_emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ Every failure is a ``ValueError`` that names the argument, what was received and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -49,6 +49,11 @@ def check_volumes(
     return x
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """An integer dtype other than bool (a bool mask is not a list of ids)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_index(
     ids: object, name: str, length: int, upper: int, length_of: str = "volumes", what: str = "ids"
 ) -> torch.Tensor:
@@ -56,10 +61,27 @@ def check_index(
     expected = f"a 1-D integer tensor [{length}] (one per {length_of}) with {what} in [0, {upper})"
     if not isinstance(ids, torch.Tensor):
         fail(name, expected, type(ids).__name__)
-    if ids.ndim != 1 or ids.shape[0] != length or ids.is_floating_point() or ids.is_complex():
+    if ids.ndim != 1 or ids.shape[0] != length or not is_integer_dtype(ids.dtype):
         fail(name, expected, describe(ids))
     if length:
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())  # one host sync for both bounds
         if lo < 0 or hi >= upper:
             fail(name, expected, f"values in [{lo}, {hi}]")
     return ids.long()
+
+
+_JSON_KINDS: dict[str, Callable[[object], bool]] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "int list": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+}
+
+
+def check_json_fields(path: object, values: Mapping[str, object], kinds: Mapping[str, str]) -> None:
+    """Every key of ``values`` listed in ``kinds`` holds a JSON value of that kind ("int", "number", "bool", "str",
+    "int list", or alternatives joined by " or "); else ValueError naming the file, the key and the value."""
+    for key, kind in kinds.items():
+        if key in values and not any(_JSON_KINDS[k](values[key]) for k in kind.split(" or ")):
+            raise ValueError(f"{path}: expected {key!r} to be {kind}, got {values[key]!r}")

@@ -27,17 +27,9 @@ from medmap_fast.data.reports import CLASS_TERMS
 from medmap_fast.data.study import MODALITIES, Study, collate_studies
 from medmap_fast.modalities import ModalityRegistry
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 NEGATION = re.compile(r"\b(no|not|without|negative for)\b", re.IGNORECASE)
 CLEAN = dict(noise=0.0, bias=0.0, max_rotation_deg=0.0, max_shift_mm=0.0, max_scale=0.0, p_modality=1.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Render on one thread, as generate_study does (small tensors; a busy 2-core machine makes threads slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def brain_grid(n: int = 32) -> Grid:

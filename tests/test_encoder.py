@@ -148,6 +148,57 @@ def test_from_pretrained_reports_mismatches(tmp_path) -> None:
         MedMAPEncoder.from_pretrained(tmp_path / "missing")
 
 
+def test_from_pretrained_checks_defaults_not_only_stored_values(tmp_path) -> None:
+    MedMAPEncoder(modalities=["T1", "T2"], **SMALL).save_pretrained(tmp_path / "a")  # mlp_ratio etc. not stored
+    MedMAPEncoder.from_pretrained(tmp_path / "a", mlp_ratio=4.0, qkv_bias=True, downsample="merging",
+                                  patch_size=(2, 2, 2), depths=list(SMALL["depths"]))
+    with pytest.raises(ValueError, match=r"a/config\.json: stored mlp_ratio=4\.0 does not match the requested "
+                                         r"mlp_ratio=2"):
+        MedMAPEncoder.from_pretrained(tmp_path / "a", mlp_ratio=2)
+    with pytest.raises(ValueError, match=r"a/config\.json: cannot check widht=12: not a MedMAPEncoder setting"):
+        MedMAPEncoder.from_pretrained(tmp_path / "a", widht=12)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda c: {**c, "swin": {**c["swin"], "embed_dim": "12"}}, r"expected 'embed_dim' to be int, got '12'"),
+    (lambda c: {**c, "swin": {**c["swin"], "embed_dim": 12.0}}, r"expected 'embed_dim' to be int, got 12\.0"),
+    (lambda c: {**c, "swin": {**c["swin"], "depths": "22"}}, r"expected 'depths' to be int list, got '22'"),
+    (lambda c: {**c, "swin": {**c["swin"], "mlp_ratio": "4"}}, r"expected 'mlp_ratio' to be number, got '4'"),
+    (lambda c: {**c, "swin": {**c["swin"], "qkv_bias": "false"}}, r"expected 'qkv_bias' to be bool, got 'false'"),
+    (lambda c: {**c, "swin": {**c["swin"], "depths": [2, 2, 2]}}, r"describes no valid MedMAPEncoder \(num_heads"),
+    (lambda c: {**c, "swin": {**c["swin"], "width": 3}}, r"describes no valid MedMAPEncoder .*'width'"),
+    (lambda c: {**c, "format_version": "2"}, r"expected 'format_version' to be int, got '2'"),
+    (lambda c: {**c, "modalities": ["T1", "T2"]}, r"expected 'modalities' to be a list of \[name, description\] pairs"),
+    (lambda c: {**c, "modalities": []}, r"expected 'modalities' to be a list of \[name, description\] pairs"),
+    (lambda c: {**c, "swin": None}, r"expected 'swin' to be an object of SwinViT3D arguments"),
+    (lambda c: [c], r"expected a JSON object, got a list"),
+], ids=["str-int", "float-int", "str-list", "str-number", "str-bool", "inconsistent", "unknown", "version",
+        "names-only", "no-modalities", "no-swin", "list"])
+def test_corrupt_config_json_is_an_error_naming_it(tmp_path, edit, pattern: str) -> None:
+    MedMAPEncoder(modalities=["T1", "T2"], **SMALL).save_pretrained(tmp_path / "enc")
+    path = tmp_path / "enc" / "config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ValueError, match=r"enc/config\.json: " + pattern):
+        MedMAPEncoder.from_pretrained(tmp_path / "enc")
+
+
+def test_corrupt_or_missing_weights_are_errors_naming_the_file(tmp_path) -> None:
+    MedMAPEncoder(modalities=["T1", "T2"], **SMALL).save_pretrained(tmp_path / "enc")
+    weights = tmp_path / "enc" / "model.safetensors"
+    data = weights.read_bytes()
+    (tmp_path / "enc" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"enc/config\.json: not valid JSON"):
+        MedMAPEncoder.from_pretrained(tmp_path / "enc")
+    MedMAPEncoder(modalities=["T1", "T2"], **SMALL).save_pretrained(tmp_path / "enc")
+    for broken in (data[: len(data) // 2], data[:5], b""):
+        weights.write_bytes(broken)
+        with pytest.raises(ValueError, match=r"enc/model\.safetensors: not a readable safetensors file"):
+            MedMAPEncoder.from_pretrained(tmp_path / "enc")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"enc/model\.safetensors: not found"):
+        MedMAPEncoder.from_pretrained(tmp_path / "enc")
+
+
 def test_constructor_errors() -> None:
     with pytest.raises(ValueError, match="sharing"):
         MedMAPEncoder(sharing="shared", **SMALL)

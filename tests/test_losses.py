@@ -305,9 +305,10 @@ def test_focal_class_indices_and_single_logit():
 
 
 def test_focal_confident_logits_have_finite_gradients():
-    x = torch.tensor([30.0, -30.0, 60.0], requires_grad=True)
-    FocalLoss(gamma=0.5)(x, torch.tensor([1.0, 0.0, 1.0])).backward()
-    assert torch.isfinite(x.grad).all()
+    x = torch.tensor([30.0, -30.0, 60.0, 120.0, -200.0, 1e4], requires_grad=True)  # sigmoid underflows past ~87
+    loss = FocalLoss(gamma=0.5)(x, torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize(

@@ -164,8 +164,47 @@ def test_stage1_weights_reach_stage2(tmp_path, batch) -> None:
 
 def test_stage1_of_another_config_is_refused(tmp_path) -> None:
     MedMAPPretrainModel(tiny_encoder(embed_dim=24), text_dim=TEXT_DIM).save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="configuration"):
+    with pytest.raises(ValueError, match=r"source: expected an encoder of this classifier's architecture, got one "
+                                         r"that differs in embed_dim: 12 vs 24 \(this classifier's vs the source's\)$"):
         classifier().load_pretrained_encoder(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"differs in modalities: .* vs \('T1', 'T2'\)"):
+        classifier().load_pretrained_encoder(tiny_encoder(modalities=["T1", "T2"]))
+
+
+def test_stage1_with_other_training_settings_or_explicit_defaults_loads() -> None:
+    """Only what gives the weights their meaning must agree: dropout, drop path and checkpointing may differ, and a
+    default passed explicitly is the same architecture."""
+    source = tiny_encoder(mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.2, use_checkpoint=True)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01)
+    model = classifier().load_pretrained_encoder(source)
+    assert all(torch.equal(a, b) for a, b in zip(model.encoder.state_dict().values(), source.state_dict().values()))
+
+
+def test_pretrain_checkpoint_errors_name_the_file(tmp_path) -> None:
+    MedMAPPretrainModel(tiny_encoder(), text_dim=TEXT_DIM, embed_dim=32).save_pretrained(tmp_path / "a")
+    MedMAPPretrainModel(tiny_encoder(), text_dim=TEXT_DIM, embed_dim=16).save_pretrained(tmp_path / "b")
+    heads, config = tmp_path / "a" / "heads.safetensors", tmp_path / "a" / "heads.json"
+    good_heads, good_config = heads.read_bytes(), config.read_text()
+    heads.write_bytes((tmp_path / "b" / "heads.safetensors").read_bytes())  # a joint space of 16, not 32
+    with pytest.raises(ValueError, match=r"a/heads\.safetensors: weights do not match the heads of heads\.json: "
+                                         r"'vision_proj\.weight' has shape \(16, 192\), expected \(32, 192\)"):
+        MedMAPPretrainModel.from_pretrained(tmp_path / "a")
+    heads.write_bytes(good_heads[:100])
+    with pytest.raises(ValueError, match=r"a/heads\.safetensors: not a readable safetensors file"):
+        MedMAPPretrainModel.from_pretrained(tmp_path / "a")
+    heads.write_bytes(good_heads)
+    for text, pattern in [("{", "not valid JSON"), ("[]", "expected a JSON object"),
+                          (good_config.replace('"text_dim": 16', '"text_dim": "16"'), "expected 'text_dim' to be int"),
+                          (good_config.replace('"lam"', '"lamda"'), "describes no valid MedMAPPretrainModel"),
+                          ('{"text_dim": 16}', "expected a medmap-fast/MedMAPPretrainModel configuration")]:
+        config.write_text(text)
+        with pytest.raises(ValueError, match=r"a/heads\.json: " + pattern):
+            MedMAPPretrainModel.from_pretrained(tmp_path / "a")
+    config.unlink()
+    with pytest.raises(FileNotFoundError, match=r"a/heads\.json: not found"):
+        MedMAPPretrainModel.from_pretrained(tmp_path / "a")
 
 
 @pytest.mark.parametrize("bad,match", [

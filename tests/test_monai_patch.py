@@ -14,14 +14,14 @@ import io
 
 import pytest
 import torch
-# _one_thread is test_swin3d's autouse fixture (one intra-op thread on the shared 2-core machine), active here too
-from test_swin3d import _one_thread, _op_module, _triton_ops_available, assert_close, loss_of  # noqa: F401
+from test_swin3d import _op_module, _triton_ops_available, assert_close, loss_of
 
 import medmap_fast as mf
 from medmap_fast.models.monai_patch import MonaiPatchEmbed, MonaiSwinBlock, MonaiSwinStage
 
 swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr", reason="MONAI is needed for the parity tests")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TRUNK = dict(in_chans=1, embed_dim=12, window_size=(7, 7, 7), patch_size=(2, 2, 2), depths=(2, 2, 2, 2),
              num_heads=(3, 6, 12, 24))
 

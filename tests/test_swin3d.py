@@ -18,6 +18,7 @@ from medmap_fast.models.swin3d import SwinViT3D
 
 swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr", reason="MONAI is needed for the parity tests")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(in_chans=1, embed_dim=12, window_size=(5, 5, 5), patch_size=(2, 2, 2), depths=(2, 2, 2, 2),
              num_heads=(3, 6, 12, 24))
 SHAPE = (2, 1, 30, 28, 34)
@@ -26,16 +27,6 @@ SHAPE = (2, 1, 30, 28, 34)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine every small op otherwise waits for the busy second core
-    (measured here: this file 7x slower with 2 threads). Results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def monai_swin(**overrides) -> torch.nn.Module:
@@ -161,6 +152,10 @@ def test_from_monai_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="window_size"):
         aniso = swin_unetr.SwinTransformer(**{**SMALL, "window_size": (5, 3, 5)}).state_dict()
         SwinViT3D.from_monai(aniso)
+    with pytest.raises(ValueError, match=r"'layers1\.0\.blocks\.0\.attn\.relative_position_index' belongs to another "
+                                         r"window than window_size=\(5, 5, 3\)"):
+        SwinViT3D.from_monai(aniso, window_size=(5, 5, 3))  # same table size, axes in another order
+    assert SwinViT3D.from_monai(aniso, window_size=(5, 3, 5)).window_size == (5, 3, 5)
     with pytest.raises(TypeError, match="source"):
         SwinViT3D.from_monai("weights.pt")
 

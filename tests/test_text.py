@@ -158,6 +158,59 @@ def test_cache_key_covers_pooling_max_length_and_model(tiny_model_dir, tmp_path)
     assert TextEncoder(other, cache_dir=tmp_path).cache_path(REPORTS[0]) != mean.cache_path(REPORTS[0])
 
 
+def test_cache_key_covers_the_weight_dtype_and_the_tokenizer(tiny_model_dir, tmp_path):
+    """A bf16 model or another tokenisation gives other embeddings, so they must not share cache entries."""
+    fp32 = TextEncoder(tiny_model_dir, cache_dir=tmp_path)
+    bf16 = TextEncoder(tiny_model_dir, dtype=torch.bfloat16, cache_dir=tmp_path)
+    assert bf16.cache_path(REPORTS[0]) != fp32.cache_path(REPORTS[0])
+    other = tmp_path / "cased"
+    shutil.copytree(tiny_model_dir, other)
+    config = other / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"do_lower_case": true', '"do_lower_case": false'))
+    assert TextEncoder(other, cache_dir=tmp_path).cache_path(REPORTS[0]) != fp32.cache_path(REPORTS[0])
+
+
+def test_normalize_gives_unit_embeddings_from_the_same_cache(tiny_model_dir, tmp_path):
+    raw = TextEncoder(tiny_model_dir, cache_dir=tmp_path)
+    unit = TextEncoder(tiny_model_dir, normalize=True, cache_dir=tmp_path)
+    assert unit.cache_path(REPORTS[0]) == raw.cache_path(REPORTS[0])  # the cache holds the pooled embedding
+    a, b = raw.encode(REPORTS), unit.encode(REPORTS)
+    torch.testing.assert_close(b.norm(dim=-1), torch.ones(len(REPORTS)))
+    torch.testing.assert_close(b, torch.nn.functional.normalize(a, dim=-1))
+    assert not torch.allclose(a.norm(dim=-1), torch.ones(len(REPORTS)))
+
+
+def test_default_model_loads_without_network(no_network, monkeypatch, tmp_path):
+    _minilm_dir()
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # offline by construction, not by environment
+        monkeypatch.delenv(variable, raising=False)
+    emb = TextEncoder(cache_dir=tmp_path).encode(REPORTS[:1])
+    assert emb.shape == (1, 384) and torch.isfinite(emb).all()
+
+
+def test_a_folder_without_a_tokenizer_is_refused(tiny_model_dir, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    with pytest.raises(FileNotFoundError, match=r"model folder .*no-tokenizer has no tokenizer \(none of tokenizer"):
+        TextEncoder(folder, cache_dir=tmp_path)
+
+
+def test_cls_pooling_is_refused_for_a_causal_text_tower(tiny_model_dir, tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = tmp_path / "tiny-clip-text"
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=64)).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    with pytest.raises(ValueError, match=r"pooling: expected 'mean' for clip_text_model, whose causal text tower"):
+        TextEncoder(folder, pooling="cls", cache_dir=tmp_path)
+    assert TextEncoder(folder, cache_dir=tmp_path).encode(REPORTS[:2]).shape == (2, 32)
+
+
 def test_cache_files_are_complete_and_no_temporaries_remain(tiny_model_dir, tmp_path):
     enc = TextEncoder(tiny_model_dir, cache_dir=tmp_path)
     emb = enc.encode(REPORTS)
@@ -272,6 +325,7 @@ def test_hub_id_loads_from_the_local_hf_cache_only(no_network, tiny_model_dir, t
         ({"pooling": "max"}, "pooling: expected one of"),
         ({"max_length": 1}, "max_length: expected"),
         ({"batch_size": 0}, "batch_size: expected"),
+        ({"max_length": 100}, r"max_length: expected at most the model's 64 positions, got 100"),
     ],
 )
 def test_constructor_validation(tiny_model_dir, kwargs, match):
@@ -285,4 +339,6 @@ def test_encode_validation(tiny_model_dir):
         enc.encode("one report")
     with pytest.raises(ValueError, match="texts: expected a list of str, got 1 items of type int"):
         enc.encode(["a", 3])
+    with pytest.raises(ValueError, match="texts: expected valid Unicode text, got item 1 with surrogates not allowed"):
+        enc.encode(["a", "lone \ud800 surrogate"])
     assert enc.encode([]).shape == (0, 32)

@@ -14,18 +14,18 @@ Checkpoints are a directory with ``config.json`` and ``model.safetensors`` (:met
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medmap_fast.fileio import atomic_path
+from medmap_fast.fileio import atomic_path, load_safetensors, read_json_object, save_safetensors
 from medmap_fast.modalities import ModalityRegistry
-from medmap_fast.validation import check_index, check_volumes, fail
+from medmap_fast.validation import check_index, check_json_fields, check_volumes, fail
 
 from .swin3d import SwinViT3D, as_triple
 
@@ -35,6 +35,15 @@ SWIN_DEFAULTS: dict[str, Any] = dict(
     in_chans=1, embed_dim=48, window_size=(7, 7, 7), patch_size=(2, 2, 2), depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24)
 )
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+# SwinViT3D arguments that change how a trunk trains or runs, not what its weights mean.
+RUNTIME_SETTINGS = ("drop_rate", "attn_drop_rate", "drop_path_rate", "use_checkpoint", "use_flash_attention")
+# The JSON kind of every SwinViT3D argument config.json may hold.
+SWIN_JSON_KINDS = {
+    "in_chans": "int", "embed_dim": "int", "window_size": "int or int list", "patch_size": "int or int list",
+    "depths": "int list", "num_heads": "int list", "mlp_ratio": "number", "qkv_bias": "bool", "drop_rate": "number",
+    "attn_drop_rate": "number", "drop_path_rate": "number", "patch_norm": "bool", "use_checkpoint": "bool",
+    "spatial_dims": "int", "downsample": "str", "use_v2": "bool", "use_flash_attention": "bool",
+}
 FORMAT = "medmap-fast/MedMAPEncoder"
 FORMAT_VERSION = 1
 
@@ -87,7 +96,7 @@ class MedMAPEncoder(nn.Module):
     def forward(self, volumes: torch.Tensor, modality_ids: torch.Tensor | Sequence[int | str]) -> EncoderOutput:
         """volumes [V, Cin, D, H, W] float, modality_ids [V] long (or a list of ids / modality names)."""
         volumes = check_volumes(volumes, "volumes", self.in_chans, min_size=self.patch_size)
-        ids = self._modality_ids(modality_ids, volumes)
+        ids = self.modality_id_tensor(modality_ids, volumes.shape[0], volumes.device)
         if self.sharing == "gated":
             features = self.trunk(volumes, True, ids)
         else:
@@ -96,11 +105,21 @@ class MedMAPEncoder(nn.Module):
         tokens = last.reshape(last.shape[0], -1, last.shape[-1])
         return EncoderOutput(tokens, tokens.mean(1), features)
 
-    def _modality_ids(self, modality_ids: object, volumes: torch.Tensor) -> torch.Tensor:
+    def modality_id_tensor(
+        self, modality_ids: torch.Tensor | Sequence[int | str], num_volumes: int, device: torch.device
+    ) -> torch.Tensor:
+        """``modality_ids`` (a [V] integer tensor, or a list of ids and/or modality names) checked -> [V] long."""
         if isinstance(modality_ids, Sequence) and not isinstance(modality_ids, str):
-            ids = [self.modalities.index(i, "modality_ids") if isinstance(i, str) else i for i in modality_ids]
-            modality_ids = torch.tensor(ids, dtype=torch.long, device=volumes.device)
-        return check_index(modality_ids, "modality_ids", volumes.shape[0], len(self.modalities), what="modality ids")
+            ids = []
+            for i in modality_ids:
+                if isinstance(i, str):
+                    ids.append(self.modalities.index(i, "modality_ids"))
+                elif isinstance(i, numbers.Integral) and not isinstance(i, bool):
+                    ids.append(int(i))
+                else:
+                    fail("modality_ids", "a list of modality ids (int) or names (str)", f"an item {i!r}")
+            modality_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        return check_index(modality_ids, "modality_ids", num_volumes, len(self.modalities), what="modality ids")
 
     def _separate(self, volumes: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
         """One trunk pass per modality present; stage maps gathered back into input order."""
@@ -142,9 +161,7 @@ class MedMAPEncoder(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.get_config()
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(directory / WEIGHTS_NAME, durable=True) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_safetensors(directory / WEIGHTS_NAME, self.state_dict())
         with atomic_path(directory / CONFIG_NAME, durable=True) as tmp:
             tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return directory
@@ -154,63 +171,90 @@ class MedMAPEncoder(nn.Module):
         cls, directory: str | os.PathLike, device: torch.device | str = "cpu", **expected: Any
     ) -> MedMAPEncoder:
         """Load a :meth:`save_pretrained` directory. ``expected`` (e.g. ``modalities=[...]``, ``embed_dim=48``,
-        ``sharing="gated"``) must match the stored configuration, else ValueError naming config.json."""
-        directory = Path(directory)
-        config = _read_config(directory / CONFIG_NAME)
-        _check_expected(directory / CONFIG_NAME, config, expected)
-        model = cls(modalities=[tuple(m) for m in config["modalities"]], sharing=config["sharing"], **config["swin"])
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: no weights next to {CONFIG_NAME}")
-        state = load_file(weights, device=str(device))
-        _check_state(weights, model, state)
+        ``sharing="gated"``) must match the stored configuration, defaults included, else ValueError naming
+        config.json. A config.json or model.safetensors that is corrupt, or weights of another configuration, are
+        errors naming the file."""
+        path = Path(directory) / CONFIG_NAME
+        config = _read_config(path)
+        try:
+            model = cls(modalities=[tuple(m) for m in config["modalities"]], sharing=config["sharing"],
+                        **config["swin"])
+        except (TypeError, ValueError, NotImplementedError) as err:
+            raise ValueError(f"{path}: describes no valid MedMAPEncoder ({err})") from err
+        _check_expected(path, model.settings(), expected)
+        weights = path.with_name(WEIGHTS_NAME)
+        state = load_safetensors(weights, device)
+        check_state_dict(weights, model.state_dict(), state, f"{CONFIG_NAME} ({len(model.modalities)} "
+                         f"modalities, sharing={model.sharing!r}, embed_dim={model.swin_kwargs['embed_dim']})")
         model.load_state_dict(state)
         return model.to(device)
 
+    def settings(self) -> dict[str, Any]:
+        """Every setting, defaults included: modality names, sharing and the full :class:`SwinViT3D` configuration."""
+        first = self.trunk if self.sharing == "gated" else self.trunks[0]
+        swin = {k: v for k, v in first.config.items() if k not in ("num_modalities", "modality_gate")}
+        return {"modalities": self.modalities.names, "sharing": self.sharing, **swin}
+
+    def architecture_differences(self, other: MedMAPEncoder) -> list[str]:
+        """The settings that give ``other``'s weights another meaning than this encoder's (training-time settings
+        such as dropout or activation checkpointing do not count), as ``"key: ours vs theirs"``."""
+        ours, theirs = self.settings(), other.settings()
+        return [f"{key}: {ours[key]!r} vs {theirs.get(key)!r}" for key in ours
+                if key not in RUNTIME_SETTINGS and not _same_setting(key, ours[key], theirs.get(key))]
+
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found (expected a directory written by MedMAPEncoder.save_pretrained)")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{path}: expected a {FORMAT} configuration, got format {config.get('format')!r}"
-                         if isinstance(config, dict) else f"{path}: expected a JSON object")
+    config = read_json_object(path, "MedMAPEncoder.save_pretrained")
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path}: expected a {FORMAT} configuration, got format {config.get('format')!r}")
+    check_json_fields(path, config, {"format_version": "int", "sharing": "str"})
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {config['format_version']} is newer than this medmap-fast "
                          f"supports ({FORMAT_VERSION}); upgrade medmap-fast")
-    for key, kind in (("modalities", list), ("sharing", str), ("swin", dict)):
-        if not isinstance(config.get(key), kind):
-            raise ValueError(f"{path}: expected {key!r} to be a {kind.__name__}, got {config.get(key)!r}")
+    modalities, swin = config.get("modalities"), config.get("swin")
+    if not (isinstance(modalities, list) and modalities and all(
+            isinstance(m, list) and len(m) == 2 and all(isinstance(s, str) and s for s in m) for m in modalities)):
+        raise ValueError(f"{path}: expected 'modalities' to be a list of [name, description] pairs, got {modalities!r}")
+    if not isinstance(swin, dict):
+        raise ValueError(f"{path}: expected 'swin' to be an object of SwinViT3D arguments, got {swin!r}")
+    check_json_fields(path, swin, SWIN_JSON_KINDS)
     return config
 
 
-def _check_expected(path: Path, config: dict[str, Any], expected: dict[str, Any]) -> None:
+def _check_expected(path: Path, settings: dict[str, Any], expected: dict[str, Any]) -> None:
     for key, want in expected.items():
-        if key == "modalities":  # names compare case-insensitively, as lookups do
-            have, want = [m[0] for m in config["modalities"]], list(ModalityRegistry(want).names)
-            same = [n.lower() for n in have] == [n.lower() for n in want]
-        else:
-            have = config["sharing"] if key == "sharing" else _plain(config["swin"].get(key, SWIN_DEFAULTS.get(key)))
-            want = _plain(as_triple(want, key) if key in ("window_size", "patch_size") else want)
-            same = have == want
-        if not same:
+        if key not in settings:
+            raise ValueError(f"{path}: cannot check {key}={want!r}: not a MedMAPEncoder setting "
+                             f"(one of {sorted(settings)})")
+        if key == "modalities":
+            want = ModalityRegistry(want).names
+        elif key in ("window_size", "patch_size"):
+            want = as_triple(want, key)
+        if not _same_setting(key, settings[key], want):
+            # shown as config.json holds them
+            have, want = (list(v) if isinstance(v, tuple) else v for v in (settings[key], want))
             raise ValueError(f"{path}: stored {key}={have!r} does not match the requested {key}={want!r}")
 
 
+def _same_setting(key: str, a: Any, b: Any) -> bool:
+    """Equal settings: sequences compare as tuples, modality names ignore case (as lookups do)."""
+    if key == "modalities":
+        return [n.lower() for n in a] == [n.lower() for n in b]
+    return _plain(a) == _plain(b)
+
+
 def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (tuple, list)) else value
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def _check_state(path: Path, model: MedMAPEncoder, state: Mapping[str, torch.Tensor]) -> None:
-    own = model.state_dict()
+def check_state_dict(path: Path, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                     what: str) -> None:
+    """``state`` (read from ``path``) has exactly the keys and shapes of ``own``; else ValueError naming ``path``,
+    ``what`` the weights should have been, and up to four missing, unexpected and mis-shaped tensors each."""
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [f"{k!r} has shape {tuple(state[k].shape)}, the config expects {tuple(own[k].shape)}"
+    wrong = [f"{k!r} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]  # in model order: patch_embed first
     if missing or unexpected or wrong:
         problems = ([f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}"] if missing else []) + (
             [f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"] if unexpected else []) + wrong[:4]
-        raise ValueError(f"{path}: weights do not match {CONFIG_NAME} ({len(model.modalities)} modalities, "
-                         f"sharing={model.sharing!r}, embed_dim={model.swin_kwargs['embed_dim']}): " + "; ".join(problems))
+        raise ValueError(f"{path}: weights do not match {what}: " + "; ".join(problems))

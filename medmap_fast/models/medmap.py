@@ -8,32 +8,30 @@ the models only hold trainable projections of them.
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medmap_fast.fileio import atomic_path
+from medmap_fast.fileio import atomic_path, load_safetensors, read_json_object, save_safetensors
 from medmap_fast.losses import AsymmetricContrastiveLoss, FocalLoss, LabelPromptAlignmentLoss
-from medmap_fast.models.encoder import MedMAPEncoder
+from medmap_fast.models.encoder import MedMAPEncoder, check_state_dict
 from medmap_fast.models.fusion import CrossCognitionTransformer, CrossModalSemanticAggregation, pack_by_study
-from medmap_fast.validation import check_float_tensor, check_index, describe, fail
+from medmap_fast.validation import check_float_tensor, check_index, check_json_fields, describe, fail
 
 TASKS = ("multiclass", "binary", "multilabel")
 HEADS_FILE, HEADS_CONFIG = "heads.safetensors", "heads.json"
+PRETRAIN_FORMAT = "medmap-fast/MedMAPPretrainModel"
+PRETRAIN_JSON_KINDS = {"text_dim": "int", "embed_dim": "int", "lam": "number", "local_loss": "bool",
+                       "logit_scale_init": "number", "logit_scale_max": "number", "learnable_scale": "bool"}
 
 
 def token_dim(encoder: MedMAPEncoder) -> int:
     """Width of the encoder's tokens: its last map, after the PatchMerging that follows every stage (2 x MONAI's
     ``num_features``)."""
     return 2 * encoder.num_features
-
-
-def check_study_index(study_index: object, num_volumes: int, num_studies: int) -> torch.Tensor:
-    """study_index [V] long in [0, S)."""
-    return check_index(study_index, "study_index", num_volumes, num_studies, what="study numbers")
 
 
 class PretrainOutput(NamedTuple):
@@ -72,16 +70,18 @@ class MedMAPPretrainModel(nn.Module):
     def embed_reports(self, report_embeddings: torch.Tensor) -> torch.Tensor:
         """Frozen text embeddings [S, E_text] -> projected report embeddings [S, E]."""
         text_dim = self.text_proj.in_features
-        check_float_tensor(report_embeddings, "report_embeddings", f"[S, {text_dim}]", 2)
-        if report_embeddings.shape[1] != text_dim:
-            fail("report_embeddings", f"a float tensor [S, {text_dim}]", describe(report_embeddings))
-        return self.text_proj(report_embeddings)
+        check_float_tensor(report_embeddings, "report_embeddings", f"[S, {text_dim}] with S >= 1", 2)
+        if report_embeddings.shape[0] == 0 or report_embeddings.shape[1] != text_dim:
+            fail("report_embeddings", f"a float tensor [S, {text_dim}] with S >= 1", describe(report_embeddings))
+        return self.text_proj(report_embeddings.to(self.text_proj.weight.dtype))
 
     def forward(self, volumes: torch.Tensor, modality_ids: torch.Tensor, study_index: torch.Tensor,
                 report_embeddings: torch.Tensor) -> PretrainOutput:
-        """volumes [V,1,D,H,W], modality_ids [V], study_index [V] in [0, S), report_embeddings [S, E_text]."""
+        """volumes [V,1,D,H,W], modality_ids [V], study_index [V] in [0, S), report_embeddings [S, E_text].
+
+        The loss checks ``study_index`` against V and S (after the encoder has checked the volumes).
+        """
         report_emb = self.embed_reports(report_embeddings)
-        study_index = check_study_index(study_index, volumes.shape[0] if volumes.ndim else 0, report_emb.shape[0])
         volume_emb = self.embed_volumes(volumes, modality_ids)
         loss, parts = self.loss_fn(volume_emb, report_emb, study_index, return_parts=True)
         return PretrainOutput(loss, volume_emb, report_emb, parts)
@@ -90,23 +90,26 @@ class MedMAPPretrainModel(nn.Module):
         """``encoder/`` (the encoder's own format) + the projection and loss weights, each written atomically."""
         directory = Path(directory)
         self.encoder.save_pretrained(directory / "encoder")
-        heads = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
-        with atomic_path(directory / HEADS_FILE, durable=True) as tmp:
-            save_file(heads, str(tmp))
+        save_head_weights(self, directory / HEADS_FILE)
         with atomic_path(directory / HEADS_CONFIG, durable=True) as tmp:
-            tmp.write_text(json.dumps(self.config, indent=2))
+            tmp.write_text(json.dumps({"format": PRETRAIN_FORMAT, **self.config}, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> MedMAPPretrainModel:
-        """Inverse of :meth:`save_pretrained`."""
+        """Inverse of :meth:`save_pretrained`; a corrupt file, or weights of another configuration, are errors naming
+        the file."""
         directory = Path(directory)
-        config = json.loads((directory / HEADS_CONFIG).read_text())
-        model = cls(MedMAPEncoder.from_pretrained(directory / "encoder"), **config)
-        missing, unexpected = model.load_state_dict(load_file(str(directory / HEADS_FILE)), strict=False)
-        missing = [k for k in missing if not k.startswith("encoder.")]
-        if missing or unexpected:
-            fail(str(directory / HEADS_FILE), f"the weights of {HEADS_CONFIG}'s configuration",
-                 f"missing {missing}, unexpected {unexpected}")
+        path = directory / HEADS_CONFIG
+        config = read_json_object(path, "MedMAPPretrainModel.save_pretrained")
+        if config.pop("format", None) != PRETRAIN_FORMAT:
+            raise ValueError(f"{path}: expected a {PRETRAIN_FORMAT} configuration")
+        check_json_fields(path, config, PRETRAIN_JSON_KINDS)
+        encoder = MedMAPEncoder.from_pretrained(directory / "encoder")
+        try:
+            model = cls(encoder, **config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: describes no valid MedMAPPretrainModel ({err})") from err
+        load_head_weights(model, directory / HEADS_FILE, f"the heads of {HEADS_CONFIG}")
         return model
 
 
@@ -193,10 +196,12 @@ class MedMAPClassifier(nn.Module):
         """
         out = self.encoder(volumes, modality_ids)
         v = out.tokens.shape[0]
+        modality_ids = self.encoder.modality_id_tensor(modality_ids, v, out.tokens.device)
         if num_studies is None:
             num_studies = int(study_index.max()) + 1 if isinstance(study_index, torch.Tensor) and v else 0
-        study_index = check_study_index(study_index, v, num_studies)
-        modality_ids = modality_ids.to(study_index.device).long()
+        elif not isinstance(num_studies, numbers.Integral) or isinstance(num_studies, bool) or num_studies < 1:
+            fail("num_studies", "None or a positive int (the number of studies S)", repr(num_studies))
+        study_index = check_index(study_index, "study_index", v, num_studies, what="study numbers")
         visual, vision_language = self.csa(out.tokens, modality_ids)
         packed = pack_by_study(visual, modality_ids, study_index, num_studies)
         vl_packed = pack_by_study(vision_language, modality_ids, study_index, num_studies).tokens
@@ -214,11 +219,7 @@ class MedMAPClassifier(nn.Module):
             labels = check_index(labels, "labels", s, self.num_classes, "study", "class indices")
             loss = nn.functional.cross_entropy(logits, labels)
         else:
-            shape = (s, 1) if self.task == "binary" else (s, self.num_classes)
-            if not isinstance(labels, torch.Tensor) or labels.numel() != shape[0] * shape[1]:
-                fail("labels", f"0/1 labels of shape {shape}", describe(labels) if isinstance(labels, torch.Tensor)
-                     else type(labels).__name__)
-            target = labels.reshape(shape).to(logits.dtype)
+            target = self._binary_labels(labels, s).to(logits.dtype)
             loss = (self.focal(logits, target) if self.focal is not None
                     else nn.functional.binary_cross_entropy_with_logits(logits, target))
         if self.align_weight:
@@ -228,16 +229,44 @@ class MedMAPClassifier(nn.Module):
                 self.align_proj(output.features), self.label_embeddings, target)
         return loss
 
+    def _binary_labels(self, labels: object, s: int) -> torch.Tensor:
+        """Binary labels [S] or [S, 1], or multi-hot labels [S, K], in [0, 1] -> [S, 1] / [S, K]."""
+        shapes = [(s,), (s, 1)] if self.task == "binary" else [(s, self.num_classes)]
+        expected = f"labels in [0, 1] of shape {' or '.join(str(x) for x in shapes)}"
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) not in shapes or labels.is_complex():
+            fail("labels", expected, describe(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__)
+        labels = labels.float()
+        bad = ~((labels >= 0) & (labels <= 1))  # NaN too
+        if bool(bad.any()):
+            fail("labels", expected,
+                 f"{int(bad.sum())} of {labels.numel()} outside [0, 1] or NaN, e.g. {labels[bad][0].item()}")
+        return labels.reshape(s, -1)
+
     def load_pretrained_encoder(self, source: str | Path | MedMAPEncoder | MedMAPPretrainModel) -> MedMAPClassifier:
         """Initialise the encoder from stage 1: a MedMAPPretrainModel (or its saved folder, which holds
-        ``encoder/``), or an encoder (or its saved folder). A different encoder configuration is an error."""
+        ``encoder/``), or an encoder (or its saved folder). An encoder of another architecture is an error naming
+        the settings that differ; training-time settings (dropout, drop path, checkpointing) may differ."""
         if isinstance(source, (str, Path)):
             folder = Path(source)
             source = MedMAPEncoder.from_pretrained(folder / "encoder" if (folder / "encoder").is_dir() else folder)
         if isinstance(source, MedMAPPretrainModel):
             source = source.encoder
-        if source.get_config() != self.encoder.get_config():
-            fail("source", f"an encoder with this classifier's configuration {self.encoder.get_config()}",
-                 f"configuration {source.get_config()}")
+        differences = self.encoder.architecture_differences(source)
+        if differences:
+            fail("source", "an encoder of this classifier's architecture",
+                 "one that differs in " + "; ".join(differences) + " (this classifier's vs the source's)")
         self.encoder.load_state_dict(source.state_dict())
         return self
+
+
+def save_head_weights(model: nn.Module, path: Path) -> None:
+    """Every parameter and buffer of ``model`` outside ``encoder.`` (saved in its own folder) to ``path``."""
+    save_safetensors(path, {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")})
+
+
+def load_head_weights(model: nn.Module, path: Path, what: str) -> None:
+    """Inverse of :func:`save_head_weights`: strict keys and shapes, else ValueError naming ``path`` and ``what``."""
+    state = load_safetensors(path)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    check_state_dict(path, own, state, what)
+    model.load_state_dict(state, strict=False)

@@ -117,6 +117,10 @@ def load_monai_state(model: SwinViT3D, state: Mapping[str, torch.Tensor]) -> Non
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"state_dict: {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
                                  f"{_config_hint(model)}")
+            if key.endswith("relative_position_index") and not torch.equal(src.to(dst.device, dst.dtype), dst):
+                # same shape, other window: e.g. an anisotropic window given in another axis order
+                raise ValueError(f"state_dict: {key!r} belongs to another window than window_size="
+                                 f"{model.window_size}{_config_hint(model)}; pass the checkpoint's window_size")
             dst.copy_(src)
         for key in ours:
             own[key].zero_()

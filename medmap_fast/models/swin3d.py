@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medmap_fast.validation import check_volumes, fail
+from medmap_fast.validation import check_index, check_volumes, fail
 
 from .monai_compat import load_monai_state, monai_config, monai_state_dict
 from .swin_layers import MERGING, ConvResBlock, PatchEmbed3D, SwinBlock3D, Triple
@@ -184,14 +184,21 @@ class SwinViT3D(nn.Module):
 
         ``normalize`` applies an affine-free LayerNorm over channels to every returned map (MONAI's ``proj_out``);
         the maps fed to the next stage are never normalised. ``modality_ids`` [B] long picks each volume's
-        patch-embedding weights and gate (required when ``num_modalities`` > 1).
+        patch-embedding weights and gate (required when ``num_modalities`` > 1). Every side must be at least a patch
+        (MONAI would pad a thinner volume into one patch of zeros); volumes of another float dtype are cast to the
+        weights' (a float16 volume cache feeding a float32 model), autocast then decides the compute dtype.
         """
-        x = check_volumes(x, "x", self.in_chans)
-        if modality_ids is not None and self.num_modalities is None:
-            fail("modality_ids", "None for a SwinViT3D built without num_modalities", f"a {type(modality_ids).__name__}")
-        if modality_ids is None and self.num_modalities == 1:
+        x = check_volumes(x, "x", self.in_chans, min_size=self.patch_size)
+        if modality_ids is not None:
+            if self.num_modalities is None:
+                fail("modality_ids", "None for a SwinViT3D built without num_modalities",
+                     f"a {type(modality_ids).__name__}")
+            modality_ids = check_index(modality_ids, "modality_ids", x.shape[0], self.num_modalities,
+                                       what="modality ids")
+        elif self.num_modalities == 1:
             modality_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        x = self.pos_drop(self.patch_embed(x, modality_ids))  # [B, D, H, W, C] from here on
+        x = self.pos_drop(self.patch_embed(_in_weight_dtype(x, self.patch_embed.proj.weight), modality_ids))
+        # [B, D, H, W, C] from here on
         outs = [_proj_out(x, normalize)]
         for i, stage in enumerate(self.stages()):
             if self.use_v2:
@@ -225,6 +232,16 @@ class SwinViT3D(nn.Module):
                 fail("source", f"a MONAI Swin with downsample={self.config['downsample']!r}", f"downsample={theirs!r}")
         load_monai_state(self, state)
         return self
+
+
+def _in_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``weight``'s dtype, unless autocast is on for its device and will cast both itself (it leaves
+    float64 as it is, so float64 volumes are cast here)."""
+    device = x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if x.dtype == weight.dtype or (autocast and x.dtype != torch.float64):
+        return x
+    return x.to(weight.dtype)
 
 
 def _proj_out(x: torch.Tensor, normalize: bool) -> torch.Tensor:

