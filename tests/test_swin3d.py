@@ -177,6 +177,10 @@ def test_unsupported_arguments_raise(kwargs: dict, name: str) -> None:
 
 def test_defaults_of_unsupported_arguments_and_unknown_names() -> None:
     SwinViT3D(**SMALL, use_hyena=False, hyena_kernel_size=3, use_flash_attention=True)  # MONAI's defaults: accepted
+    SwinViT3D(**SMALL, hyena_stages=(False,) * 4)  # every stage attention, as MONAI reads it
+    SwinViT3D(**SMALL, use_hyena=True, hyena_stages=(False,) * 4)  # MONAI: the per-stage flags override use_hyena
+    with pytest.raises(ValueError, match=r"hyena_stages: expected None or one bool per stage \(4\)"):
+        SwinViT3D(**SMALL, hyena_stages=(False,) * 3)
     with pytest.raises(TypeError, match="not_an_argument"):
         SwinViT3D(**SMALL, not_an_argument=1)
     with pytest.raises(ValueError, match="modality_gate"):

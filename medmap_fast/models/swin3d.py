@@ -126,9 +126,16 @@ class SwinViT3D(nn.Module):
         **unsupported: Any,
     ) -> None:
         super().__init__()
-        for name, value in unsupported.items():
+        for name in unsupported:
             if name not in UNSUPPORTED_DEFAULTS:
                 raise TypeError(f"SwinViT3D got an unexpected keyword argument {name!r}")
+        use_hyena, hyena_stages = unsupported.pop("use_hyena", False), unsupported.pop("hyena_stages", None)
+        if hyena_stages is not None and len(hyena_stages) != len(depths):
+            fail("hyena_stages", f"None or one bool per stage ({len(depths)})", repr(hyena_stages))
+        if any(hyena_stages) if hyena_stages is not None else use_hyena:  # MONAI: the stages override the flag
+            raise NotImplementedError(f"use_hyena={use_hyena!r}, hyena_stages={hyena_stages!r}: MONAI's Hyena blocks "
+                                      "are not implemented in medmap-fast")
+        for name, value in unsupported.items():
             if value != UNSUPPORTED_DEFAULTS[name]:
                 raise NotImplementedError(f"{name}={value!r}: MONAI's Hyena blocks are not implemented in medmap-fast")
         if spatial_dims != 3:
