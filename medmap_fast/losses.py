@@ -58,10 +58,28 @@ def gather_rows_with_grad(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     Ranks may hold different numbers of rows: each pads to the largest count for the collective and the padding is
     sliced off. The backward pass sums each rank's gradient into the rank that owns the rows (all-gather's adjoint).
     """
-    from torch.distributed.nn.functional import all_gather
-
     padded = F.pad(x, (0, 0) * (x.ndim - 1) + (0, max(counts) - x.shape[0]))
-    return torch.cat([part[:n] for part, n in zip(all_gather(padded), counts)])
+    return torch.cat([part[:n] for part, n in zip(_AllGatherWithGrad.apply(padded), counts)])
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """x [n, ...] on every rank -> [W, n, ...]; backward: the sum over ranks of the gradient of this rank's slice.
+
+    Written here because ``torch.distributed.nn.functional.all_gather`` is deprecated in torch 2.13 and its
+    replacement lives in a private module; one all-reduce of the (small) embedding gradient works on gloo and NCCL.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[dist.get_rank()]
 
 
 def _gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
