@@ -111,15 +111,15 @@ def _check_tokenizer_files(folder: Path) -> None:
 
 def model_fingerprint(folder: Path) -> str:
     """Hash of the folder's top-level files: the content of the small ones (config, tokenizer, vocabulary) and the
-    names, sizes and modification times of the weight files.
+    names, sizes and modification times of the weight files and of anything over 32 MiB.
 
     Cheap (no weight is read) yet changes whenever the weights or the tokenisation change, so a stale cache is never
     served.
     """
     h = hashlib.sha256()
     for f in sorted(p for p in folder.iterdir() if p.is_file()):
-        if f.suffix in _WEIGHT_SUFFIXES:
-            st = f.stat()
+        st = f.stat()
+        if f.suffix in _WEIGHT_SUFFIXES or st.st_size > 32 << 20:
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
         else:
             h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
