@@ -98,7 +98,7 @@ class MedMAPEncoder(nn.Module):
         volumes = check_volumes(volumes, "volumes", self.in_chans, min_size=self.patch_size)
         ids = self.modality_id_tensor(modality_ids, volumes.shape[0], volumes.device)
         if self.sharing == "gated":
-            features = self.trunk(volumes, True, ids)
+            features = self.trunk.stage_maps(volumes, True, ids)
         else:
             features = self._separate(volumes, ids)
         last = features[-1].permute(0, 2, 3, 4, 1)  # a channels-last view: the reshape below copies nothing
@@ -128,7 +128,7 @@ class MedMAPEncoder(nn.Module):
         groups, start = [], 0
         for m, count in enumerate(counts):
             if count:
-                groups.append(self.trunks[m](volumes[order[start : start + count]]))
+                groups.append(self.trunks[m].stage_maps(volumes[order[start : start + count]]))
                 start += count
         if len(groups) == 1:  # one modality: the stable sort left the input order unchanged
             return groups[0]

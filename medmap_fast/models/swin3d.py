@@ -204,6 +204,13 @@ class SwinViT3D(nn.Module):
                                        what="modality ids")
         elif self.num_modalities == 1:
             modality_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return self.stage_maps(x, normalize, modality_ids)
+
+    def stage_maps(
+        self, x: torch.Tensor, normalize: bool = True, modality_ids: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """:meth:`forward` without its input checks, for callers that have checked ``x`` and ``modality_ids``
+        already (:class:`MedMAPEncoder`), so that the volumes are scanned for NaN/Inf (a pass and a host sync) once."""
         x = self.pos_drop(self.patch_embed(_in_weight_dtype(x, self.patch_embed.proj.weight), modality_ids))
         # [B, D, H, W, C] from here on
         outs = [_proj_out(x, normalize)]
