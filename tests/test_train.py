@@ -341,3 +341,19 @@ def test_cli_pretrain_finetune_evaluate(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--model", str(tmp_path / "s1" / "model"), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["pretrain"] == stage1
+
+    from medmap_fast.train.finetune import load_classifier  # a damaged saved classifier: errors name the file
+
+    saved = tmp_path / "s2" / "model"
+    weights, meta = saved / "classifier.safetensors", saved / "classifier.json"
+    good_weights, good_meta = weights.read_bytes(), meta.read_text()
+    weights.write_bytes(good_weights[: len(good_weights) // 2])
+    with pytest.raises(ValueError, match=r"model/classifier\.safetensors: not a readable safetensors file"):
+        load_classifier(saved)
+    weights.write_bytes(good_weights)
+    for text, pattern in [("{", "not valid JSON"), ("{}", r"describes no valid MedMAPClassifier \(KeyError")]:
+        meta.write_text(text)
+        with pytest.raises(ValueError, match=r"model/classifier\.json: " + pattern):
+            load_classifier(saved)
+    meta.write_text(good_meta)
+    assert load_classifier(saved)[1]["class_names"] == test["class_names"]

@@ -125,11 +125,11 @@ def load_classifier(directory: str | Path) -> tuple[MedMAPClassifier, dict[str, 
     directory = Path(directory)
     path = directory / CONFIG_FILE
     meta = read_json_object(path, "medmap-fast finetune")
+    encoder = MedMAPEncoder.from_pretrained(directory / "encoder")  # its own files, its own errors
     try:
         kwargs = dict(meta["config"]["finetune"]["model"])
         if meta["label_shape"] is not None:
             kwargs["label_embeddings"] = torch.zeros(meta["label_shape"])  # the saved buffer replaces it
-        encoder = MedMAPEncoder.from_pretrained(directory / "encoder")
         model = MedMAPClassifier(encoder, meta["num_classes"], torch.zeros(meta["prompt_shape"]), **kwargs)
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path}: describes no valid MedMAPClassifier ({type(err).__name__}: {err})") from err
