@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from medmap_fast.data.abdomen import ABDOMEN_CENTER_MM, ABDOMEN_FOV_MM, LIVER_CONTRASTS, Abdomen, AbdomenParams
-from medmap_fast.data.anatomy import BRAIN_CONTRASTS, BRAIN_FOV_MM, brain_atlas, sample_brain
-from medmap_fast.data.brain import BRAIN_CLASSES, render_brain
-from medmap_fast.data.demo import (
+from medmap_fast.synthetic.abdomen import ABDOMEN_CENTER_MM, ABDOMEN_FOV_MM, LIVER_CONTRASTS, Abdomen, AbdomenParams
+from medmap_fast.synthetic.anatomy import BRAIN_CONTRASTS, BRAIN_FOV_MM, brain_atlas, sample_brain
+from medmap_fast.synthetic.brain import BRAIN_CLASSES, render_brain
+from medmap_fast.synthetic.demo import (
     CLASSES,
     ORGAN_CLASSES,
     ORGAN_MODALITIES,
@@ -21,9 +21,9 @@ from medmap_fast.data.demo import (
     generate_studies,
     generate_study,
 )
-from medmap_fast.data.geometry import Grid
-from medmap_fast.data.liver import LIVER_CLASSES, render_liver
-from medmap_fast.data.reports import CLASS_TERMS
+from medmap_fast.synthetic.geometry import Grid
+from medmap_fast.synthetic.liver import LIVER_CLASSES, render_liver
+from medmap_fast.synthetic.reports import CLASS_TERMS
 from medmap_fast.data.study import MODALITIES, Study, collate_studies
 from medmap_fast.modalities import ModalityRegistry
 

@@ -26,7 +26,7 @@ class Study:
     """One study: ``volume`` float32 [M_present, D, H, W], one channel per name in ``modalities`` (same order).
 
     ``spacing`` is the voxel size in mm along (D, H, W); ``label`` a class index (the demo's classes are
-    :data:`medmap_fast.data.demo.CLASSES`); ``attributes`` free JSON-serialisable metadata (findings, acquisition).
+    :data:`medmap_fast.synthetic.demo.CLASSES`); ``attributes`` free JSON-serialisable metadata (findings, acquisition).
     """
 
     study_id: str

@@ -1,6 +1,6 @@
 """Studies in, batches out: the data side of both training stages.
 
-* :func:`load_studies` resolves a data source ("demo": the embedded synthetic dataset of :mod:`medmap_fast.data.demo`)
+* :func:`load_studies` resolves a data source ("demo": the embedded synthetic dataset of :mod:`medmap_fast.synthetic.demo`)
   into normalised train and test studies (a seeded split, stratified by class).
 * :class:`TextTable` holds the frozen text embeddings of every report once (the text encoder caches them on disk).
 * :class:`StudyCollate` turns a list of studies into the batch dict the stage step functions consume, optionally
@@ -74,7 +74,7 @@ def load_studies(data: dict[str, Any], seed: int, progress: bool = False) -> Stu
     source = data.get("source", "demo")
     if source not in DATA_SOURCES:
         fail("data.source", f"one of {DATA_SOURCES}", repr(source))
-    from medmap_fast.data.demo import CLASSES, DemoConfig, DemoDataset
+    from medmap_fast.synthetic.demo import CLASSES, DemoConfig, DemoDataset
 
     data_seed = int(data.get("seed", seed))
     subset = {k: tuple(data[k]) for k in ("organs", "classes") if data.get(k)}

@@ -67,7 +67,7 @@ def organ_metrics(probs: np.ndarray, labels: np.ndarray, organ_classes: dict[str
 
 def evaluate_classifier(model: torch.nn.Module, split: StudySplit, batch_size: int) -> dict[str, Any]:
     """Test-set metrics (overall and per organ) plus the raw probabilities for the plots."""
-    from medmap_fast.data.demo import ORGAN_CLASSES
+    from medmap_fast.synthetic.demo import ORGAN_CLASSES
 
     probs, labels = predict(model, split.test, batch_size)
     metrics = classification_metrics(probs, labels, split.class_names)
@@ -77,8 +77,8 @@ def evaluate_classifier(model: torch.nn.Module, split: StudySplit, batch_size: i
 
 def lesion_slice(study: Study) -> int | None:
     """Approximate axial index through the study's (first) lesion, from its world-mm centre (pose ignored)."""
-    from medmap_fast.data.abdomen import ABDOMEN_CENTER_MM
-    from medmap_fast.data.anatomy import brain_atlas
+    from medmap_fast.synthetic.abdomen import ABDOMEN_CENTER_MM
+    from medmap_fast.synthetic.anatomy import brain_atlas
 
     a = study.attributes
     center = a.get("center_mm") or (a.get("centers_mm") or [None])[0]
@@ -166,7 +166,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, ablation: b
     if ablation:
         metrics["ablation"] = {"random_init": {"test": results["random_init"]["metrics"]}}
     if ctx.is_main:
-        from medmap_fast.data.demo import ORGAN_MODALITIES
+        from medmap_fast.synthetic.demo import ORGAN_MODALITIES
 
         figures = {
             "loss_curves": plots.plot_loss_curves(logs, out / "loss_curves.png"),

@@ -56,7 +56,7 @@ class LiverFinding:
 
 
 def render_liver(label: str, rng: np.random.Generator, grid: Grid) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Images [6, D, H, W] in :data:`~medmap_fast.data.abdomen.LIVER_CONTRASTS` order and the finding's attributes."""
+    """Images [6, D, H, W] in :data:`~medmap_fast.synthetic.abdomen.LIVER_CONTRASTS` order and the finding's attributes."""
     # The anatomy has its own generator, drawn first, so a given study has the same body whatever its class.
     anatomy_rng = np.random.default_rng(int(rng.integers(2**63)))
     finding = _FINDINGS[label](rng)

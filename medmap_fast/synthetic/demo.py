@@ -31,7 +31,7 @@ from .geometry import Grid, as_size3, random_rotation
 from .liver import LIVER_CLASSES, render_liver
 from .render import polynomial_bias, rician
 from .reports import write_report
-from .study import Study
+from medmap_fast.data.study import Study
 
 CLASSES = BRAIN_CLASSES + LIVER_CLASSES
 ORGAN_CLASSES = {"brain": BRAIN_CLASSES, "liver": LIVER_CLASSES}

@@ -83,7 +83,7 @@ class BrainFinding:
 
 
 def render_brain(label: str, rng: np.random.Generator, grid: Grid) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Images [6, D, H, W] in :data:`~medmap_fast.data.anatomy.BRAIN_CONTRASTS` order and the finding's attributes."""
+    """Images [6, D, H, W] in :data:`~medmap_fast.synthetic.anatomy.BRAIN_CONTRASTS` order and the finding's attributes."""
     atlas = brain_atlas()
     finding = _FINDINGS[label](rng, atlas)
     noise = NoiseField(rng, 4, 8.0, atlas.center, 280.0)
