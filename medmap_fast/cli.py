@@ -1,9 +1,11 @@
-"""The ``medmap-fast`` command line: demo, pretrain, finetune, evaluate.
+"""The ``medmap-fast`` command line: demo, manifest, prepare, pretrain, finetune, evaluate.
 
     medmap-fast demo [--out DIR] [--quick] [--ablation]
-    medmap-fast pretrain --config configs/demo.yaml --data demo --out runs/stage1
-    medmap-fast finetune --config configs/demo.yaml --data demo --init runs/stage1/model --out runs/stage2
-    medmap-fast evaluate --model runs/stage2/model --data demo
+    medmap-fast manifest folders ROOT [--out ROOT/manifest.jsonl]     # or: manifest msd Task01_BrainTumour
+    medmap-fast prepare manifest.jsonl --out CACHE [--spacing 1.5] [--workers N] [--strict]
+    medmap-fast pretrain --config configs/demo.yaml --data CACHE --out runs/stage1
+    medmap-fast finetune --config configs/demo.yaml --data CACHE --init runs/stage1/model --out runs/stage2
+    medmap-fast evaluate --model runs/stage2/model [--data CACHE] [--split test]
     torchrun --nproc-per-node=4 -m medmap_fast.cli pretrain ...        # DDP (NCCL on GPU, gloo on CPU)
 
 pretrain / finetune / evaluate write ``metrics.json`` (held-out metrics) and ``config.json`` (the merged config) into
@@ -19,8 +21,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from medmap_fast.train.data import DATA_SOURCES
-
 CONFIG_NAME = "config.json"
 
 
@@ -34,7 +34,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
-    p.add_argument("--data", choices=DATA_SOURCES, default=None, help="data source (default: the config's)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="prepared cache folder (from `medmap-fast prepare`; default: the config's data.path)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true", help="also fine-tune from a random initialisation")
     p.add_argument("--config", type=Path, default=None, help="YAML config replacing the built-in demo one")
     _common(p)
+
+    p = sub.add_parser("manifest", help="write a manifest (JSONL) for a folder of studies")
+    p.add_argument("layout", choices=("folders", "msd"),
+                   help="folders: one folder per study (<modality>.nii.gz, report.txt, labels.txt); "
+                        "msd: a Medical Segmentation Decathlon task (dataset.json, 4-D imagesTr/)")
+    p.add_argument("root", type=Path, help="the dataset folder")
+    p.add_argument("--out", type=Path, default=None, help="manifest file (default: ROOT/manifest.jsonl)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="studies assigned to val (by a hash of the id)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="studies assigned to test (by a hash of the id)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split hash")
+
+    p = sub.add_parser("prepare", help="read, reorient, resample, crop and normalise studies into a cache")
+    p.add_argument("manifest", type=Path, help="manifest (.jsonl or .csv)")
+    p.add_argument("--out", type=Path, required=True, help="cache folder (index.jsonl, errors.jsonl, studies/)")
+    p.add_argument("--spacing", type=_spacing, default=1.5,
+                   help="voxel size in mm: one number, three (x,y,z), or 'native' (the first modality's own)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any study is skipped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("pretrain", help="stage 1: vision-language pre-training")
     _data_args(p)
@@ -66,10 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="held-out metrics of a saved stage-1 or stage-2 model")
     _data_args(p)
     p.add_argument("--model", type=Path, required=True, help="a model/ folder written by pretrain or finetune")
-    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="the split to score")
     p.add_argument("--out", type=Path, default=None, help="metrics file (default: print only)")
     _common(p)
     return parser
+
+
+def _spacing(text: str) -> float | tuple[float, ...] | None:
+    """--spacing: "native", one number or three comma-separated numbers (mm)."""
+    if text == "native":
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'native', a number or three numbers x,y,z, got {text!r}") from None
+    if len(values) not in (1, 3) or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected one or three positive numbers, got {text!r}")
+    return values[0] if len(values) == 1 else values
 
 
 def _load_config(args: argparse.Namespace, fallback: Path | None = None) -> dict[str, Any]:
@@ -79,7 +112,7 @@ def _load_config(args: argparse.Namespace, fallback: Path | None = None) -> dict
     if args.seed is not None:
         overrides["seed"] = args.seed
     if getattr(args, "data", None):
-        overrides["data"] = {"source": args.data}
+        overrides["data"] = {"path": str(args.data)}
     if args.config is None and fallback is not None and fallback.is_file():
         from medmap_fast.train.config import merge
 
@@ -100,49 +133,62 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_json(path, data)
 
 
+def _held_out(cache: Any, need: str, ctx: Any) -> list[Any] | None:
+    """The studies to report metrics on: the test split, else val; None (and a note) when neither has any."""
+    for split in ("test", "val"):
+        if any(getattr(e, need) is not None for e in cache.splits[split]):
+            return cache.split(split, need, ctx)
+    if ctx.is_main:
+        print(f"{cache.path}: no test or val studies with a {need}; no held-out metrics", file=sys.stderr)
+    return None
+
+
 def _run_stage(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
-    from medmap_fast.train.data import TextTable, load_studies
+    from medmap_fast.train.data import TextTable, open_cache
 
     config = _load_config(args)
     progress = not args.no_progress and ctx.is_main
-    split = load_studies(config["data"], config["seed"], progress=progress)
+    cache = open_cache(config["data"])
     text_encoder = _text_encoder(config)
-    batch_size = config["evaluate"]["batch_size"]
     if ctx.is_main:
         _write_json(args.out / CONFIG_NAME, config)
     if args.command == "pretrain":
         from medmap_fast.train.pretrain import pretrain, retrieval_metrics
 
-        reports = TextTable([s.report for s in split.train + split.test], text_encoder, progress=progress)
-        model, _ = pretrain(split.train, config, reports, ctx, args.out, progress=progress, resume=not args.no_resume)
-        metrics = {"pretrain": retrieval_metrics(model, split.test, reports, batch_size, ctx.device)}
+        texts = [e.report for entries in cache.splits.values() for e in entries if e.report is not None]
+        reports = TextTable(texts, text_encoder, progress=progress)
+        model, _ = pretrain(cache, config, reports, ctx, args.out, progress=progress, resume=not args.no_resume)
+        held_out = _held_out(cache, "report", ctx)
+        metrics = {"pretrain": retrieval_metrics(model, held_out, cache, config, reports, ctx)} if held_out else {}
     else:
         from medmap_fast.train.demo import evaluate_classifier
         from medmap_fast.train.finetune import finetune
 
         init = None if args.random_init else args.init
-        model, _ = finetune(split.train, config, len(split.class_names), text_encoder, ctx, init=init,
-                            run_dir=args.out, class_names=split.class_names, progress=progress,
+        model, _ = finetune(cache, config, text_encoder, ctx, init=init, run_dir=args.out, progress=progress,
                             resume=not args.no_resume)
-        metrics = {"test": evaluate_classifier(model, split, batch_size)["metrics"]}
+        held_out = _held_out(cache, "labels", ctx)
+        metrics = {held_out[0].split: evaluate_classifier(model, cache, config, ctx, held_out[0].split)["metrics"]
+                   } if held_out else {}
     if ctx.is_main:
         _write_json(args.out / "metrics.json", metrics)
     return metrics
 
 
 def _evaluate(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
-    from medmap_fast.train.data import TextTable, load_studies
+    from medmap_fast.data.cache import LabelSpace
+    from medmap_fast.train.data import TextTable, open_cache
     from medmap_fast.train.demo import evaluate_classifier
     from medmap_fast.train.finetune import CONFIG_FILE, load_classifier
 
+    config = _load_config(args) if args.config else _load_config(args, args.model.parent / CONFIG_NAME)
+    cache = open_cache(config["data"])
     if (args.model / CONFIG_FILE).is_file():
         model, meta = load_classifier(args.model)
-        config = _load_config(args) if args.config else _load_config(args, args.model.parent / CONFIG_NAME)
-        split = load_studies(config["data"], config["seed"], progress=not args.no_progress)
-        if args.split == "train":
-            split.test = split.train
+        labelled = [e.labels for entries in cache.splits.values() for e in entries if e.labels is not None]
+        cache.labels = LabelSpace(labelled, meta["class_names"])  # the classifier's classes, in its order
         model.to(ctx.device)
-        return {args.split: evaluate_classifier(model, split, config["evaluate"]["batch_size"])["metrics"]}
+        return {args.split: evaluate_classifier(model, cache, config, ctx, args.split)["metrics"]}
     from medmap_fast.models.medmap import HEADS_CONFIG, MedMAPPretrainModel
     from medmap_fast.train.pretrain import retrieval_metrics
 
@@ -150,15 +196,43 @@ def _evaluate(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         raise SystemExit(f"--model {args.model}: expected a folder written by `medmap-fast pretrain` ({HEADS_CONFIG}) "
                          f"or `medmap-fast finetune` ({CONFIG_FILE})")
     model = MedMAPPretrainModel.from_pretrained(args.model).to(ctx.device)
-    config = _load_config(args) if args.config else _load_config(args, args.model.parent / CONFIG_NAME)
-    split = load_studies(config["data"], config["seed"], progress=not args.no_progress)
-    studies = split.train if args.split == "train" else split.test
-    reports = TextTable([s.report for s in studies], _text_encoder(config))
-    return {"pretrain": retrieval_metrics(model, studies, reports, config["evaluate"]["batch_size"], ctx.device)}
+    entries = cache.split(args.split, "report", ctx)
+    reports = TextTable([e.report for e in entries], _text_encoder(config))
+    return {"pretrain": retrieval_metrics(model, entries, cache, config, reports, ctx)}
+
+
+def _manifest(args: argparse.Namespace) -> dict[str, Any]:
+    from medmap_fast.data.importers import folders_manifest, msd_manifest
+    from medmap_fast.data.manifest import write_manifest
+
+    importer = folders_manifest if args.layout == "folders" else msd_manifest
+    studies = importer(args.root, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    out = args.out or args.root / "manifest.jsonl"
+    write_manifest(studies, out)
+    splits = {s: sum(1 for x in studies if x.split == s) for s in ("train", "val", "test")}
+    return {"manifest": str(out), "studies": len(studies), "splits": splits}
+
+
+def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    from medmap_fast.data.prepare import prepare
+
+    summary = prepare(args.manifest, args.out, spacing=args.spacing, workers=args.workers, strict=args.strict,
+                      progress=not args.no_progress)
+    return summary.to_json(), 1 if args.strict and summary.skipped else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("manifest", "prepare"):  # data commands: no model, no process group
+        from medmap_fast.data.manifest import ManifestError
+
+        try:
+            summary, code = (_manifest(args), 0) if args.command == "manifest" else _prepare(args)
+        except (ManifestError, FileNotFoundError) as err:
+            print(f"medmap-fast {args.command}: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary, indent=2))
+        return code
     from medmap_fast.kernels import backend
     from medmap_fast.train.distributed import init_distributed, shutdown
 

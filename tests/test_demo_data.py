@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
+from medmap_fast.modalities import DEFAULT_MODALITY_NAMES as MODALITIES
 from medmap_fast.synthetic.abdomen import ABDOMEN_CENTER_MM, ABDOMEN_FOV_MM, LIVER_CONTRASTS, Abdomen, AbdomenParams
 from medmap_fast.synthetic.anatomy import BRAIN_CONTRASTS, BRAIN_FOV_MM, brain_atlas, sample_brain
 from medmap_fast.synthetic.brain import BRAIN_CLASSES, render_brain
@@ -24,8 +24,7 @@ from medmap_fast.synthetic.demo import (
 from medmap_fast.synthetic.geometry import Grid
 from medmap_fast.synthetic.liver import LIVER_CLASSES, render_liver
 from medmap_fast.synthetic.reports import CLASS_TERMS
-from medmap_fast.data.study import MODALITIES, Study, collate_studies
-from medmap_fast.modalities import ModalityRegistry
+from medmap_fast.synthetic.study import Study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NEGATION = re.compile(r"\b(no|not|without|negative for)\b", re.IGNORECASE)
@@ -270,52 +269,6 @@ def test_dataset_is_deterministic_and_knows_its_labels():
     assert dataset[-1].study_id == dataset[5].study_id
     with pytest.raises(IndexError):
         dataset[6]
-
-
-# ---------------------------------------------------------------------------------------------------- collation
-
-
-def test_collate_produces_the_batch_contract():
-    studies = generate_studies(5, seed=0, config=DemoConfig(size=8))
-    batch = collate_studies(studies)
-    v = sum(len(s.modalities) for s in studies)
-    assert batch.volumes.shape == (v, 1, 8, 8, 8) and batch.volumes.dtype == torch.float32
-    assert batch.modality_ids.dtype == torch.long and batch.study_index.dtype == torch.long
-    assert [MODALITIES[i] for i in batch.modality_ids] == [m for s in studies for m in s.modalities]
-    assert batch.study_index.tolist() == [i for i, s in enumerate(studies) for _ in s.modalities]
-    assert batch.labels.tolist() == [s.label for s in studies] and batch.reports == [s.report for s in studies]
-    assert torch.equal(batch.volumes[: len(studies[0].modalities), 0], studies[0].volume)
-    assert batch.num_studies == 5
-    half = collate_studies(studies, dtype=torch.float16)
-    assert half.volumes.dtype == torch.float16
-
-
-def test_collate_works_as_a_dataloader_collate_fn():
-    loader = DataLoader(DemoDataset(6, config=DemoConfig(size=8)), batch_size=3, collate_fn=collate_studies)
-    batches = list(loader)
-    assert len(batches) == 2 and all(b.num_studies == 3 for b in batches)
-    assert int(batches[0].study_index.max()) == 2
-
-
-def make_study(study_id: str, modalities: tuple[str, ...], shape=(4, 4, 4)) -> Study:
-    return Study(study_id, "brain", modalities, torch.zeros(len(modalities), *shape), (1.0, 1.0, 1.0), "text", 0)
-
-
-def test_collate_rejects_unknown_modalities_and_mismatched_shapes():
-    with pytest.raises(ValueError, match=r"'s1'.*unknown \['T3'\]"):
-        collate_studies([make_study("s1", ("T1", "T3"))])
-    with pytest.raises(ValueError, match=r"'b'.*spatial shape \(4, 4, 4\).*shape \(4, 4, 5\)"):
-        collate_studies([make_study("a", ("T1",)), make_study("b", ("T2",), (4, 4, 5))])
-    with pytest.raises(ValueError, match="at least one Study"):
-        collate_studies([])
-    with pytest.raises(ValueError, match="sequence of Study"):
-        collate_studies([torch.zeros(1, 4, 4, 4)])
-    # A custom registry (names or a ModalityRegistry): ids index it, and names outside it are rejected.
-    assert collate_studies([make_study("a", ("FLAIR",))], modality_names=("FLAIR", "T1")).modality_ids.tolist() == [0]
-    registry = ModalityRegistry(["T2", ("SWI", "susceptibility-weighted")])
-    assert collate_studies([make_study("a", ("SWI", "T2"))], registry).modality_ids.tolist() == [1, 0]
-    with pytest.raises(ValueError, match=r"unknown \['T1'\]"):
-        collate_studies([make_study("a", ("T1",))], registry)
 
 
 def test_study_checks_its_fields():

@@ -1,9 +1,9 @@
 """The training machinery: schedule, optimiser groups, config checks, sharded sampling, the loop (determinism,
-gradient accumulation, exact resume after a crash, DDP on gloo), data collation, and the CLI stages on tiny data."""
+gradient accumulation, exact resume after a crash, DDP on gloo) and the stage transforms of a loader's batches.
+The CLI stages end to end: tests/test_cli_real_mri.py."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -14,10 +14,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from medmap_fast.data.study import Study
 from medmap_fast.train.checkpoint import CHECKPOINT_NAME
 from medmap_fast.train.config import load_config
-from medmap_fast.train.data import StudyCollate, load_studies, stratified_split
+from medmap_fast.train.data import StageBatches, keep_volumes, with_report_embeddings
 from medmap_fast.train.distributed import DistributedContext, ShardedSampler, init_distributed, shutdown
 from medmap_fast.train.loop import TrainConfig, WarmupCosine, fit, param_groups
 
@@ -70,22 +69,26 @@ def test_load_config_merges_and_checks(tmp_path):
     path.write_text("pretrian: {}\n")
     with pytest.raises(ValueError, match="pretrian"):
         load_config(path)
-    path.write_text("data: {sise: 32}\n")
-    with pytest.raises(ValueError, match="sise"):
-        load_config(path)
+    for text, match in [("data: {sise: 32}", "sise"), ("demo: {num_studis: 3}", "num_studis"),
+                        ("data: {loader: fast}", "data.loader"), ("finetune: {augment: {flips: 0.5}}", "flips"),
+                        ("pretrain: {augment: {rot90: true}}\ndata: {size: [32, 16, 32]}", "rot90")]:
+        path.write_text(text + "\n")
+        with pytest.raises(ValueError, match=match):
+            load_config(path)
 
 
 def test_repository_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
     for name in ("demo.yaml", "demo_quick.yaml", "paper.yaml"):
         config = load_config(root / name)
-        assert config["data"]["source"] == "demo"
+        assert config["data"]["path"] is None  # the demo fills it in; the paper config takes --data CACHE
     paper = load_config(root / "paper.yaml")
     assert paper["data"]["size"] == 96 and paper["encoder"]["embed_dim"] == 48
+    assert load_config(root / "demo.yaml")["demo"]["num_studies"] == 2400
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sampling and splitting
+# sampling
 
 
 def test_sharded_sampler_partitions_each_epoch_and_resumes_mid_epoch():
@@ -103,17 +106,6 @@ def test_sharded_sampler_partitions_each_epoch_and_resumes_mid_epoch():
     assert list(again) == shards[1][3:] and len(again) == 1
     again.set_epoch(3)
     assert list(again) != shards[1] and len(again) == 4
-
-
-def test_stratified_split_keeps_class_proportions():
-    labels = [0] * 20 + [1] * 10 + [2] * 3
-    train, test = stratified_split(labels, 0.3, seed=1)
-    assert sorted(train + test) == list(range(33)) and len(test) == round(0.3 * 33)
-    per_class = [sum(labels[i] == c for i in test) for c in range(3)]
-    assert per_class[0] == 6 and per_class[1] == 3 and per_class[2] in (0, 1)
-    assert stratified_split(labels, 0.3, seed=1) == (train, test)
-    with pytest.raises(ValueError, match="test_fraction"):
-        stratified_split([0, 1], 0.1, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,6 +132,23 @@ def toy_collate(items):
     return {"x": torch.stack([i[0] for i in items]), "y": torch.stack([i[1] for i in items])}
 
 
+class ToyBatches:
+    """A BatchSource over the toy items: this rank's shard of a seeded shuffle, in batches."""
+
+    def __init__(self, items, batch_size: int, ctx: DistributedContext, seed: int) -> None:
+        self.items, self.batch_size = items, batch_size
+        self.sampler = ShardedSampler(len(items), ctx, seed=seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.sampler.per_rank / self.batch_size)
+
+    def epoch(self, epoch: int, skip_batches: int = 0):
+        self.sampler.set_epoch(epoch)
+        order = self.sampler.epoch_indices()
+        for start in range(skip_batches * self.batch_size, len(order), self.batch_size):
+            yield toy_collate([self.items[i] for i in order[start : start + self.batch_size]])
+
+
 def toy_loss(model, batch):
     loss = ((model(batch["x"]) - batch["y"]) ** 2).mean()
     return loss, {"mse": float(loss.detach())}
@@ -148,7 +157,8 @@ def toy_loss(model, batch):
 def _train_toy(config: TrainConfig, dropout: float = 0.0, run_dir=None, step_loss=toy_loss, ctx=CPU):
     torch.manual_seed(123)
     model = Toy(dropout)
-    history = fit(model, toy_data(), toy_collate, step_loss, config, ctx, run_dir, progress=False)
+    batches = ToyBatches(toy_data(), config.batch_size, ctx, config.seed)
+    history = fit(model, batches, step_loss, config, ctx, run_dir, progress=False)
     return model, history
 
 
@@ -235,12 +245,17 @@ def test_ddp_on_gloo_equals_one_process_on_the_global_batch(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# collation of studies
+# the stage transforms of a loader's batches
 
 
-def _study(i: int, modalities: tuple[str, ...], report: str, label: int) -> Study:
-    volume = torch.full((len(modalities), 4, 4, 4), float(i))
-    return Study(f"s{i}", "brain", modalities, volume, (1.0, 1.0, 1.0), report, label)
+def _batch(modalities: list[tuple[str, ...]], reports: list[str]) -> dict:
+    """A loader batch (the DESIGN contract) whose volume v is filled with the value v."""
+    counts = [len(m) for m in modalities]
+    volumes = torch.arange(sum(counts), dtype=torch.float32)[:, None, None, None, None].expand(-1, 1, 4, 4, 4)
+    ids = [["T1", "T1c", "T2", "FLAIR", "DWI", "ADC"].index(n) for m in modalities for n in m]
+    return {"volumes": volumes, "modality_ids": torch.tensor(ids),
+            "study_index": torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)),
+            "num_studies": len(counts), "reports": reports, "study_ids": [f"s{i}" for i in range(len(counts))]}
 
 
 class _FakeTable:
@@ -250,110 +265,26 @@ class _FakeTable:
         return torch.tensor([[float(len(t)), 0.0, 0.0] for t in texts])
 
 
-def test_collate_shares_identical_reports_and_subsets_modalities():
-    studies = [_study(0, ("T1", "T2", "FLAIR"), "normal", 0), _study(1, ("DWI",), "infarct", 2),
-               _study(2, ("T2", "ADC"), "normal", 0)]
-    batch = StudyCollate(reports=_FakeTable())(studies)
-    assert batch["num_studies"] == 3 and batch["labels"].tolist() == [0, 2, 0]
-    assert batch["study_index"].tolist() == [0, 0, 0, 1, 0, 0]  # studies 0 and 2 share the report "normal"
-    assert batch["report_embeddings"][:, 0].tolist() == [6.0, 7.0]
-    assert batch["modality_ids"].tolist() == [0, 2, 3, 4, 2, 5]
+def test_report_embeddings_are_shared_by_identical_reports():
+    batch = _batch([("T1", "T2", "FLAIR"), ("DWI",), ("T2", "ADC")], ["normal", "infarct", "normal"])
+    out = with_report_embeddings(batch, _FakeTable())
+    assert out["study_index"].tolist() == [0, 0, 0, 1, 0, 0]  # studies 0 and 2 share the report "normal"
+    assert out["report_embeddings"][:, 0].tolist() == [6.0, 7.0]
+    assert out["modality_ids"].tolist() == [0, 2, 3, 4, 2, 5] and out["num_studies"] == 3
 
+
+def test_keep_volumes_subsets_each_study_in_order():
+    batch = _batch([("T1", "T2", "FLAIR"), ("DWI",), ("T2", "ADC")], ["a", "b", "c"])
     torch.manual_seed(0)
-    sub = StudyCollate(max_volumes=1)(studies)
-    assert sub["study_index"].tolist() == [0, 1, 2] and sub["volumes"].shape == (3, 1, 4, 4, 4)
-    assert sub["volumes"][:, 0, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]  # each volume still from its own study
+    seen = set()
+    for _ in range(20):
+        out = keep_volumes(batch, 2)
+        assert out["study_index"].tolist()[-3:] == [1, 2, 2] and len(out["study_index"]) == 5
+        first = out["volumes"][:2, 0, 0, 0, 0].tolist()
+        assert first == sorted(first) and set(first) <= {0.0, 1.0, 2.0}  # study 0's own volumes, in order
+        assert out["modality_ids"].tolist()[:2] == [[0, 2, 3][int(v)] for v in first]
+        seen.add(tuple(first))
+    assert len(seen) == 3  # every pair of study 0's three volumes is drawn
+    assert torch.equal(keep_volumes(batch, 3)["volumes"], batch["volumes"])
     with pytest.raises(ValueError, match="max_volumes"):
-        StudyCollate(max_volumes=0)
-
-
-def test_collate_augment_flips_a_study_jointly_and_rescales_each_volume():
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(6, 5, 4, generator=g)
-    study = Study("s", "brain", ("T1", "T2", "FLAIR"), base.expand(3, -1, -1, -1).clone(), (1.0,) * 3, "r", 0)
-    torch.manual_seed(3)
-    first = StudyCollate(augment=True)([study] * 4)["volumes"][:, 0]
-    torch.manual_seed(3)
-    assert torch.equal(first, StudyCollate(augment=True)([study] * 4)["volumes"][:, 0])  # seeded: reproducible
-    flips = [()] + [(a,) for a in range(3)] + [(0, 1), (0, 2), (1, 2), (0, 1, 2)]
-    used = set()
-    for s in range(4):
-        axes = []
-        for v in first[3 * s : 3 * s + 3]:  # each volume = a * flip(base) + b, the same flip for the whole study
-            fits = [f for f in flips if _affine_residual(v, base.flip(f) if f else base) < 1e-5]
-            assert len(fits) == 1, fits
-            axes.append(fits[0])
-        assert len(set(axes)) == 1, axes
-        used.add(axes[0])
-        assert not torch.allclose(first[3 * s], first[3 * s + 1])  # its own intensity change per volume
-    assert len(used) > 1, used  # the flips are drawn per study
-
-
-def _affine_residual(y: torch.Tensor, x: torch.Tensor) -> float:
-    """Relative residual of the least-squares fit y = a * x + b."""
-    design = torch.stack([x.flatten(), torch.ones(x.numel())], 1).double()
-    coef = torch.linalg.lstsq(design, y.flatten().double()[:, None]).solution
-    return float((design @ coef - y.flatten().double()[:, None]).norm() / y.double().norm())
-
-
-def test_demo_studies_are_the_same_with_parallel_generation():
-    data = {"source": "demo", "num_studies": 6, "size": 16, "test_fraction": 0.5}
-    serial = load_studies({**data, "num_workers": 0}, seed=1)
-    parallel = load_studies({**data, "num_workers": 2}, seed=1)
-    assert [s.study_id for s in serial.train] == [s.study_id for s in parallel.train]
-    for a, b in zip(serial.train + serial.test, parallel.train + parallel.test):
-        assert torch.equal(a.volume, b.volume) and a.report == b.report and a.label == b.label
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the CLI stages end to end on tiny data
-
-
-TINY = """
-seed: 0
-data: {source: demo, num_studies: 10, size: 16, test_fraction: 0.3}
-encoder: {embed_dim: 12, patch_size: 4, window_size: 2, depths: [1, 1], num_heads: [3, 6]}
-text: {cache_dir: CACHE}
-pretrain: {max_volumes: 2, model: {embed_dim: 16}, train: {epochs: 1, batch_size: 4}}
-finetune: {model: {dim: 16, depth: 1, num_heads: 2}, train: {epochs: 1, batch_size: 4}}
-evaluate: {batch_size: 8}
-"""
-
-
-def test_cli_pretrain_finetune_evaluate(tmp_path, capsys):
-    from medmap_fast.cli import main
-
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY.replace("CACHE", str(tmp_path / "cache")))
-    common = ["--config", str(config), "--no-progress"]
-    assert main(["pretrain", *common, "--out", str(tmp_path / "s1")]) == 0
-    stage1 = json.loads((tmp_path / "s1" / "metrics.json").read_text())["pretrain"]
-    assert 0.0 <= stage1["retrieval_r1"] <= stage1["retrieval_r5"] <= 1.0 and stage1["num_studies"] == 3
-    assert (tmp_path / "s1" / "model" / "encoder" / "model.safetensors").is_file()
-
-    assert main(["finetune", *common, "--init", str(tmp_path / "s1" / "model"), "--out", str(tmp_path / "s2")]) == 0
-    test = json.loads((tmp_path / "s2" / "metrics.json").read_text())["test"]
-    assert test["num_samples"] == 3 and len(test["class_names"]) == 13
-
-    assert main(["evaluate", "--model", str(tmp_path / "s2" / "model"), "--no-progress",
-                 "--out", str(tmp_path / "eval.json")]) == 0
-    assert json.loads((tmp_path / "eval.json").read_text())["test"] == test  # the saved classifier reloads exactly
-    capsys.readouterr()
-    assert main(["evaluate", "--model", str(tmp_path / "s1" / "model"), "--no-progress"]) == 0
-    assert json.loads(capsys.readouterr().out)["pretrain"] == stage1
-
-    from medmap_fast.train.finetune import load_classifier  # a damaged saved classifier: errors name the file
-
-    saved = tmp_path / "s2" / "model"
-    weights, meta = saved / "classifier.safetensors", saved / "classifier.json"
-    good_weights, good_meta = weights.read_bytes(), meta.read_text()
-    weights.write_bytes(good_weights[: len(good_weights) // 2])
-    with pytest.raises(ValueError, match=r"model/classifier\.safetensors: not a readable safetensors file"):
-        load_classifier(saved)
-    weights.write_bytes(good_weights)
-    for text, pattern in [("{", "not valid JSON"), ("{}", r"describes no valid MedMAPClassifier \(KeyError")]:
-        meta.write_text(text)
-        with pytest.raises(ValueError, match=r"model/classifier\.json: " + pattern):
-            load_classifier(saved)
-    meta.write_text(good_meta)
-    assert load_classifier(saved)[1]["class_names"] == test["class_names"]
+        StageBatches([], max_volumes=0)

@@ -15,8 +15,10 @@ targets of the classifier: multi-class (class index), binary (0/1 of ``class_nam
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medmap_fast.fileio import atomic_write_bytes
 from medmap_fast.validation import fail
 
 INDEX_FILE = "index.jsonl"
@@ -103,6 +106,41 @@ def read_index(cache_dir: str | Path) -> list[CacheEntry]:
             raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         entries.append(CacheEntry.from_json(row, f"{path}:{number}"))
     return entries
+
+
+_SAFE_KEY = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")  # lower case: keys stay distinct on case-insensitive disks
+
+
+def study_key(study_id: str) -> str:
+    """File-safe key of a study (``CACHE/studies/<key>.npy``): the id itself when it is already a short lower-case
+    name of ``[a-z0-9._-]``, else the id sanitised, cut to 64 characters and suffixed with 8 hex digits of its sha1
+    (so distinct ids never share a key)."""
+    if _SAFE_KEY.fullmatch(study_id):
+        return study_id
+    safe = re.sub(r"[^a-z0-9._-]+", "_", study_id.lower()).strip("._")[:64] or "study"
+    return f"{safe}-{hashlib.sha1(study_id.encode('utf-8')).hexdigest()[:8]}"
+
+
+def study_files(cache_dir: str | Path, study_id: str) -> tuple[Path, Path]:
+    """(array ``.npy``, sidecar ``.json``) paths of a study in a cache folder."""
+    stem = Path(cache_dir) / STUDIES_DIR / study_key(study_id)
+    return stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write one JSON object per line, atomically (readers see the old file or the whole new one)."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_index(cache_dir: str | Path, entries: Iterable[CacheEntry]) -> None:
+    """Write ``cache_dir/index.jsonl`` (one :meth:`CacheEntry.to_json` row per entry, in the given order)."""
+    write_jsonl(Path(cache_dir) / INDEX_FILE, (e.to_json() for e in entries))
+
+
+def write_errors(cache_dir: str | Path, errors: Iterable[dict[str, Any]]) -> None:
+    """Write ``cache_dir/errors.jsonl``: one ``{"study_id", "line", "reason"}`` row per skipped study."""
+    write_jsonl(Path(cache_dir) / ERRORS_FILE, errors)
 
 
 class LabelSpace:

@@ -27,11 +27,11 @@ from torch.utils.data import Dataset
 from .abdomen import ABDOMEN_CENTER_MM, ABDOMEN_FOV_MM, LIVER_CONTRASTS
 from .anatomy import BRAIN_CONTRASTS, BRAIN_FOV_MM, brain_atlas
 from .brain import BRAIN_CLASSES, render_brain
-from .geometry import Grid, as_size3, random_rotation
+from .geometry import Grid, Size3, as_size3, random_rotation
 from .liver import LIVER_CLASSES, render_liver
 from .render import polynomial_bias, rician
 from .reports import write_report
-from medmap_fast.data.study import Study
+from .study import Study
 
 CLASSES = BRAIN_CLASSES + LIVER_CLASSES
 ORGAN_CLASSES = {"brain": BRAIN_CLASSES, "liver": LIVER_CLASSES}
@@ -110,6 +110,17 @@ def generate_study(index: int, seed: int = 0, config: DemoConfig | None = None) 
         return _generate(index, seed, config or DemoConfig())
 
 
+def organ_frame(organ: str) -> tuple[float, tuple[float, float, float]]:
+    """(field of view in mm, centre in anatomy mm) of the demo's ``organ`` studies."""
+    return (BRAIN_FOV_MM, tuple(brain_atlas().center)) if organ == "brain" else (ABDOMEN_FOV_MM, ABDOMEN_CENTER_MM)
+
+
+def scanner_grid(organ: str, size: Size3) -> Grid:
+    """The unposed grid of a demo study of ``organ``: the scanner frame its images are written in (the random pose
+    of :func:`generate_study` moves the anatomy inside it, which an image header does not know)."""
+    return Grid.centered(size, *organ_frame(organ))
+
+
 def _generate(index: int, seed: int, config: DemoConfig) -> Study:
     rng = np.random.default_rng([seed, index])
     label = _draw_label(rng, config)
@@ -119,11 +130,11 @@ def _generate(index: int, seed: int, config: DemoConfig) -> Study:
     if not present.any():
         present[rng.integers(len(names))] = True
 
-    fov, center = (BRAIN_FOV_MM, brain_atlas().center) if organ == "brain" else (ABDOMEN_FOV_MM, ABDOMEN_CENTER_MM)
+    fov, center = organ_frame(organ)
     rotation = random_rotation(rng, config.max_rotation_deg)
     scale = 1.0 + rng.uniform(-config.max_scale, config.max_scale)
     shift = rng.uniform(-config.max_shift_mm, config.max_shift_mm, size=3)
-    grid = Grid.centered(config.size, fov, center).posed(rotation * scale, center, shift)
+    grid = scanner_grid(organ, config.size).posed(rotation * scale, center, shift)
 
     render = render_brain if organ == "brain" else render_liver
     images, attributes = render(label, rng, grid)
@@ -151,9 +162,9 @@ def generate_studies(count: int, seed: int = 0, config: DemoConfig | None = None
 
 
 class DemoDataset(Dataset):
-    """A map-style dataset of ``length`` demo studies, generated on access (use with :func:`collate_studies`).
+    """A map-style dataset of ``length`` demo studies, generated on access.
 
-    ``DataLoader(DemoDataset(512), batch_size=8, collate_fn=collate_studies, num_workers=2)``; item ``i`` is always
+    ``DataLoader(DemoDataset(512), batch_size=None, num_workers=2)`` generates them in parallel; item ``i`` is always
     the same study, whatever the worker or epoch.
     """
 

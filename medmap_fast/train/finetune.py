@@ -15,17 +15,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from medmap_fast.data.study import Study
+from medmap_fast.data.cache import CacheEntry, LabelSpace
 from medmap_fast.fileio import atomic_path, read_json_object
 from medmap_fast.modalities import ModalityRegistry
 from medmap_fast.models.encoder import MedMAPEncoder
 from medmap_fast.models.medmap import MedMAPClassifier, MedMAPPretrainModel, load_head_weights, save_head_weights
 from medmap_fast.models.text import TextEncoder
 from medmap_fast.train.config import train_config
-from medmap_fast.train.data import StudyCollate
+from medmap_fast.train.data import CacheData, stage_batches
 from medmap_fast.train.distributed import DistributedContext, unwrap
 from medmap_fast.train.loop import Batch, fit, seed_everything, to_device
 from medmap_fast.train.pretrain import build_encoder
+from medmap_fast.validation import fail
 
 MODEL_DIR = "model"
 WEIGHTS_FILE, CONFIG_FILE = "classifier.safetensors", "classifier.json"
@@ -40,70 +41,75 @@ def finetune_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[st
     """Supervised loss of one batch of studies; logs the batch accuracy."""
     out = model(batch["volumes"], batch["modality_ids"], batch["study_index"], num_studies=batch["num_studies"])
     loss = unwrap(model).compute_loss(out, batch["labels"])
-    logits = out.logits.detach()
+    logits, labels = out.logits.detach(), batch["labels"]
+    if unwrap(model).task == "multilabel":  # the fraction of right label decisions
+        return loss, {"accuracy": float(((logits > 0).float() == labels).float().mean())}
     predicted = logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long()
-    return loss, {"accuracy": float((predicted == batch["labels"]).float().mean())}
+    return loss, {"accuracy": float((predicted == labels).float().mean())}
 
 
-def build_classifier(config: dict[str, Any], num_classes: int, text_encoder: TextEncoder,
+def build_classifier(config: dict[str, Any], labels: LabelSpace, text_encoder: TextEncoder,
                      encoder: MedMAPEncoder | None = None) -> MedMAPClassifier:
-    """A classifier over ``encoder`` (default: a new one from the config) with the configured modality prompts."""
+    """A classifier for ``labels``' task over ``encoder`` (default: a new one from the config) with the configured
+    modality prompts."""
     encoder = encoder if encoder is not None else build_encoder(config)
     prompts = text_encoder.encode(modality_prompts(encoder.modalities, config["text"]["prompt_template"]))
-    return MedMAPClassifier(encoder, num_classes, prompts, **config["finetune"]["model"])
+    return MedMAPClassifier(encoder, labels.num_outputs, prompts, task=labels.task, **config["finetune"]["model"])
 
 
 def finetune(
-    studies: Sequence[Study],
+    cache: CacheData,
     config: dict[str, Any],
-    num_classes: int,
     text_encoder: TextEncoder,
     ctx: DistributedContext,
     init: str | Path | MedMAPPretrainModel | None = None,
     run_dir: str | Path | None = None,
-    class_names: Sequence[str] | None = None,
     on_epoch_end: Any = None,
     progress: bool = True,
     resume: bool = True,
 ) -> tuple[MedMAPClassifier, list[dict[str, float]]]:
-    """Train stage 2 on ``studies``; ``init`` is the stage-1 model (or its saved folder), None = random encoder.
+    """Train stage 2 on the cache's labelled train studies; ``init`` is the stage-1 model (or its saved folder),
+    None = a random encoder.
 
     With ``run_dir``, checkpoints go there and rank 0 saves the classifier under ``run_dir/model``
     (:func:`load_classifier` reads it back).
     """
     train = train_config(config, "finetune")
     seed_everything(train.seed)
-    model = build_classifier(config, num_classes, text_encoder)
+    if cache.labels is None:
+        fail(f"{cache.path}", "studies with labels for fine-tuning", "no labels in index.jsonl")
+    model = build_classifier(config, cache.labels, text_encoder)
     if init is not None:
         model.load_pretrained_encoder(init)
-    collate = StudyCollate(model.encoder.modalities.names, max_volumes=config["finetune"]["max_volumes"],
-                           augment=config["finetune"]["augment"])
+    batches = stage_batches(cache.split("train", "labels", ctx), cache, config, "finetune", ctx,
+                            model.encoder.modalities.names, train.batch_size, train.num_workers,
+                            max_volumes=config["finetune"]["max_volumes"], seed=train.seed)
     run_config = {"encoder": config["encoder"], "finetune": config["finetune"], "text": config["text"],
-                  "init": str(init) if isinstance(init, (str, Path)) else type(init).__name__}
-    history = fit(model, list(studies), collate, finetune_step, train, ctx, run_dir, desc="stage 2 (fine-tuning)",
+                  "data": config["data"], "init": str(init) if isinstance(init, (str, Path)) else type(init).__name__}
+    history = fit(model, batches, finetune_step, train, ctx, run_dir, desc="stage 2 (fine-tuning)",
                   resume=resume, progress=progress, on_epoch_end=on_epoch_end, run_config=run_config,
                   find_unused_parameters=model.encoder.sharing == "separate")
     if run_dir is not None and ctx.is_main:
-        names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-        save_classifier(model, Path(run_dir) / MODEL_DIR, config, names)
+        save_classifier(model, Path(run_dir) / MODEL_DIR, config, cache.labels.class_names)
     return model, history
 
 
 @torch.no_grad()
-def predict(model: MedMAPClassifier, studies: Sequence[Study], batch_size: int = 16,
-            device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities [S, K] (binary: [S] of "present"; multilabel: independent sigmoids), labels [S]) of every
-    study, with all its volumes."""
-    device = device or next(model.parameters()).device
-    model.eval().to(device)
-    collate = StudyCollate(model.encoder.modalities.names)
-    probs = []
-    for start in range(0, len(studies), batch_size):
-        batch = to_device(collate(studies[start : start + batch_size]), device)
+def predict(model: MedMAPClassifier, entries: Sequence[CacheEntry], cache: CacheData, config: dict[str, Any],
+            ctx: DistributedContext) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [S, K] (binary: [S] of "present"; multilabel: independent sigmoids), labels [S] or [S, K])
+    of every study of ``entries``, in order, with all its volumes (centre crop)."""
+    model.eval().to(ctx.device)
+    batches = stage_batches(entries, cache, config, None, ctx, model.encoder.modalities.names,
+                            config["evaluate"]["batch_size"])
+    probs, labels = [], []
+    for batch in batches.epoch(0):
+        batch = to_device(batch, ctx.device)
         logits = model(batch["volumes"], batch["modality_ids"], batch["study_index"], batch["num_studies"]).logits
         logits = logits.float()
         probs.append((logits.softmax(1) if model.task == "multiclass" else logits.sigmoid().squeeze(-1)).cpu())
-    return torch.cat(probs).numpy(), np.array([s.label for s in studies])
+        labels.append(batch["labels"].cpu())
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
 def save_classifier(model: MedMAPClassifier, directory: str | Path, config: dict[str, Any],
@@ -113,7 +119,7 @@ def save_classifier(model: MedMAPClassifier, directory: str | Path, config: dict
     directory = Path(directory)
     model.encoder.save_pretrained(directory / "encoder")
     save_head_weights(model, directory / WEIGHTS_FILE)
-    meta = {"num_classes": model.num_classes, "class_names": list(class_names), "config": config,
+    meta = {"num_classes": model.num_classes, "task": model.task, "class_names": list(class_names), "config": config,
             "prompt_shape": list(model.csa.prompt_embeddings.shape),
             "label_shape": list(model.label_embeddings.shape) if hasattr(model, "label_embeddings") else None}
     with atomic_path(directory / CONFIG_FILE, durable=True) as tmp:
@@ -130,7 +136,8 @@ def load_classifier(directory: str | Path) -> tuple[MedMAPClassifier, dict[str, 
         kwargs = dict(meta["config"]["finetune"]["model"])
         if meta["label_shape"] is not None:
             kwargs["label_embeddings"] = torch.zeros(meta["label_shape"])  # the saved buffer replaces it
-        model = MedMAPClassifier(encoder, meta["num_classes"], torch.zeros(meta["prompt_shape"]), **kwargs)
+        model = MedMAPClassifier(encoder, meta["num_classes"], torch.zeros(meta["prompt_shape"]), task=meta["task"],
+                                 **kwargs)
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path}: describes no valid MedMAPClassifier ({type(err).__name__}: {err})") from err
     load_head_weights(model, directory / WEIGHTS_FILE, f"the classifier of {CONFIG_FILE}")

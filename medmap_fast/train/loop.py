@@ -1,8 +1,9 @@
 """The training loop shared by both stages: AdamW, linear warm-up + cosine decay, AMP, gradient accumulation,
 seeding, progress bar with ETA, DDP, and checkpoints that resume a killed run exactly where it stopped.
 
-A stage provides a dataset (any indexable of items), a ``collate`` that turns a list of items into a batch (a dict of
-tensors and plain values) and a ``step_loss(model, batch) -> (loss, logs)``; :func:`fit` does the rest.
+A stage provides a :class:`BatchSource` (the cache loaders of :mod:`medmap_fast.data.loaders`, wrapped by
+:class:`medmap_fast.train.data.StageBatches`) and a ``step_loss(model, batch) -> (loss, logs)``; :func:`fit` does
+the rest.
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from medmap_fast.train.checkpoint import CHECKPOINT_NAME, TrainState, load_checkpoint, save_checkpoint
-from medmap_fast.train.distributed import DistributedContext, ShardedSampler, mean_over_ranks, unwrap, wrap_model
+from medmap_fast.train.distributed import DistributedContext, mean_over_ranks, unwrap, wrap_model
 from medmap_fast.validation import fail
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -139,6 +139,16 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+class BatchSource(Protocol):
+    """The batches of one process, epoch by epoch: ``len()`` micro-batches per epoch (the same on every rank), and
+    ``epoch(e, skip_batches)`` yields those of epoch ``e`` after its first ``skip_batches`` (a resumed run). The
+    order and the augmentation of epoch ``e`` must depend only on the source's seed and ``e``."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterable[Batch]: ...
+
+
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -148,8 +158,7 @@ def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
 
 def fit(
     model: nn.Module,
-    dataset: Sequence[Any],
-    collate: Callable[[list[Any]], Batch],
+    batches: BatchSource,
     step_loss: StepLoss,
     config: TrainConfig,
     ctx: DistributedContext,
@@ -174,14 +183,13 @@ def fit(
     ddp = wrap_model(model, ctx, find_unused_parameters)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.lr, config.lr_scale),
                                   lr=config.lr, betas=config.betas, fused=ctx.device.type == "cuda")
-    sampler = ShardedSampler(len(dataset), ctx, shuffle=True, seed=config.seed)
-    micro_per_epoch = math.ceil(sampler.per_rank / config.batch_size)
+    micro_per_epoch = len(batches)
     steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     schedule = WarmupCosine(round(config.warmup_fraction * total_steps), total_steps, config.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     full_config = {"train": config.to_dict(), "run": run_config or {}, "world_size": ctx.world_size,
-                   "dataset_size": len(dataset)}
+                   "batches_per_epoch": micro_per_epoch}
     ckpt = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
     state = TrainState()
     if ckpt is not None and resume and ckpt.is_file():
@@ -197,15 +205,8 @@ def fit(
     started = time.perf_counter()
     model.train()
     for epoch in range(state.epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        sampler.skip(state.batches_in_epoch * config.batch_size)
-        # A generator of its own: the loader must not draw from the global RNG, which the checkpoint restores for
-        # the model (dropout) and the collate function, or a resumed epoch would see shifted random streams.
-        loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=config.num_workers, pin_memory=ctx.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
         micro = state.batches_in_epoch
-        for batch in loader:
+        for batch in batches.epoch(epoch, micro):
             window_start = micro - micro % config.grad_accum
             window = min(config.grad_accum, micro_per_epoch - window_start)
             last_in_window = micro + 1 == window_start + window

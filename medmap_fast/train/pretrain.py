@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medmap_fast.data.study import Study
+from medmap_fast.data.cache import CacheEntry
 from medmap_fast.models.encoder import MedMAPEncoder
 from medmap_fast.models.medmap import MedMAPPretrainModel
 from medmap_fast.train.config import train_config
-from medmap_fast.train.data import StudyCollate, TextTable
+from medmap_fast.train.data import CacheData, TextTable, stage_batches
 from medmap_fast.train.distributed import DistributedContext
 from medmap_fast.train.evaluate import recall_at_k
 from medmap_fast.train.loop import Batch, fit, seed_everything, to_device
@@ -39,7 +39,7 @@ def pretrain_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[st
 
 
 def pretrain(
-    studies: Sequence[Study],
+    cache: CacheData,
     config: dict[str, Any],
     reports: TextTable,
     ctx: DistributedContext,
@@ -47,7 +47,8 @@ def pretrain(
     progress: bool = True,
     resume: bool = True,
 ) -> tuple[MedMAPPretrainModel, list[dict[str, float]]]:
-    """Train stage 1 on ``studies`` (their reports must be in ``reports``); returns the model and its training log.
+    """Train stage 1 on the cache's train studies that have a report (all of them must be in ``reports``); returns
+    the model and its training log.
 
     With ``run_dir``, checkpoints go there (a killed run resumes) and rank 0 saves the model under
     ``run_dir/model``.
@@ -55,25 +56,28 @@ def pretrain(
     train = train_config(config, "pretrain")
     seed_everything(train.seed)
     model = MedMAPPretrainModel(build_encoder(config), text_dim=reports.dim, **config["pretrain"]["model"])
-    collate = StudyCollate(model.encoder.modalities.names, reports, config["pretrain"]["max_volumes"],
-                           config["pretrain"]["augment"])
-    history = fit(model, list(studies), collate, pretrain_step, train, ctx, run_dir, desc="stage 1 (pre-training)",
+    batches = stage_batches(cache.split("train", "report", ctx), cache, config, "pretrain", ctx,
+                            model.encoder.modalities.names, train.batch_size, train.num_workers, reports,
+                            config["pretrain"]["max_volumes"], train.seed)
+    history = fit(model, batches, pretrain_step, train, ctx, run_dir, desc="stage 1 (pre-training)",
                   resume=resume, progress=progress, find_unused_parameters=model.encoder.sharing == "separate",
-                  run_config={"encoder": config["encoder"], "pretrain": config["pretrain"], "text": config["text"]})
+                  run_config={"encoder": config["encoder"], "pretrain": config["pretrain"], "text": config["text"], "data": config["data"]})
     if run_dir is not None and ctx.is_main:
         model.save_pretrained(Path(run_dir) / MODEL_DIR)
     return model, history
 
 
 @torch.no_grad()
-def embed_studies(model: MedMAPPretrainModel, studies: Sequence[Study], batch_size: int,
-                  device: torch.device) -> torch.Tensor:
-    """One L2-normalised embedding per study [S, E]: the renormalised mean of its volumes' normalised embeddings."""
+def embed_studies(model: MedMAPPretrainModel, entries: Sequence[CacheEntry], cache: CacheData,
+                  config: dict[str, Any], batch_size: int, ctx: DistributedContext) -> torch.Tensor:
+    """One L2-normalised embedding per study [S, E], in ``entries`` order: the renormalised mean of its volumes'
+    normalised embeddings (every volume, centre crop)."""
+    device = ctx.device
     model.eval().to(device)
-    collate = StudyCollate(model.encoder.modalities.names)
+    batches = stage_batches(entries, cache, config, None, ctx, model.encoder.modalities.names, batch_size)
     out = []
-    for start in range(0, len(studies), batch_size):
-        batch = to_device(collate(studies[start : start + batch_size]), device)
+    for batch in batches.epoch(0):
+        batch = to_device(batch, device)
         v = F.normalize(model.embed_volumes(batch["volumes"], batch["modality_ids"]).float(), dim=-1)
         sums = torch.zeros(batch["num_studies"], v.shape[1], device=device).index_add_(0, batch["study_index"], v)
         out.append(F.normalize(sums, dim=-1).cpu())
@@ -81,8 +85,8 @@ def embed_studies(model: MedMAPPretrainModel, studies: Sequence[Study], batch_si
 
 
 @torch.no_grad()
-def retrieval_metrics(model: MedMAPPretrainModel, studies: Sequence[Study], reports: TextTable,
-                      batch_size: int = 16, device: torch.device | None = None) -> dict[str, float]:
+def retrieval_metrics(model: MedMAPPretrainModel, entries: Sequence[CacheEntry], cache: CacheData,
+                      config: dict[str, Any], reports: TextTable, ctx: DistributedContext) -> dict[str, float]:
     """Zero-shot report retrieval on held-out studies, in both directions.
 
     Candidates are the distinct report texts of ``studies`` (identical reports are one candidate, correct for every
@@ -90,11 +94,10 @@ def retrieval_metrics(model: MedMAPPretrainModel, studies: Sequence[Study], repo
     ``report_to_study_r1/_r5``: a report finds one of its studies. ``chance_r1/_r5``: the expected study-to-report
     recall of a random ranking.
     """
-    device = device or next(model.parameters()).device
-    study_emb = embed_studies(model, studies, batch_size, device)
-    texts = list(dict.fromkeys(s.report for s in studies))
-    report_emb = F.normalize(model.embed_reports(reports.lookup(texts).to(device)).float(), dim=-1).cpu()
-    owner = torch.tensor([texts.index(s.report) for s in studies])
+    study_emb = embed_studies(model, entries, cache, config, config["evaluate"]["batch_size"], ctx)
+    texts = list(dict.fromkeys(e.report for e in entries))
+    report_emb = F.normalize(model.embed_reports(reports.lookup(texts).to(ctx.device)).float(), dim=-1).cpu()
+    owner = torch.tensor([texts.index(e.report) for e in entries])
     relevant = owner[:, None] == torch.arange(len(texts))[None, :]  # [S, R]
     similarity = study_emb @ report_emb.T
     s2r = recall_at_k(similarity, relevant)
@@ -104,5 +107,5 @@ def retrieval_metrics(model: MedMAPPretrainModel, studies: Sequence[Study], repo
         "retrieval_r1": s2r[1], "retrieval_r5": s2r[5],
         "report_to_study_r1": r2s[1], "report_to_study_r5": r2s[5],
         "chance_r1": 1.0 / n, "chance_r5": min(5, n) / n,
-        "num_studies": len(studies), "num_reports": n,
+        "num_studies": len(entries), "num_reports": n,
     }
