@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from nibabel.processing import resample_to_output
 
 from medmap_fast.cli import main
@@ -111,6 +112,29 @@ def test_manifest_prepare_pretrain_finetune_evaluate(tmp_path, capsys):
             load_classifier(saved)
     meta.write_text(good_meta)
     assert load_classifier(saved)[1]["class_names"] == test["class_names"]
+
+
+def test_dali_and_torch_loaders_train_the_same_model(tmp_path):
+    """With augmentation on, a pre-training run on the DALI CPU pipeline gives the weights of the torch loader's run:
+    both loaders produce the same batches from the same seed."""
+    from safetensors.torch import load_file
+
+    root, cache = tmp_path / "studies", tmp_path / "cache"
+    write_study_folders(root)
+    assert main(["manifest", "folders", str(root)]) == 0
+    assert main(["prepare", str(root / "manifest.jsonl"), "--out", str(cache), "--spacing", "8", "--workers", "0",
+                 "--no-progress"]) == 0
+    weights = {}
+    for loader in ("torch", "dali"):
+        config = tmp_path / f"{loader}.yaml"
+        config.write_text(TINY.replace("TEXT_CACHE", str(tmp_path / "text")).replace(
+            "data: {", f"data: {{loader: {loader}, ").replace("pretrain: {", "pretrain: {augment: true, "))
+        out = tmp_path / loader
+        assert main(["pretrain", "--config", str(config), "--data", str(cache), "--out", str(out), "--no-progress"]) == 0
+        weights[loader] = load_file(out / "model" / "encoder" / "model.safetensors")
+    assert weights["torch"].keys() == weights["dali"].keys()
+    for key, value in weights["torch"].items():
+        assert torch.equal(value, weights["dali"][key]), key
 
 
 def test_a_malformed_manifest_exits_2_naming_the_line(tmp_path, capsys):
