@@ -1,0 +1,533 @@
+"""Static profile of the Triton kernels for Hopper (sm_90), without a GPU (DESIGN §5, issue 10 item 2).
+
+``python bench/sass_profile.py [--kernels window_attention patch_embed_3d gated_attention] [--dtype bf16]
+[--json FILE]`` calls each public op (``medmap_fast.kernels.*``) on its Triton path, forward and backward, with CPU
+tensors at the paper shapes; every kernel launch is compiled for sm_90 with the ptxas / cuobjdump that ship with
+triton instead of being run (a stand-in driver tells Triton the device is sm_90, and ``JITFunction.run`` is called
+with ``warmup=True``), so each kernel gets the launch configuration, constexprs and argument specialisation of a
+real launch. Per kernel it prints registers, spills, shared memory, CTAs per SM and the SASS instruction mix of the
+inner loop (the body of the backward branch holding the most tensor-core instructions: one iteration = one key
+block of the window-attention forward), and per op and pass an analytic roofline (FLOPs, HBM bytes, exponentials
+and the H100 floor from each) beside the issue floor of the pass's inner loops (their instructions issued at 4 per
+SM per clock, nothing else).
+
+A kernel that fails to compile is reported with its error; the rest of the profile still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+# ---------------------------------------------------------------------------------------------- H100 SXM5 constants
+# NVIDIA H100 Tensor Core GPU Architecture whitepaper (H100 SXM5: 132 SMs, dense BF16 989.4 TFLOP/s at the 1.83 GHz
+# boost clock the tensor peaks are quoted at, HBM3 3.35 TB/s), as tabulated at
+# https://glennklockwood.com/garden/processors/h100
+SMS = 132
+CLOCK_HZ = 1.83e9
+TENSOR_FLOPS = 989.4e12
+HBM_BYTES_PER_S = 3.35e12
+# MUFU.EX2: 16 results per clock per SM (CUDA C++ Programming Guide, arithmetic instruction throughput, cc 9.0);
+# FlashAttention-3 (arXiv:2407.08608, §3) quotes the H100 SXM5's "3.9 TFLOPS of special functions":
+# 16 x 132 x 1.83 GHz
+EXP_PER_S = 16 * SMS * CLOCK_HZ
+ISSUE_PER_S = 4 * SMS * CLOCK_HZ  # 4 warp schedulers per SM, each issuing one warp-instruction per clock
+# Occupancy limits per SM, compute capability 9.0 (CUDA C++ Programming Guide, technical specifications): registers
+# are allocated per warp in units of 256; sm_90 cubins carry the 1 KB of shared memory CUDA reserves per CTA
+REGS_PER_SM, REG_UNIT, SMEM_PER_SM, THREADS_PER_SM, CTAS_PER_SM = 65536, 256, 228 * 1024, 2048, 32
+
+CATEGORIES = ("HGMMA", "HMMA", "MUFU", "float", "integer", "memory", "atomic", "sync", "other")
+_INTEGER = {"LEA", "SHF", "SHL", "SHR", "LOP", "LOP3", "SEL", "PRMT", "POPC", "FLO", "BREV", "BMSK", "SGXT", "PLOP3",
+            "P2R", "R2P", "VIADD", "VIADDMNMX", "VIMNMX", "REDUX"}
+_MEMORY = {"LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LDGDEPBAR", "LD", "ST", "LDL", "STL", "LDC",
+           "UTMALDG", "UTMASTG", "UBLKCP", "CCTL"}
+_ATOMIC = {"RED", "REDG", "ATOM", "ATOMG", "ATOMS"}
+_SYNC = {"WARPSYNC", "BAR", "BSSY", "BSYNC", "WARPGROUP", "DEPBAR", "SYNCS", "MEMBAR", "FENCE", "ERRBAR"}
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\S*)\s*([^;]*);")
+
+
+def category(opcode: str) -> str:
+    """The instruction-mix category of a SASS opcode without modifiers (``IMAD`` of ``IMAD.MOV.U32``)."""
+    if opcode.endswith("GMMA"):
+        return "HGMMA"
+    if opcode.endswith("MMA"):
+        return "HMMA"
+    if opcode == "MUFU":
+        return "MUFU"
+    if opcode in _ATOMIC:
+        return "atomic"
+    if opcode in _MEMORY:
+        return "memory"
+    if opcode in _SYNC:
+        return "sync"
+    if opcode in _INTEGER or (opcode[0] == "I" and opcode not in ("I2F", "I2FP")):
+        return "integer"
+    if opcode[0] == "F" or opcode in ("I2F", "I2FP") or re.fullmatch(r"H[A-Z]+2", opcode):
+        return "float"
+    return "other"
+
+
+# ----------------------------------------------------------------------------------------------------- SASS reading
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    address: int
+    opcode: str  # without modifiers
+    full: str  # with modifiers (MUFU.EX2)
+    operands: str
+
+
+def parse_sass(sass: str) -> list[Instruction]:
+    """The instructions of a ``cuobjdump -sass`` listing (one kernel)."""
+    return [Instruction(int(m[1], 16), m[2], m[2] + m[3], m[4]) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
+
+
+def inner_loop(code: list[Instruction]) -> tuple[list[Instruction], int]:
+    """The inner loop's body and the number of loops: each backward branch (a BRA to a lower address, not to itself)
+    closes a loop [target, branch]; the chosen one holds the most HGMMA/HMMA instructions and, among those, is the
+    shortest (the innermost). Without tensor-core loops: the longest loop; without loops: the whole kernel."""
+    loops = []
+    for ins in code:
+        target = re.match(r"\s*(?:`\()?(0x[0-9a-f]+)", ins.operands)
+        if ins.opcode == "BRA" and target and int(target[1], 16) < ins.address:
+            loops.append([i for i in code if int(target[1], 16) <= i.address <= ins.address])
+    if not loops:
+        return code, 0
+    tensor = [sum(category(i.opcode) in ("HGMMA", "HMMA") for i in body) for body in loops]
+    if max(tensor):
+        return min((b for b, t in zip(loops, tensor) if t == max(tensor)), key=len), len(loops)
+    return max(loops, key=len), len(loops)
+
+
+# ----------------------------------------------------------------------------------------------- sm_90 compilation
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def nvidia_tools_missing() -> str | None:
+    """Why sm_90 cannot be compiled here, or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    missing = [t for t in ("ptxas", "cuobjdump") if not os.path.exists(_tool(t))]
+    return f"this Triton build carries no NVIDIA backend tools ({', '.join(missing)})" if missing else None
+
+
+class _Sm90Driver:
+    """Stands in for Triton's CUDA driver: the current device is an sm_90 GPU (nothing is ever launched)."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+@dataclasses.dataclass
+class Launch:
+    """One captured kernel launch: its compiled sm_90 kernel (or the compile error), grid, bound arguments and the
+    pass ("fwd" or "bwd") that launched it."""
+
+    kernel: str
+    grid: tuple[int, ...]
+    args: dict
+    compiled: object | None
+    error: str | None
+    phase: str
+
+
+@contextlib.contextmanager
+def compiling_for_sm90() -> Iterator[tuple[list[Launch], list[str]]]:
+    """Inside, the public ops take their Triton path for CPU tensors, and every ``triton.jit`` launch compiles for
+    sm_90 (``warmup=True``: nothing runs, outputs stay uninitialised) and is appended to the yielded list, tagged
+    with the yielded phase's last entry."""
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    from medmap_fast.kernels import _backend
+
+    launches: list[Launch] = []
+    phase = ["fwd"]
+    original_run = JITFunction.run
+
+    def run(kernel, *args, grid, warmup, **kwargs):
+        bound = dict(zip(kernel.arg_names, args)) | kwargs
+        grid = tuple(grid(bound) if callable(grid) else grid)
+        try:
+            compiled, error = original_run(kernel, *args, grid=grid, warmup=True, **kwargs), None
+        except Exception as e:  # a compile failure is a result of the profile, not a crash
+            compiled, error = None, _error(e)
+        launches.append(Launch(kernel.fn.__name__, grid, bound, compiled, error, phase[-1]))
+        return compiled
+
+    # the ops ask use_triton(x) (CUDA tensors, or the interpreter's CPU ones): yes, wherever it was imported
+    binders = [m for m in list(sys.modules.values())
+               if m.__name__.startswith("medmap_fast") and getattr(m, "use_triton", None) is _backend.use_triton]
+    previous_driver, use_triton = driver._active, _backend.use_triton
+    driver.set_active(_Sm90Driver())
+    JITFunction.run = run
+    for m in binders:
+        m.use_triton = lambda x, op: True
+    try:
+        yield launches, phase
+    finally:
+        for m in binders:
+            m.use_triton = use_triton
+        JITFunction.run = original_run
+        driver._active = previous_driver
+
+
+def _error(e: Exception) -> str:
+    """One line: the exception's type, first line and (a compile error's message) last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _cubin_tool(tool: str, flags: list[str], data: bytes | str, suffix: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=suffix, mode="wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        run = subprocess.run([_tool(tool), *flags, f.name], capture_output=True, text=True, check=True)
+    return run.stdout + run.stderr
+
+
+def kernel_profile(launch: Launch, trips: int | None) -> dict:
+    """Registers, spills, shared memory, occupancy and the inner loop's instruction mix of one compiled launch;
+    ``trips``: iterations of the inner loop per program (None where unknown) for the issue floor."""
+    c = launch.compiled
+    # ptxas -v again on Triton's PTX with Triton's flags (the build log is not kept): registers and spill bytes
+    log = _cubin_tool("ptxas", ["-lineinfo", "-v", "--gpu-name=sm_90a", "-o", os.devnull], c.asm["ptx"], ".ptx")
+    regs = int(re.search(r"Used (\d+) registers", log)[1])
+    spill_st, spill_ld = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    usage = _cubin_tool("cuobjdump", ["--dump-resource-usage"], c.asm["cubin"], ".cubin")
+    smem = c.metadata.shared + int(re.search(r"SHARED:(\d+)", usage)[1])
+    warps = c.metadata.num_warps
+    limits = {"regs": REGS_PER_SM // (math.ceil(regs * 32 / REG_UNIT) * REG_UNIT) // warps,
+              "smem": SMEM_PER_SM // max(smem, 1), "threads": THREADS_PER_SM // (32 * warps), "max": CTAS_PER_SM}
+    ctas = min(limits.values())
+    body, loops = inner_loop(parse_sass(_cubin_tool("cuobjdump", ["-sass"], c.asm["cubin"], ".cubin")))
+    mix = Counter(category(i.opcode) for i in body)
+    exp = sum(i.full.startswith("MUFU.EX2") for i in body)
+    programs = math.prod(launch.grid)
+    return {
+        "warps": warps, "regs": regs, "spill_store_bytes": spill_st, "spill_load_bytes": spill_ld, "smem_bytes": smem,
+        "ctas_per_sm": ctas, "cta_limit": min(limits, key=limits.get) if ctas < CTAS_PER_SM else "max",
+        "loops": loops, "loop_instructions": len(body), "mix": {k: mix.get(k, 0) for k in CATEGORIES},
+        "mufu_ex2": exp, "opcodes": dict(Counter(i.opcode for i in body).most_common(12)),
+        "tensor_exp_fraction": (mix["HGMMA"] + mix["HMMA"] + exp) / max(1, len(body)),
+        "programs": programs, "trips": trips,
+        "issue_floor_us": None if trips is None else len(body) * trips * programs * warps / ISSUE_PER_S * 1e6,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- ops and rooflines
+
+
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+    """Work of one pass of an op: FLOPs (tensor-core products), HBM bytes (each tensor read or written once) and
+    exponentials; the floor of each on an H100 SXM5 in µs."""
+
+    flops: float
+    bytes: float
+    exps: float
+
+    def floors_us(self) -> dict[str, float]:
+        return {"tensor": self.flops / TENSOR_FLOPS * 1e6, "hbm": self.bytes / HBM_BYTES_PER_S * 1e6,
+                "exp": self.exps / EXP_PER_S * 1e6}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One shape of an op: ``forward(dtype)`` calls the public op (Triton path) and returns its output and the
+    leaves to differentiate; ``roofline(itemsize)`` gives the fwd and bwd work; ``trips`` maps kernel name ->
+    f(arguments, grid) = iterations of its inner loop per program (kernels not named get no issue floor)."""
+
+    op: str
+    name: str
+    forward: Callable[[torch.dtype], tuple[torch.Tensor, list[torch.Tensor]]]
+    roofline: Callable[[int], dict[str, Roofline]]
+    trips: dict[str, Callable[[dict, tuple], int]]
+
+
+def _leaves(dtype: torch.dtype, **shapes) -> dict[str, torch.Tensor]:
+    """Seeded normal leaves (requires_grad) of the given shapes: name=(shape, std)."""
+    gen = torch.Generator().manual_seed(0)
+    return {k: (torch.randn(*shape, generator=gen) * std).to(dtype).requires_grad_() for k, (shape, std) in
+            shapes.items()}
+
+
+WINDOW_CASES = (("stage1", 64, 48, 3), ("stage2-d32", 32, 192, 6))  # name, tokens per side, C, heads
+PATCH_SIDES, PATCH_CHANNELS = (96, 128), 48
+GATED_CASES = ((32, 128, 8, 32), (32, 256, 8, 32))  # B, L, H, Dh: bench_gated_attention.PAPER_CASES
+MODALITIES = 4  # CCT token groups (as in bench_gated_attention)
+
+
+def window_attention_cases() -> list[Case]:
+    """Swin stage 1 of the paper config (128^3 input, patch 2: B 2, 64^3 tokens, C 48, 3 heads of 16, 2,000 windows
+    of 7^3) unshifted and shifted by 3, and a head dim 32 stage (32^3 tokens, 6 heads of 32: stage 2 of feature 96);
+    MONAI's 7^3 bias table, the qkv bias as pad_kv, gate logits."""
+    import medmap_fast as mf
+
+    cases = []
+    for stage, tokens, channels, heads in WINDOW_CASES:
+        for shift in (0, 3):
+            def forward(dtype, tokens=tokens, channels=channels, heads=heads, shift=shift):
+                grid = (2, tokens, tokens, tokens)
+                x = _leaves(dtype, qkv=((*grid, 3 * channels), 1.0), bias_table=((13**3, heads), 0.02),
+                            pad_kv=((2 * channels,), 0.1), gate_logits=((*grid, heads), 0.5))
+                return mf.kernels.window_attention(x["qkv"], heads, (7, 7, 7), (shift,) * 3, x["bias_table"],
+                                                   table_window=(7, 7, 7), pad_kv=x["pad_kv"],
+                                                   gate_logits=x["gate_logits"]), list(x.values())
+
+            def roofline(e, tokens=tokens, channels=channels, heads=heads):
+                n, d, voxels, windows = 343, channels // heads, 2 * tokens**3, 2 * math.ceil(tokens / 7) ** 3
+                pairs = windows * heads * n * n  # score entries, padded windows included
+                lse = windows * heads * n * 4
+                io = voxels * (3 * channels + heads) * e  # qkv and gate logits
+                return {"fwd": Roofline(4 * d * pairs, io + voxels * channels * e + lse, pairs),
+                        # S recomputed, dV, dP, dK, dQ; reads qkv, gate, out, dout, lse; writes dqkv, dgate
+                        "bwd": Roofline(10 * d * pairs, 2 * io + 2 * voxels * channels * e + lse, pairs)}
+
+            cases.append(Case("window_attention", f"{stage} B2x{tokens}^3 C{channels} h{heads} shift{shift}",
+                              forward, roofline,
+                              {"_window_attention_fwd": lambda a, g: a["NKT"],
+                               "_window_attention_bwd": lambda a, g: a["NQT"],
+                               "_window_attention_bwd_bias": lambda a, g: a["WPC"]}))
+    return cases
+
+
+def patch_embed_cases() -> list[Case]:
+    """Two volumes of 96^3 and 128^3 (1 channel, patch 2^3, feature 48, two modalities, no LayerNorm)."""
+    import medmap_fast as mf
+
+    cases = []
+    for side in PATCH_SIDES:
+        def forward(dtype, side=side):
+            p = _leaves(dtype, x=((2, 1, side, side, side), 1.0), weight=((2, PATCH_CHANNELS, 1, 2, 2, 2), 8**-0.5),
+                        bias=((2, PATCH_CHANNELS), 0.1))
+            return mf.kernels.patch_embed_3d(p["x"], p["weight"], p["bias"], torch.arange(2)), list(p.values())
+
+        def roofline(e, side=side):
+            positions, k, c = 2 * (side // 2) ** 3, 8, PATCH_CHANNELS
+            x, y = 2 * side**3 * e, positions * c * e
+            return {"fwd": Roofline(2 * positions * k * c, x + y, 0),
+                    "bwd": Roofline(4 * positions * k * c, 2 * x + y, 0)}  # dx and dW; reads x and dy, writes dx
+
+        blocks = lambda a: math.ceil(a["DN"] * a["HN"] * a["WN"] / a["BLOCK_P"])  # noqa: E731
+        cases.append(Case("patch_embed_3d", f"V2x1x{side}^3 C{PATCH_CHANNELS}", forward, roofline,
+                          {"_patch_embed_fwd_kernel": lambda a, g: 1,
+                           "_patch_embed_bwd_kernel": lambda a, g: math.ceil(blocks(a) / g[0])}))
+    return cases
+
+
+def gated_attention_cases() -> list[Case]:
+    """The CCT shapes (B 32, L 128 / 256, 8 heads of 32) with key padding (every fourth study misses its second
+    modality group), a per-head modality-pair bias and the gate."""
+    import medmap_fast as mf
+
+    cases = []
+    for b, length, h, dh in GATED_CASES:
+        def forward(dtype, b=b, length=length, h=h, dh=dh):
+            x = _leaves(dtype, q=((b, length, h, dh), 1.0), k=((b, length, h, dh), 1.0), v=((b, length, h, dh), 1.0),
+                        gate_logits=((b, length, h), 1.0))
+            bias = _leaves(torch.float32, pair_bias=((h, MODALITIES, MODALITIES), 1.0))["pair_bias"]
+            modality = (torch.arange(length) * MODALITIES // length).expand(b, length)
+            padding = torch.zeros(b, length, dtype=torch.bool)
+            padding[::4] = modality[0] == 1
+            out = mf.kernels.gated_attention(x["q"], x["k"], x["v"], padding, bias, modality, modality,
+                                             x["gate_logits"])
+            return out, [*x.values(), bias]
+
+        def roofline(e, b=b, length=length, h=h, dh=dh):
+            pairs, rows = b * h * length * length, b * length * h
+            io = rows * (3 * dh + 1) * e + rows * 4  # q, k, v, gate logits; lse
+            return {"fwd": Roofline(4 * dh * pairs, io + rows * dh * e, pairs),
+                    "bwd": Roofline(10 * dh * pairs, 2 * io + 2 * rows * dh * e, pairs)}
+
+        block = lambda a, size: math.ceil(a[size] / a["BLOCK_N" if size == "LK" else "BLOCK_M"])  # noqa: E731
+        cases.append(Case("gated_attention", f"B{b} L{length} h{h} d{dh}", forward, roofline,
+                          {"_fwd_kernel": lambda a, g: block(a, "LK"), "_bwd_dq_kernel": lambda a, g: block(a, "LK"),
+                           "_bwd_dkdv_kernel": lambda a, g: block(a, "LQ")}))
+    return cases
+
+
+OPS = {"window_attention": window_attention_cases, "patch_embed_3d": patch_embed_cases,
+       "gated_attention": gated_attention_cases}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def profile_case(case: Case, dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
+    """Kernel rows and roofline rows (one per pass) of one case."""
+    base = {"op": case.op, "case": case.name}
+    failure = None
+    with compiling_for_sm90() as (launches, phase):
+        try:
+            out, leaves = case.forward(dtype)
+            phase.append("bwd")
+            torch.autograd.grad(out, leaves, torch.randn_like(out))
+        except Exception as e:  # the op's host code failed: report it, keep the launches compiled before
+            failure = _error(e)
+    rows = []
+    for launch in launches:
+        row = {**base, "kernel": launch.kernel, "pass": launch.phase, "error": launch.error}
+        if launch.error is None:
+            try:
+                trips = case.trips[launch.kernel](launch.args, launch.grid) if launch.kernel in case.trips else None
+            except KeyError:  # the kernel's arguments changed: no issue floor
+                trips = None
+            try:
+                row |= kernel_profile(launch, trips)
+            except (subprocess.CalledProcessError, TypeError, AttributeError) as e:
+                row["error"] = f"profile failed: {_error(e)}"
+        rows.append(row)
+    if failure:
+        rows.append({**base, "kernel": "(op)", "pass": phase[-1], "error": failure})
+    lines = []
+    for name, work in case.roofline(dtype.itemsize).items():
+        floors = work.floors_us()
+        issue = [r.get("issue_floor_us") for r in rows if r["pass"] == name and not r["error"]]
+        lines.append({**base, "pass": name, "gflop": work.flops / 1e9, "hbm_mb": work.bytes / 1e6,
+                      "gexp": work.exps / 1e9, **{f"{k}_floor_us": v for k, v in floors.items()},
+                      "floor_us": max(floors.values()), "bound": max(floors, key=floors.get),
+                      "issue_floor_us": sum(issue) if issue and None not in issue else None})
+    return rows, lines
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [[("" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)) for v in row] for row in rows]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [headers, ["---"] * len(headers), *cells])
+
+
+def render(kernels: list[dict], rooflines: list[dict], dtype: str) -> str:
+    """Markdown tables: kernels (resources and inner-loop mix per iteration), then the roofline per op and pass."""
+    head = ["op", "case", "kernel", "pass", "warps", "regs", "spill st/ld B", "smem KB", "CTAs/SM", "loop instr",
+            *CATEGORIES[:2], "MUFU (EX2)", *CATEGORIES[3:], "TC+exp %", "issue floor µs"]
+    rows = []
+    for r in kernels:
+        if r["error"]:
+            rows.append([r["op"], r["case"], r["kernel"], r["pass"], f"FAILED: {r['error']}"] + [""] * (len(head) - 5))
+            continue
+        rows.append([r["op"], r["case"], r["kernel"], r["pass"], r["warps"], r["regs"],
+                     f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", round(r["smem_bytes"] / 1024, 1),
+                     f"{r['ctas_per_sm']} ({r['cta_limit']})", r["loop_instructions"],
+                     r["mix"]["HGMMA"], r["mix"]["HMMA"], f"{r['mix']['MUFU']} ({r['mufu_ex2']})",
+                     *list(r["mix"].values())[3:], round(100 * r["tensor_exp_fraction"], 1), r["issue_floor_us"]])
+    ops = [[r["op"], r["case"], r["kernel"], ", ".join(f"{k} {v}" for k, v in r["opcodes"].items())]
+           for r in kernels if not r["error"]]
+    roof = [[r["op"], r["case"], r["pass"], r["gflop"], r["hbm_mb"], r["gexp"], r["tensor_floor_us"],
+             r["hbm_floor_us"], r["exp_floor_us"], f"{r['floor_us']:.3g} ({r['bound']})", r["issue_floor_us"]]
+            for r in rooflines]
+    return "\n\n".join([
+        f"sm_90 static profile, {dtype}: inner-loop instructions per iteration (window attention: fwd per key block, "
+        "bwd per query block, bias kernel per window)",
+        _table(head, rows),
+        "Most frequent opcodes of each inner loop",
+        _table(["op", "case", "kernel", "opcodes per iteration"], ops),
+        f"Roofline on an H100 SXM5 ({TENSOR_FLOPS / 1e12:.1f} TFLOP/s dense, {HBM_BYTES_PER_S / 1e12:.2f} TB/s, "
+        f"{EXP_PER_S / 1e12:.2f} T exp2/s); issue floor: the pass's inner loops at 4 warp-instructions per SM per "
+        "clock",
+        _table(["op", "case", "pass", "GFLOP", "HBM MB", "G exp", "tensor µs", "HBM µs", "exp µs", "floor µs",
+                "issue floor µs"], roof),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernels", nargs="+", choices=list(OPS), default=list(OPS))
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if reason := nvidia_tools_missing():
+        print(f"cannot compile for sm_90: {reason}", file=sys.stderr)
+        return 2
+    os.environ.pop("TRITON_INTERPRET", None)  # before the kernels import: real JITFunctions, not the interpreter's
+    kernels, rooflines = [], []
+    for op in args.kernels:
+        try:
+            op_cases = OPS[op]()
+        except Exception as e:
+            kernels.append({"op": op, "case": "", "kernel": "(cases)", "pass": "", "error": _error(e)})
+            continue
+        for case in op_cases:
+            rows, lines = profile_case(case, DTYPES[args.dtype])
+            kernels += rows
+            rooflines += lines
+    print(render(kernels, rooflines, args.dtype))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"dtype": args.dtype, "kernels": kernels, "rooflines": rooflines}, f, indent=1)
+    return 1 if any(r["error"] for r in kernels) else 0
+
+
+# ------------------------------------------------------------------------------------------------------------ test
+
+
+def test_profile_runs(tmp_path):
+    """The gated-attention kernels at the CCT shapes compile for sm_90 in a fresh process (the interpreter off) and
+    their profile holds registers, no spills and a wgmma inner loop."""
+    if reason := nvidia_tools_missing():
+        pytest.skip(f"cannot compile for sm_90 here: {reason}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "profile.json"
+    run = subprocess.run([sys.executable, os.path.abspath(__file__), "--kernels", "gated_attention", "--json",
+                          str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    kernels = json.loads(out.read_text())["kernels"]
+    assert {r["pass"] for r in kernels} == {"fwd", "bwd"}, kernels
+    for r in kernels:
+        assert 0 < r["regs"] <= 255 and r["spill_store_bytes"] == 0, r
+        assert r["loops"] >= 1 and r["mix"]["HGMMA"] > 0 and r["issue_floor_us"] > 0, r
+
+
+def test_inner_loop_picks_the_tensor_core_loop():
+    """Of a short loop without MMA (a CAS retry), the loop holding the HGMMA and the trap branch to itself, the
+    tensor-core loop is the inner loop; the categories count it."""
+    sass = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   IMAD.MOV.U32 R1, RZ, RZ, R0 ;
+        /*0020*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0030*/                   MUFU.EX2 R3, R2 ;
+        /*0040*/               @P0 ATOMG.E.CAS.STRONG.GPU PT, R5, [R6], R4, R5 ;
+        /*0050*/               @P1 BRA 0x40 ;
+        /*0060*/                   ISETP.GE.AND P2, PT, R1, 0x5, PT ;
+        /*0070*/              @!P2 BRA 0x20 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+    """
+    body, loops = inner_loop(parse_sass(sass))
+    assert loops == 2 and [i.address for i in body] == list(range(0x20, 0x80, 0x10))
+    assert Counter(category(i.opcode) for i in body) == {"HGMMA": 1, "MUFU": 1, "atomic": 1, "other": 2,
+                                                          "integer": 1}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
