@@ -1,9 +1,10 @@
-"""CUDA timing helpers shared by the bench modules (median of CUDA-event timings, CUDA-graph replay, peak memory,
-device copy bandwidth)."""
+"""Timing helpers shared by the bench modules: on CUDA, median of CUDA-event timings, CUDA-graph replay, peak memory,
+device copy bandwidth; on the CPU, interleaved medians of wall and process CPU time."""
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -62,3 +63,24 @@ def time_cuda(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> tu
     torch.cuda.reset_peak_memory_stats()
     ms = cuda_time_ms(fn, warmup=warmup, repeats=repeats)
     return ms, torch.cuda.max_memory_allocated() / 2**20
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved_cpu(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+                    ) -> dict[str, tuple[float, float]]:
+    """Median (wall s, CPU s) of every step, the steps run in turn within each repeat, so that a load change on a
+    shared machine hits them all alike. CPU time is the steadier number where other jobs share the cores."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            t = timed(step)
+            if i >= warmup:
+                times[name].append(t)
+    return {name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts))
+            for name, ts in times.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _compare import flash_rule  # bench/ is on sys.path
 from _timing import time_cuda
 
 import medmap_fast as mf
@@ -91,19 +92,6 @@ def fwd(fn, inputs: dict) -> torch.Tensor:
 def fwd_bwd(fn, inputs: dict, dout: torch.Tensor) -> list[torch.Tensor]:
     out = fn(inputs)
     return [out, *torch.autograd.grad(out, leaves(inputs), dout)]
-
-
-def flash_rule(got: list, eager: list, exact: list) -> tuple[float, float, bool]:
-    """Flash-attention rule over several tensors: every kernel error vs the exact values is at most twice the error
-    of the same-dtype eager reference (plus a tiny floor). Returns (error, eager error) of the tensor with the worst
-    ratio, and whether all pass."""
-    results = []
-    for a, e, w in zip(got, eager, exact):
-        err, ref_err = (a.double() - w).abs().max().item(), (e.double() - w).abs().max().item()
-        ok = bool(torch.isfinite(a).all()) and err <= 2 * ref_err + 1e-5 * w.abs().max().item()
-        results.append((err / max(ref_err, 1e-30), err, ref_err, ok))
-    _, err, ref_err, _ = max(results)
-    return err, ref_err, all(r[3] for r in results)
 
 
 def gpu_rows(cases=PAPER_CASES, repeats: int = 20) -> list[dict]:

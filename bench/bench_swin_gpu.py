@@ -1,71 +1,63 @@
-"""Whole-encoder GPU benchmark: SwinViT3D on the Triton backend vs MONAI's SwinTransformer (eager) and vs SwinViT3D on
-the torch backend, feature 48, batch 2, bf16 autocast, forward+backward (DESIGN §5 target: >= 2x MONAI at 128^3).
+"""The Swin trunk on a GPU: SwinViT3D on the Triton backend against MONAI's SwinTransformer eager, with
+``use_flash_attention=True`` and compiled, and against SwinViT3D on the torch backend (``_swin_rows.py`` says what
+each row runs); feature 48, batch 2, bf16 autocast, forward (autograd off) and forward + backward (DESIGN §5 target:
+fwd+bwd >= 2x MONAI at 128^3).
 
-``gpu_rows()`` feeds bench/gpu_check.py; the pytest case runs a small size on whatever device is present.
+Parity before timing, per row: the flash rule against a float64 MONAI run, MONAI eager under the same autocast being
+the reference, on the first batch element (a float64 MONAI forward + backward at 2 x 128^3 would need most of the
+card); a row that fails is not timed. ``gpu_rows()`` feeds bench/gpu_check.py; its pytest case runs on a GPU only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-
-import medmap_fast as mf
+from _compare import step_or_skip
+from _swin_rows import OURS, OURS_TORCH, ROWS, check_trunks, make_trunks, trunk_step
 from _timing import time_cuda  # bench/ is on sys.path
 
-PAPER = dict(in_chans=1, embed_dim=48, window_size=(7, 7, 7), patch_size=(2, 2, 2), depths=(2, 2, 2, 2),
-             num_heads=(3, 6, 12, 24), spatial_dims=3)
+NAMES = (*ROWS, OURS_TORCH)
 
 
-def monai_swin(**kwargs) -> torch.nn.Module | None:
-    """MONAI's SwinTransformer with the same arguments, or None where MONAI is not installed."""
-    try:
-        from monai.networks.nets.swin_unetr import SwinTransformer
-    except ImportError:
-        return None
-    return SwinTransformer(**kwargs)
-
-
-def fwd_bwd(model: torch.nn.Module, x: torch.Tensor, backend: str) -> None:
-    with mf.backend(backend), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
-        outs = model(x)
-    sum(o.float().mean() for o in outs).backward()
-
-
-def gpu_rows(sizes: tuple[int, ...] = (96, 128), batch: int = 2) -> list[dict]:
+def gpu_rows(sizes: tuple[int, ...] = (128,), batch: int = 2, feature: int = 48) -> list[dict]:
     rows = []
     for size in sizes:
-        torch.manual_seed(0)
-        ours = mf.SwinViT3D(**PAPER).cuda()
-        x = torch.randn(batch, 1, size, size, size, device="cuda")
-        # correctness of the whole trunk in bf16: Triton backend vs torch backend, both against fp32 torch
-        with torch.no_grad(), mf.backend("torch"):
-            ref = ours(x)[-1].float()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            with mf.backend("triton"):
-                tri = ours(x)[-1].float()
-            with mf.backend("torch"):
-                eager = ours(x)[-1].float()
-        max_err, ref_err = (tri - ref).abs().max().item(), (eager - ref).abs().max().item()
-        ms, peak = time_cuda(lambda: fwd_bwd(ours, x, "triton"))
-        base = {"torch backend (SDPA + mask)": (lambda: fwd_bwd(ours, x, "torch"))}
-        monai = monai_swin(**PAPER)
-        if monai is not None:
-            monai = monai.cuda()
-            base["MONAI SwinTransformer eager"] = lambda: fwd_bwd(monai, x, "torch")
-        for name, fn in base.items():
-            base_ms, base_peak = time_cuda(fn)
-            rows.append({"op": "SwinViT3D", "case": f"{batch}x1x{size}^3 f48", "dtype": "bf16-autocast",
-                         "pass": "fwd+bwd", "ms": ms, "baseline": name, "baseline_ms": base_ms,
-                         "speedup": base_ms / ms, "peak_mib": peak, "baseline_peak_mib": base_peak,
-                         "max_err": max_err, "ref_err": ref_err, "ok": max_err <= 2 * ref_err + 1e-3})
-        del ours, monai
+        t = make_trunks(feature, batch, size, "cuda")
+        models = t.models("triton")
+        for passes, backward in (("fwd", False), ("fwd+bwd", True)):
+            one = dataclasses.replace(t, x=t.x[:1].detach().requires_grad_())
+            checked = check_trunks(one, backward, NAMES, torch.bfloat16, "triton")
+            torch.cuda.empty_cache()
+            timed = {}
+            for name in checked.steps:  # at the full batch (the compiled row recompiles in the warm-up)
+                model, backend = models[name]
+                timed[name] = time_cuda(trunk_step(model, t.x, backward, backend, torch.bfloat16))
+            ms, peak = timed.get(OURS, (None, None))
+            err, ref_err = checked.errors.get(OURS, (None, None))
+            for name in NAMES:
+                if name == OURS:
+                    continue
+                base_ms, base_peak = timed.get(name, (None, None))
+                rows.append({"op": "SwinViT3D", "case": f"{batch}x1x{size}^3 f{feature}", "dtype": "bf16-autocast",
+                             "pass": passes, "ms": ms, "baseline": name, "baseline_ms": base_ms,
+                             "speedup": None if ms is None or base_ms is None else base_ms / ms, "peak_mib": peak,
+                             "baseline_peak_mib": base_peak, "max_err": err, "ref_err": ref_err,
+                             "ok": OURS in checked.steps,
+                             "note": "; ".join(f"{k}: {checked.skipped[k]}" for k in (OURS, name)
+                                               if k in checked.skipped)})
+        del t, models
         torch.cuda.empty_cache()
     return rows
 
 
-@pytest.mark.parametrize("backend", ["torch"])
-def test_swin_fwd_bwd_small(benchmark, backend: str) -> None:
-    """Forward+backward of the paper trunk at 32^3 on the present device (CPU here: the torch path)."""
-    model = mf.SwinViT3D(**PAPER)
-    x = torch.randn(1, 1, 32, 32, 32)
-    benchmark.pedantic(fwd_bwd, args=(model, x, backend), rounds=3, iterations=1)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU rows are in bench_swin_cpu.py)")
+@pytest.mark.parametrize("name", NAMES)
+def test_swin_gpu_fwd_bwd_small(benchmark, name: str) -> None:
+    """Forward + backward of the paper trunk at 2 x 1 x 64^3, bf16 autocast, after the parity check."""
+    pytest.importorskip("monai.networks.nets.swin_unetr", reason="the MONAI baselines need MONAI")
+    t = make_trunks(48, 2, 64, "cuda")
+    checked = check_trunks(t, True, (name,), torch.bfloat16, "triton")
+    run = step_or_skip(checked, name)
+    benchmark.pedantic(lambda: (run(), torch.cuda.synchronize()), rounds=3, warmup_rounds=1)

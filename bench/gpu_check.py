@@ -3,7 +3,8 @@ whole encoder against their baselines, written as a markdown table for bench/RES
 
 Usage on a CUDA machine:  python bench/gpu_check.py --out results_dir
 Each bench module contributes ``gpu_rows() -> list[dict]``; a module that fails is reported in the table with its
-error instead of stopping the others.
+error instead of stopping the others. Every timed row passed its parity check first; a row that failed it, or a
+baseline that cannot run here, has no time and says why in ``note``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 MODULES = ("bench_patch_embed_3d", "bench_window_attention", "bench_gated_attention", "bench_swin_gpu")
 COLUMNS = ("op", "case", "dtype", "pass", "ms", "baseline", "baseline_ms", "speedup", "peak_mib",
-           "baseline_peak_mib", "metric", "value", "max_err", "ref_err", "ok")
+           "baseline_peak_mib", "metric", "value", "max_err", "ref_err", "ok", "note")
 
 
 def fmt(value: object) -> str:

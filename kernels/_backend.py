@@ -29,16 +29,21 @@ _current: contextvars.ContextVar[str] = contextvars.ContextVar(
 )
 
 
+# The three queries below are constants to torch.compile (it calls them once while tracing): a compiled graph keeps
+# the backend in force when it was traced.
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """True when the ``triton`` package is importable."""
     return importlib.util.find_spec("triton") is not None
 
 
+@torch.compiler.assume_constant_result
 def interpreting() -> bool:
     """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
 def get_backend() -> str:
     """The backend in force: the innermost :func:`backend` context, else ``MEDMAP_FAST_BACKEND``, else ``auto``."""
     return _current.get()

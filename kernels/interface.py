@@ -1,9 +1,15 @@
-"""The public functional ops: validate, then dispatch to the Triton kernel or the plain-PyTorch reference.
+"""The public functional ops: validate, then run the Triton kernel (a registered torch op) or the plain-PyTorch path.
 
 Layouts (flash-attention style, one place documents them all):
-  patch_embed_3d    x [V, Cin, D, H, W] -> [V, D', H', W', C] channels-last (see ``patch_embed_3d.py``)
-  window_attention  qkv [B, D, H, W, 3C] -> [B, D, H, W, C] (see ``window_attention.py``)
-  gated_attention   q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> [B, Lq, H, Dh] (see ``gated_attention.py``)
+  patch_embed_3d    x [V, Cin, D, H, W] -> [V, D', H', W', C] channels-last (see ``patch_embed.py``)
+  window_attention  qkv [B, D, H, W, 3C] -> [B, D, H, W, C] (see ``window_attn.py``)
+  gated_attention   q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> [B, Lq, H, Dh] (see ``gated_attn.py``)
+
+The Triton path is one registered torch op per call (``ops.py``); the PyTorch path is ordinary torch code. Either way
+``torch.compile(fullgraph=True)`` traces through the op. The checks here read shapes and dtypes only: no value scans
+and no id range checks, which would sync with the host on every call of the hot path (the models check their inputs
+and ids once per step, at their entry). Out-of-range modality ids are an IndexError on the PyTorch path and
+undefined on the Triton path.
 
 Autocast: under ``torch.autocast`` for the inputs' device, each op is a lower-precision op like SDPA or a matmul: its
 activations and matmul operands (float64 aside) are cast to the autocast dtype, the small parameters that the ops
@@ -19,11 +25,12 @@ import torch
 
 from medmap_fast.validation import check_index, describe, fail, is_integer_dtype
 
+from . import ops
 from ._backend import use_triton
-from .gated_attention import gated_attention_reference
-from .patch_embed_3d import patch_embed_3d_reference
-from .window_attention import window_attention_reference
-from .window_attention_cpu import window_attention_cpu
+from .gated_attn import MAX_HEAD_DIM, gated_attention_reference
+from .patch_embed import patch_embed_3d_reference
+from .window_attn import window_attention_reference
+from .window_attn_cpu import window_attention_cpu
 
 Triple = tuple[int, int, int]
 
@@ -74,8 +81,9 @@ def patch_embed_3d(
     """Patch embedding with per-modality weights, channels-last output.
 
     x [V, Cin, D, H, W]; weight [M, C, Cin, pd, ph, pw] (or a plain Conv3d weight [C, Cin, pd, ph, pw], M = 1);
-    bias [M, C] (or [C]); modality_ids [V] long in [0, M) (may be None when M = 1). Sides that are not multiples of
-    the patch are zero-padded at the end. Returns [V, ceil(D/pd), ceil(H/ph), ceil(W/pw), C].
+    bias [M, C] (or [C]); modality_ids [V] long in [0, M) (may be None when M = 1; the range is the caller's to
+    check). Sides that are not multiples of the patch are zero-padded at the end. Returns
+    [V, ceil(D/pd), ceil(H/ph), ceil(W/pw), C].
     """
     _check_float("weight", weight, "a float tensor [M, C, Cin, pd, ph, pw] or [C, Cin, pd, ph, pw]", (5, 6))
     if bias is not None:
@@ -93,18 +101,20 @@ def patch_embed_3d(
         if m != 1:
             fail("modality_ids", f"a [V] tensor choosing one of the {m} weights", "None")
         modality_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    modality_ids = check_index(modality_ids, "modality_ids", x.shape[0], m, what="modality ids")
+    modality_ids = check_index(modality_ids, "modality_ids", x.shape[0], m, what="modality ids", values=False)
     (x, weight, bias), autocast_off = _autocast(x.device.type, x, weight, bias)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             fail(name, f"the dtype of x, {x.dtype}", describe(t))
-    kwargs = dict(layer_norm=layer_norm, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, out_dtype=out_dtype)
+    # float64 runs the reference on every backend: the kernels accumulate in fp32
+    triton = use_triton(x, "patch_embed_3d") and torch.float64 not in (x.dtype, weight.dtype)
     with autocast_off:
-        if use_triton(x, "patch_embed_3d"):
-            from .patch_embed_3d import patch_embed_3d_triton
-
-            return patch_embed_3d_triton(x, weight, bias, modality_ids, **kwargs)
-        return patch_embed_3d_reference(x, weight, bias, modality_ids, **kwargs)
+        if not triton:
+            return patch_embed_3d_reference(x, weight, bias, modality_ids, layer_norm=layer_norm, ln_weight=ln_weight,
+                                            ln_bias=ln_bias, eps=eps, out_dtype=out_dtype)
+        ln_weight, ln_bias = (ln_weight, ln_bias) if layer_norm else (None, None)
+        return ops.patch_embed_3d(x, weight, bias, modality_ids, ln_weight, ln_bias, layer_norm, eps,
+                                  out_dtype or x.dtype)
 
 
 def window_attention(
@@ -149,20 +159,18 @@ def window_attention(
         if tuple(gate_logits.shape) != (b, d, h, w, num_heads):
             fail("gate_logits", f"a float tensor {(b, d, h, w, num_heads)}", describe(gate_logits))
     (qkv, gate_logits), autocast_off = _autocast(qkv.device.type, qkv, gate_logits)
-    args = (qkv, num_heads, window_size, shift_size, bias_table)
-    kwargs = dict(table_window=table_window, pad_kv=pad_kv, gate_logits=gate_logits, scale=scale)
     with autocast_off:
         if use_triton(qkv, "window_attention"):
-            from .window_attention import window_attention_triton
-
-            return window_attention_triton(*args, **kwargs)
-        if qkv.device.type == "cpu":
-            return window_attention_cpu(*args, **kwargs)
-        return window_attention_reference(*args, **kwargs)
+            return ops.window_attention(qkv, bias_table, pad_kv, gate_logits, num_heads, list(window_size),
+                                        list(shift_size), list(table_window), scale)[0]
+        fn = window_attention_cpu if qkv.device.type == "cpu" else window_attention_reference
+        return fn(qkv, num_heads, window_size, shift_size, bias_table, table_window=table_window, pad_kv=pad_kv,
+                  gate_logits=gate_logits, scale=scale)
 
 
 def _modality_ids(ids: object, name: str, batch: int, length: int, upper: int) -> torch.Tensor:
-    """Modality ids [batch, length] (a [length] tensor is shared by the batch), each in [0, upper)."""
+    """Modality ids [batch, length] (a [length] tensor is shared by the batch), each in [0, upper) (not checked
+    here: see the module docstring)."""
     expected = (f"integer modality ids [{batch}, {length}] (or [{length}] shared by the batch) with values in "
                 f"[0, {upper})")
     if not isinstance(ids, torch.Tensor):
@@ -173,8 +181,8 @@ def _modality_ids(ids: object, name: str, batch: int, length: int, upper: int) -
         ids = ids.expand(batch, length)
     if tuple(ids.shape) != (batch, length):
         fail(name, expected, describe(ids))
-    return check_index(ids.reshape(-1), name, batch * length, upper, length_of="token", what="modality ids").view(
-        batch, length)
+    return check_index(ids.reshape(-1), name, batch * length, upper, length_of="token", what="modality ids",
+                       values=False).view(batch, length)
 
 
 def gated_attention(
@@ -229,10 +237,10 @@ def gated_attention(
         if tuple(gate_logits.shape) != (b, lq, h):
             fail("gate_logits", f"a float tensor [{b}, {lq}, {h}]", describe(gate_logits))
     (q, k, v, gate_logits), autocast_off = _autocast(q.device.type, q, k, v, gate_logits)
+    # float64 runs the reference on every backend: the kernels accumulate in fp32
+    triton = use_triton(q, "gated_attention") and q.dtype != torch.float64
+    if triton and dh > MAX_HEAD_DIM:
+        fail("q", f"a head dim <= {MAX_HEAD_DIM} for the Triton kernel", describe(q))
     args = (q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits, scale)
     with autocast_off:
-        if use_triton(q, "gated_attention"):
-            from .gated_attention import gated_attention_triton
-
-            return gated_attention_triton(*args)
-        return gated_attention_reference(*args)
+        return ops.gated_attention(*args)[0] if triton else gated_attention_reference(*args)

@@ -32,7 +32,10 @@ def check_float_tensor(x: object, name: str, expected_shape: str, ndim: int) -> 
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
-    """No NaN or Inf anywhere in ``x`` (one reduction; reports how many bad values)."""
+    """No NaN or Inf anywhere in ``x`` (one reduction; reports how many bad values). Skipped while torch.compile
+    traces: a value check syncs with the host, which would break the graph."""
+    if torch.compiler.is_compiling():
+        return
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         fail(name, "finite values only", f"{int(bad.sum())} NaN/Inf values in a tensor of {describe(x)}")
@@ -55,15 +58,17 @@ def is_integer_dtype(dtype: torch.dtype) -> bool:
 
 
 def check_index(
-    ids: object, name: str, length: int, upper: int, length_of: str = "volumes", what: str = "ids"
+    ids: object, name: str, length: int, upper: int, length_of: str = "volumes", what: str = "ids", *,
+    values: bool = True,
 ) -> torch.Tensor:
-    """A 1-D integer tensor of ``length`` entries, each in ``[0, upper)``."""
+    """A 1-D integer tensor of ``length`` entries, each in ``[0, upper)``. The range check (one host sync) runs only
+    with ``values`` and never while torch.compile traces; the shape and dtype checks always run."""
     expected = f"a 1-D integer tensor [{length}] (one per {length_of}) with {what} in [0, {upper})"
     if not isinstance(ids, torch.Tensor):
         fail(name, expected, type(ids).__name__)
     if ids.ndim != 1 or ids.shape[0] != length or not is_integer_dtype(ids.dtype):
         fail(name, expected, describe(ids))
-    if length:
+    if length and values and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())  # one host sync for both bounds
         if lo < 0 or hi >= upper:
             fail(name, expected, f"values in [{lo}, {hi}]")

@@ -14,7 +14,7 @@ import io
 
 import pytest
 import torch
-from test_swin3d import _op_module, _triton_ops_available, assert_close, loss_of
+from test_swin3d import assert_close, loss_of, spy_triton_forwards
 
 import medmap_fast as mf
 from medmap_fast.models.monai_patch import MonaiPatchEmbed, MonaiSwinBlock, MonaiSwinStage
@@ -185,16 +185,12 @@ def test_other_layouts_raise_naming_the_module_and_change_nothing(alter, match: 
     assert list(trunk.modules()) == modules
 
 
-@pytest.mark.skipif(not _triton_ops_available(), reason="the Triton ops or Triton itself are not installed")
+@pytest.mark.skipif(not mf.kernels.triton_available(), reason="Triton is not installed")
 @pytest.mark.skipif(not mf.kernels.interpreting(), reason="runs the kernels on CPU tensors, which needs "
                     "TRITON_INTERPRET=1 (conftest sets it when no GPU is present)")
 def test_patched_model_runs_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under ``backend("triton")`` (the interpreter on CPU) both ops run their kernels; MONAI parity with gradients."""
-    calls: list[str] = []
-    for op in ("patch_embed_3d", "window_attention"):
-        module, name = _op_module(op), f"{op}_triton"
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _op=op, **k: calls.append(_op) or _real(*a, **k))
+    calls = spy_triton_forwards(monkeypatch)
     # window 3 on 3x3x4 tokens: shrunk along D and H, padded and shifted along W (a tiny trunk: the interpreter is slow)
     ref = perturbed(swin_unetr.SwinTransformer(**{**TRUNK, "window_size": (3, 3, 3), "depths": (2, 1, 1, 1)}))
     with mf.backend("triton"):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medmap_fast.kernels import backend, window_attention
-from medmap_fast.kernels.window_attention import window_attention_reference
-from medmap_fast.kernels.window_attention_cpu import window_attention_cpu
+from medmap_fast.kernels import backend, interface, window_attention
+from medmap_fast.kernels.window_attn import window_attention_reference
+from medmap_fast.kernels.window_attn_cpu import window_attention_cpu
 
 CASES = [  # size, heads, head_dim, window, shift, table_window
     ((9, 10, 11), 3, 16, (7, 7, 7), (3, 3, 3), (7, 7, 7)),   # padded and shifted
@@ -44,9 +44,6 @@ def test_cpu_path_equals_reference(size, heads, head_dim, window, shift, table, 
 
 
 def test_torch_backend_uses_cpu_path(monkeypatch) -> None:
-    import importlib
-
-    interface = importlib.import_module("medmap_fast.kernels.interface")
     calls = []
     monkeypatch.setattr(interface, "window_attention_cpu", lambda *a, **k: calls.append(1) or "cpu-path")
     with backend("torch"):

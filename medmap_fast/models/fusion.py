@@ -37,10 +37,11 @@ def pack_by_study(
     """
     v, n, dim = tokens.shape
     counts = torch.bincount(study_index, minlength=num_studies)
-    if bool((counts == 0).any()):
+    if not torch.compiler.is_compiling() and bool((counts == 0).any()):  # a host sync: eager only
         empty = torch.nonzero(counts == 0).flatten().tolist()
         fail("study_index", f"at least one volume for each of the {num_studies} studies", f"none for studies {empty}")
-    slots = int(counts.max())
+    slots = int(counts.max())  # data-dependent: compiled, an unbacked size (needs capture_scalar_outputs)
+    torch._check(slots >= 1)
     order = torch.argsort(study_index, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.empty_like(study_index)

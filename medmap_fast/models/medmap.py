@@ -203,9 +203,10 @@ class MedMAPClassifier(nn.Module):
             fail("num_studies", "None or a positive int (the number of studies S)", repr(num_studies))
         study_index = check_index(study_index, "study_index", v, num_studies, what="study numbers")
         visual, vision_language = self.csa(out.tokens, modality_ids)
-        packed = pack_by_study(visual, modality_ids, study_index, num_studies)
-        vl_packed = pack_by_study(vision_language, modality_ids, study_index, num_studies).tokens
-        features = self.cct(packed, vl_packed)
+        # both streams in one packing: one slot count (a host sync eagerly, one unbacked size when compiled)
+        both = pack_by_study(torch.cat([visual, vision_language], -1), modality_ids, study_index, num_studies)
+        visual_packed, vl_packed = both.tokens.chunk(2, dim=-1)
+        features = self.cct(both._replace(tokens=visual_packed), vl_packed)
         return ClassifierOutput(self.head(features), features)
 
     def compute_loss(self, output: ClassifierOutput, labels: torch.Tensor) -> torch.Tensor:

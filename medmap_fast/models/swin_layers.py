@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medmap_fast.kernels import patch_embed_3d, window_attention
-from medmap_fast.kernels.window_attention import relative_position_index
+from medmap_fast.kernels.window_attn import relative_position_index
 
 from .gating import ModalityGate
 

@@ -21,24 +21,13 @@ table with one-hot matrix products, and its gradient is reduced the same way, pe
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from ._backend import interpreting
 from ._indexing import take_rows
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is an optional extra: without it only the reference is usable
-    triton = None
-
-
-def _jit(fn):
-    """``triton.jit`` when Triton is installed; otherwise the function stays plain Python and is never launched."""
-    return fn if triton is None else triton.jit(fn)
+from ._utils import jit as _jit
+from ._utils import on_device, tl, triton
 
 
 def gated_attention_reference(
@@ -352,11 +341,6 @@ def _config(q: torch.Tensor, pair_bias: torch.Tensor | None) -> dict:
     )
 
 
-def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on x's GPU (Triton uses the current CUDA device); nothing to do for the interpreter's CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _strides(x: torch.Tensor | None, n: int) -> tuple[int, ...]:
     return (0,) * n if x is None else tuple(x.stride()[:n])
 
@@ -372,89 +356,89 @@ def _common_args(q, k, v, key_padding, pair_bias, q_modality, k_modality, gate_l
     ]
 
 
-class _GatedAttention(torch.autograd.Function):
-    """Flash-style gated attention; backward returns dq, dk, dv, d(pair_bias) and d(gate_logits)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding, pair_bias, q_modality, k_modality, gate_logits, scale):
-        b, lq, h, dh = q.shape
-        cfg = _config(q, pair_bias)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
-        args = _common_args(q, k, v, key_padding, pair_bias, q_modality, k_modality, gate_logits, scale)
-        with _on_device(q):
-            _fwd_kernel[(b * h, triton.cdiv(lq, cfg["BLOCK_M"]))](
-                *args, out, lse, *_strides(out, 3), HAS_KPM=key_padding is not None, HAS_BIAS=pair_bias is not None,
-                HAS_GATE=gate_logits is not None, **cfg)
-        ctx.save_for_backward(q, k, v, key_padding, pair_bias, q_modality, k_modality, gate_logits, out, lse)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, key_padding, pair_bias, q_modality, k_modality, gate_logits, out, lse = ctx.saved_tensors
-        b, lq, h, dh = q.shape
-        lk = k.shape[1]
-        cfg = _config(q, pair_bias)
-        dout = _unit_inner(dout)
-        args = _common_args(q, k, v, key_padding, pair_bias, q_modality, k_modality, gate_logits, ctx.scale)
-        flags = dict(HAS_KPM=key_padding is not None, HAS_BIAS=pair_bias is not None, HAS_GATE=gate_logits is not None)
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-        delta = torch.empty_like(lse)
-        dgate = None if gate_logits is None else torch.empty_like(gate_logits)
-        bias_grad = pair_bias is not None and ctx.needs_input_grad[4]
-        mq, mk = (1, 1) if pair_bias is None else pair_bias.shape[1:]
-        n_blocks = triton.cdiv(lk, cfg["BLOCK_N"])
-        dbias = torch.empty(b * h, n_blocks, mq, mk, dtype=torch.float32, device=q.device) if bias_grad else None
-        with _on_device(q):
-            _bwd_dq_kernel[(b * h, triton.cdiv(lq, cfg["BLOCK_M"]))](
-                *args, out, dout, lse, delta, dq, dgate, *_strides(out, 3), *_strides(dout, 3), *_strides(dq, 3),
-                ctx.scale, **flags, **cfg)
-            _bwd_dkdv_kernel[(b * h, n_blocks)](
-                *args, dout, lse, delta, dk, dv, dbias, *_strides(dout, 3), *_strides(dk, 3), ctx.scale,
-                **flags, BIAS_GRAD=bias_grad, **cfg)
-        if bias_grad:  # deterministic reduction of the per-program partial sums
-            dbias = dbias.view(b, h, n_blocks, mq, mk).sum(dim=(0, 2)).to(pair_bias.dtype)
-        return dq, dk, dv, None, dbias, None, None, dgate, None
-
-
-def gated_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    pair_bias: torch.Tensor | None = None,
-    q_modality: torch.Tensor | None = None,
-    k_modality: torch.Tensor | None = None,
-    gate_logits: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Triton gated attention with the reference's signature and semantics (arguments as validated by the public op).
-
-    q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] with Dh <= 128 -> [B, Lq, H, Dh]; differentiable in q, k, v, pair_bias and
-    gate_logits.
-    """
-    if triton is None:
-        raise RuntimeError("gated_attention_triton needs the 'triton' package (pip install medmap-fast[triton])")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"q: expected a head dim <= {MAX_HEAD_DIM} for the Triton kernel, got {q.shape[-1]}")
-    if q.dtype == torch.float64:  # the kernels accumulate in fp32; float64 callers want the exact reference
-        return gated_attention_reference(q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits,
-                                         scale)
-    if interpreting() and q.dtype == torch.bfloat16:  # the interpreter computes bf16 wrongly: same kernels in fp32
-        return gated_attention_triton(q.float(), k.float(), v.float(), key_padding_mask, pair_bias, q_modality,
-                                      k_modality, gate_logits, scale).to(torch.bfloat16)
-    # no conversion launches (the op is host-bound at CCT sizes): the kernels read the bool mask as bytes and the
-    # modality ids in whatever integer type they come
+def _kernel_args(q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits) -> tuple:
+    """The op's arguments as the kernels read them, without conversion launches (the op is host-bound at CCT sizes):
+    the bool mask as bytes, the modality ids in whatever integer type they come, unit inner strides."""
     key_padding = None if key_padding_mask is None else _unit_inner(key_padding_mask).view(torch.uint8)
-    if gate_logits is not None:
-        gate_logits = gate_logits.contiguous()  # d(gate) is written with these strides
-    if pair_bias is not None:
-        pair_bias = pair_bias.contiguous()
-    else:
+    if pair_bias is None:
         q_modality = k_modality = None
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _GatedAttention.apply(_unit_inner(q), _unit_inner(k), _unit_inner(v), key_padding, pair_bias,
-                                 q_modality, k_modality, gate_logits, scale)
+    else:
+        pair_bias = pair_bias.contiguous()
+    gate_logits = None if gate_logits is None else gate_logits.contiguous()  # d(gate) is written with its strides
+    return _unit_inner(q), _unit_inner(k), _unit_inner(v), key_padding, pair_bias, q_modality, k_modality, gate_logits
+
+
+def _interpreted_bf16(q: torch.Tensor) -> bool:
+    """The interpreter computes bf16 wrongly: there the kernels run on fp32 copies, cast back at the end."""
+    return interpreting() and q.dtype == torch.bfloat16
+
+
+def gated_attention_triton_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+    pair_bias: torch.Tensor | None, q_modality: torch.Tensor | None, k_modality: torch.Tensor | None,
+    gate_logits: torch.Tensor | None, scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash-style forward with the reference's arguments (validated by the public op; Dh <= 128, not float64):
+    out [B, Lq, H, Dh] in q's dtype and the log2-unit log-sum-exp [B*H, Lq] fp32 that the backward reads."""
+    if _interpreted_bf16(q):
+        out, lse = gated_attention_triton_forward(q.float(), k.float(), v.float(), key_padding_mask, pair_bias,
+                                                  q_modality, k_modality, gate_logits, scale)
+        return out.to(q.dtype), lse
+    args = _kernel_args(q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits)
+    q, pair_bias = args[0], args[4]
+    b, lq, h, dh = q.shape
+    cfg = _config(q, pair_bias)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
+    with on_device(q):
+        _fwd_kernel[(b * h, triton.cdiv(lq, cfg["BLOCK_M"]))](
+            *_common_args(*args, _scale(q, scale)), out, lse, *_strides(out, 3), HAS_KPM=args[3] is not None,
+            HAS_BIAS=pair_bias is not None, HAS_GATE=args[7] is not None, **cfg)
+    return out, lse
+
+
+def gated_attention_triton_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+    pair_bias: torch.Tensor | None, q_modality: torch.Tensor | None, k_modality: torch.Tensor | None,
+    gate_logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float | None, bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """dq, dk, dv, d(pair_bias) (None unless ``bias_grad``) and d(gate_logits) (None without a gate) from the
+    forward's ``out`` and ``lse``: the probabilities are recomputed tile by tile."""
+    if _interpreted_bf16(q):
+        grads = gated_attention_triton_backward(
+            dout.float(), q.float(), k.float(), v.float(), key_padding_mask, pair_bias, q_modality, k_modality,
+            gate_logits, out.float(), lse, scale, bias_grad)
+        return tuple(None if g is None else g.to(t.dtype)
+                     for g, t in zip(grads, (q, k, v, pair_bias, gate_logits)))  # type: ignore[return-value]
+    args = _kernel_args(q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits)
+    q, k, pair_bias, gate_logits = args[0], args[1], args[4], args[7]
+    b, lq, h, dh = q.shape
+    lk = k.shape[1]
+    cfg = _config(q, pair_bias)
+    dout, out = _unit_inner(dout), _unit_inner(out)
+    scale = _scale(q, scale)
+    common = _common_args(*args, scale)
+    flags = dict(HAS_KPM=args[3] is not None, HAS_BIAS=pair_bias is not None, HAS_GATE=gate_logits is not None)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    delta = torch.empty_like(lse)
+    dgate = None if gate_logits is None else torch.empty_like(gate_logits)
+    bias_grad = bias_grad and pair_bias is not None
+    mq, mk = (1, 1) if pair_bias is None else pair_bias.shape[1:]
+    n_blocks = triton.cdiv(lk, cfg["BLOCK_N"])
+    dbias = torch.empty(b * h, n_blocks, mq, mk, dtype=torch.float32, device=q.device) if bias_grad else None
+    with on_device(q):
+        _bwd_dq_kernel[(b * h, triton.cdiv(lq, cfg["BLOCK_M"]))](
+            *common, out, dout, lse, delta, dq, dgate, *_strides(out, 3), *_strides(dout, 3), *_strides(dq, 3),
+            scale, **flags, **cfg)
+        _bwd_dkdv_kernel[(b * h, n_blocks)](
+            *common, dout, lse, delta, dk, dv, dbias, *_strides(dout, 3), *_strides(dk, 3), scale,
+            **flags, BIAS_GRAD=bias_grad, **cfg)
+    if bias_grad:  # deterministic reduction of the per-program partial sums
+        dbias = dbias.view(b, h, n_blocks, mq, mk).sum(dim=(0, 2)).to(pair_bias.dtype)
+    return dq, dk, dv, dbias, dgate
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -12,7 +12,6 @@ Reference semantics (the Triton kernel must match them):
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -20,22 +19,8 @@ import torch.nn.functional as F
 
 from ._backend import interpreting
 from ._indexing import take_rows
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is an optional extra: without it only the reference below is usable
-    triton = None
-
-
-def _jit(fn):
-    """``triton.jit`` when Triton is installed; otherwise the function stays plain Python and is never launched."""
-    return fn if triton is None else triton.jit(fn)
-
-
-def padded_size(size: int, patch: int) -> int:
-    """Smallest multiple of ``patch`` that is >= ``size`` (MONAI pads at the end)."""
-    return -(-size // patch) * patch
+from ._utils import jit as _jit
+from ._utils import multiprocessors, on_device, padded_size, tl, triton
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
@@ -280,16 +265,10 @@ def _launch_config(num_pos: int, k: int, c: int, volumes: int, device: torch.dev
     block_p_bwd = max(16, min(128, 4096 // block_c))
     block_k = max(16, min(k_pow2, 64, 16384 // block_c))
     tiles = triton.cdiv(num_pos, block_p_bwd)
-    programs = 4 * _multiprocessors(device)  # enough resident programs to cover the memory latency
+    programs = 4 * multiprocessors(device)  # enough resident programs to cover the memory latency
     splits = min(tiles, max(1, triton.cdiv(programs, max(1, volumes) * triton.cdiv(k, block_k))))
     num_warps = 4 if block_c <= 256 else 8
     return _LaunchConfig(block_p, block_p_bwd, block_k, block_c, num_warps, num_warps, splits)
-
-
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _dot_precision(*tensors: torch.Tensor) -> str:
@@ -310,68 +289,71 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor) -> dict:
     )
 
 
-class PatchEmbed3dFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels; arguments as :func:`patch_embed_3d_reference` with ``modality_ids``
-    a long tensor, ``ln_weight``/``ln_bias`` None unless ``layer_norm`` and ``out_dtype`` resolved."""
+def patch_embed_3d_triton_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, modality_ids: torch.Tensor,
+    ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, layer_norm: bool, eps: float, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The Triton forward: arguments as :func:`patch_embed_3d_reference` (validated by the public op, not float64)
+    with ``modality_ids`` a [V] integer tensor, ``ln_weight``/``ln_bias`` None unless ``layer_norm`` and
+    ``out_dtype`` resolved."""
+    weight = weight.contiguous()
+    geo = _geometry(x, weight)
+    v, num_pos = x.shape[0], geo["DN"] * geo["HN"] * geo["WN"]
+    y = torch.empty(v, geo["DN"], geo["HN"], geo["WN"], geo["C"], dtype=out_dtype, device=x.device)
+    cfg = _launch_config(num_pos, geo["K"], geo["C"], v, x.device)
+    if y.numel():
+        with on_device(x):
+            _patch_embed_fwd_kernel[(triton.cdiv(num_pos, cfg.block_p), v)](
+                x, weight, _or(bias, weight), modality_ids, _or(ln_weight, weight), _or(ln_bias, weight), y,
+                eps=eps, **_strides(x, "sx"), **geo, HAS_BIAS=bias is not None, LAYER_NORM=layer_norm,
+                HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, BLOCK_P=cfg.block_p,
+                BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, DOT_PRECISION=_dot_precision(x, weight),
+                num_warps=cfg.num_warps,
+            )
+    return y
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, modality_ids, ln_weight, ln_bias, layer_norm, eps, out_dtype):
-        weight = weight.contiguous()
-        geo = _geometry(x, weight)
-        v, num_pos = x.shape[0], geo["DN"] * geo["HN"] * geo["WN"]
-        y = torch.empty(v, geo["DN"], geo["HN"], geo["WN"], geo["C"], dtype=out_dtype, device=x.device)
-        cfg = _launch_config(num_pos, geo["K"], geo["C"], v, x.device)
-        if y.numel():
-            with _on_device(x):
-                _patch_embed_fwd_kernel[(triton.cdiv(num_pos, cfg.block_p), v)](
-                    x, weight, _or(bias, weight), modality_ids, _or(ln_weight, weight), _or(ln_bias, weight), y,
-                    eps=eps, **_strides(x, "sx"), **geo, HAS_BIAS=bias is not None, LAYER_NORM=layer_norm,
-                    HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, BLOCK_P=cfg.block_p,
-                    BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, DOT_PRECISION=_dot_precision(x, weight),
-                    num_warps=cfg.num_warps,
-                )
-        ctx.save_for_backward(x, weight, bias, modality_ids, ln_weight, ln_bias)
-        ctx.layer_norm, ctx.eps = layer_norm, eps
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, ids, ln_weight, ln_bias = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        need_params = any(ctx.needs_input_grad[i] for i in (1, 2, 4, 5))
-        geo = _geometry(x, weight)
-        v, m, k, c = x.shape[0], weight.shape[0], geo["K"], geo["C"]
-        num_pos = geo["DN"] * geo["HN"] * geo["WN"]
-        cfg = _launch_config(num_pos, k, c, v, x.device)
-        launch = v * num_pos > 0 and (need_dx or need_params)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
-        # Partial sums per (volume, split), one row each: dW [K*C], db [C] (+ dln_w, dln_b [C] with LayerNorm).
-        # Every program stores its own slice, so they need no zeroing when launched.
-        width = (k + (3 if ctx.layer_norm else 1)) * c
-        part = (torch.empty if launch else torch.zeros)(v, cfg.splits, width, dtype=torch.float32, device=x.device)
-        if launch:
-            with _on_device(x):
-                _patch_embed_bwd_kernel[(cfg.splits, v, triton.cdiv(k, cfg.block_k))](
-                    x, weight, _or(bias, weight), ids, _or(ln_weight, weight), dy.contiguous(), _or(dx, x), part,
-                    eps=ctx.eps, **_strides(x, "sx"), **_strides(_or(dx, x), "sdx"), **geo,
-                    HAS_BIAS=bias is not None, LAYER_NORM=ctx.layer_norm, HAS_LNW=ln_weight is not None,
-                    NEED_DX=need_dx, NEED_DW=need_params, BLOCK_P=cfg.block_p_bwd, BLOCK_K=cfg.block_k,
-                    BLOCK_C=cfg.block_c, DOT_PRECISION=_dot_precision(x, weight), num_warps=cfg.num_warps_bwd,
-                )
-        dw = db = dln_w = dln_b = None
-        if need_params:
-            # Sum per modality as a one-hot matmul in fp64: deterministic (index_add_ uses atomics on CUDA) and
-            # free of host syncs
-            one_hot = (torch.arange(m, device=ids.device)[:, None] == ids[None, :]).double()  # [M, V]
-            sums = one_hot @ part.sum(1).double()  # [M, width]
-            dw = sums[:, : k * c].reshape(m, k, c).transpose(1, 2).reshape(weight.shape).to(weight.dtype)
-            if bias is not None:
-                db = sums[:, k * c : (k + 1) * c].to(bias.dtype)
-            if ln_weight is not None:
-                dln_w = sums[:, (k + 1) * c : (k + 2) * c].sum(0).to(ln_weight.dtype)
-            if ln_bias is not None:
-                dln_b = sums[:, (k + 2) * c :].sum(0).to(ln_bias.dtype)
-        return dx, dw, db, None, dln_w, dln_b, None, None, None
+def patch_embed_3d_triton_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
+    ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, layer_norm: bool, eps: float, need_dx: bool,
+    need_params: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """dx (None unless ``need_dx``), then dW, db, d(ln_weight), d(ln_bias) (None unless ``need_params`` and the
+    tensor exists), from the forward's arguments: the pre-norm activations are recomputed from x."""
+    weight = weight.contiguous()
+    geo = _geometry(x, weight)
+    v, m, k, c = x.shape[0], weight.shape[0], geo["K"], geo["C"]
+    num_pos = geo["DN"] * geo["HN"] * geo["WN"]
+    cfg = _launch_config(num_pos, k, c, v, x.device)
+    launch = v * num_pos > 0 and (need_dx or need_params)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
+    # Partial sums per (volume, split), one row each: dW [K*C], db [C] (+ dln_w, dln_b [C] with LayerNorm).
+    # Every program stores its own slice, so they need no zeroing when launched.
+    width = (k + (3 if layer_norm else 1)) * c
+    part = (torch.empty if launch else torch.zeros)(v, cfg.splits, width, dtype=torch.float32, device=x.device)
+    if launch:
+        with on_device(x):
+            _patch_embed_bwd_kernel[(cfg.splits, v, triton.cdiv(k, cfg.block_k))](
+                x, weight, _or(bias, weight), ids, _or(ln_weight, weight), dy.contiguous(), _or(dx, x), part,
+                eps=eps, **_strides(x, "sx"), **_strides(_or(dx, x), "sdx"), **geo,
+                HAS_BIAS=bias is not None, LAYER_NORM=layer_norm, HAS_LNW=ln_weight is not None,
+                NEED_DX=need_dx, NEED_DW=need_params, BLOCK_P=cfg.block_p_bwd, BLOCK_K=cfg.block_k,
+                BLOCK_C=cfg.block_c, DOT_PRECISION=_dot_precision(x, weight), num_warps=cfg.num_warps_bwd,
+            )
+    dw = db = dln_w = dln_b = None
+    if need_params:
+        # Sum per modality as a one-hot matmul in fp64: deterministic (index_add_ uses atomics on CUDA) and
+        # free of host syncs
+        one_hot = (torch.arange(m, device=ids.device)[:, None] == ids[None, :]).double()  # [M, V]
+        sums = one_hot @ part.sum(1).double()  # [M, width]
+        dw = sums[:, : k * c].reshape(m, k, c).transpose(1, 2).reshape(weight.shape).to(weight.dtype)
+        if bias is not None:
+            db = sums[:, k * c : (k + 1) * c].to(bias.dtype)
+        if ln_weight is not None:
+            dln_w = sums[:, (k + 1) * c : (k + 2) * c].sum(0).to(ln_weight.dtype)
+        if ln_bias is not None:
+            dln_b = sums[:, (k + 2) * c :].sum(0).to(ln_bias.dtype)
+    return dx, dw, db, dln_w, dln_b
 
 
 def _or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
@@ -379,39 +361,6 @@ def _or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     return dummy if t is None else t
 
 
-def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on x's GPU (Triton uses the current CUDA device); nothing to do for the interpreter's CPU tensors."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _strides(t: torch.Tensor, prefix: str) -> dict[str, int]:
     """The strides of a [V, Cin, D, H, W] tensor as the kernels' keyword arguments ``{prefix}_v`` ... ``{prefix}_w``."""
     return {f"{prefix}_{axis}": stride for axis, stride in zip("vcdhw", t.stride())}
-
-
-def patch_embed_3d_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    modality_ids: torch.Tensor | None = None,
-    *,
-    layer_norm: bool = False,
-    ln_weight: torch.Tensor | None = None,
-    ln_bias: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Triton patch embedding: same arguments, result and gradients (x, weight, bias, ln_weight, ln_bias) as
-    :func:`patch_embed_3d_reference`. float64 inputs run the reference, since the kernels accumulate in fp32."""
-    if triton is None:
-        raise RuntimeError("patch_embed_3d_triton needs the 'triton' package (pip install 'medmap-fast[triton]')")
-    kwargs = dict(layer_norm=layer_norm, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, out_dtype=out_dtype)
-    if torch.float64 in (x.dtype, weight.dtype):
-        return patch_embed_3d_reference(x, weight, bias, modality_ids, **kwargs)
-    if modality_ids is None:
-        modality_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    if not layer_norm:
-        ln_weight = ln_bias = None
-    return PatchEmbed3dFunction.apply(
-        x, weight, bias, modality_ids.long(), ln_weight, ln_bias, layer_norm, eps, out_dtype or x.dtype
-    )

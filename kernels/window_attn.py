@@ -26,15 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._backend import interpreting, triton_available
+from ._backend import interpreting
 from ._indexing import take_rows
-from .patch_embed_3d import padded_size
-
-if triton_available():
-    import triton
-    import triton.language as tl
-else:  # Triton is an optional extra: without it only the reference is used (see _backend.use_triton)
-    triton = tl = None
+from ._utils import jit as _jit
+from ._utils import multiprocessors, on_device, padded_size, tl, triton
 
 SHIFT_MASK_VALUE = -100.0
 
@@ -118,6 +113,23 @@ def unpartition(x: torch.Tensor, window_size: tuple[int, int, int], padded: tupl
     return x.reshape(-1, dp, hp, wp, k)
 
 
+def window_partition(
+    x: torch.Tensor, window_size: tuple[int, int, int], shift_size: tuple[int, int, int] = (0, 0, 0),
+    fill: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, D, H, W, K] -> [B*nW, n, K]: pad to whole windows (padded voxels hold ``fill`` [K], zeros when None), roll
+    by -shift, partition. With zeros it is the adjoint of :func:`window_merge`'s layout."""
+    b, d, h, w, k = x.shape
+    padded = tuple(padded_size(s, n) for s, n in zip((d, h, w), window_size))
+    if padded != (d, h, w):
+        fill = x.new_zeros(k) if fill is None else fill.to(x.dtype)
+        x, inner = fill.expand(b, *padded, k).clone(), x
+        x[:, :d, :h, :w] = inner
+    if any(shift_size):
+        x = torch.roll(x, shifts=tuple(-s for s in shift_size), dims=(1, 2, 3))
+    return partition(x, window_size)
+
+
 def window_qkv(
     qkv: torch.Tensor,
     num_heads: int,
@@ -126,17 +138,9 @@ def window_qkv(
     pad_kv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad (padded voxels: q = 0, k/v = pad_kv), roll by -shift, partition: qkv -> q, k, v [B*nW, heads, n, d]."""
-    b, d, h, w, c3 = qkv.shape
-    c = c3 // 3
-    padded = tuple(padded_size(s, k) for s, k in zip((d, h, w), window_size))
-    x = qkv
-    if padded != (d, h, w):
-        kv = pad_kv if pad_kv is not None else qkv.new_zeros(2 * c)
-        x = torch.cat([qkv.new_zeros(c), kv.to(qkv.dtype)]).expand(b, *padded, c3).clone()
-        x[:, :d, :h, :w] = qkv
-    if any(shift_size):
-        x = torch.roll(x, shifts=tuple(-s for s in shift_size), dims=(1, 2, 3))
-    win = partition(x, window_size)  # [B*nW, n, 3C]
+    c = qkv.shape[-1] // 3
+    fill = None if pad_kv is None else torch.cat([pad_kv.new_zeros(c), pad_kv])
+    win = window_partition(qkv, window_size, shift_size, fill)  # [B*nW, n, 3C]
     n = win.shape[1]
     return win.reshape(-1, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
 
@@ -222,7 +226,6 @@ def window_attention_reference(
 # (warps > G even duplicate the heads), and Hopper's wgmma does not take batched operands.
 # ----------------------------------------------------------------------------------------------------------------------
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)  # kernels are never launched without Triton
 _LOG2E = None if tl is None else tl.constexpr(math.log2(math.e))
 _SHIFT_MASK = None if tl is None else tl.constexpr(SHIFT_MASK_VALUE)
 
@@ -642,47 +645,61 @@ def _windows_per_program(programs: int, windows: int, device: torch.device) -> i
     """Windows each d(bias) program sums over: enough programs to fill the GPU, as few atomics as possible."""
     if device.type != "cuda":
         return windows
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * multiprocessors(device)
     return triton.cdiv(windows, max(1, min(windows, triton.cdiv(target, programs))))
 
 
-class WindowAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels; gradients for qkv, bias_table, pad_kv and gate_logits."""
-
-    @staticmethod
-    def forward(ctx, qkv, bias_table, pad_kv, gate_logits, num_heads, window_size, shift_size, table_window, scale):
-        geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
-        b, d, h, w, c3 = qkv.shape
-        out_dtype = qkv.dtype if gate_logits is None else torch.promote_types(qkv.dtype, gate_logits.dtype)
-        out = qkv.new_empty(b, d, h, w, c3 // 3, dtype=out_dtype)  # the reference's type promotion by the gate
-        lse = torch.empty(geo.windows, geo.heads, geo.n, device=qkv.device, dtype=torch.float32)
-        has_pad = pad_kv is not None and geo.is_padded
-        cfg, q_tiles, k_tiles = geo.config("fwd", qkv.dtype)
-        scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
+def window_attention_triton_forward(
+    qkv: torch.Tensor, bias_table: torch.Tensor | None, pad_kv: torch.Tensor | None, gate_logits: torch.Tensor | None,
+    num_heads: int, window_size: tuple[int, int, int], shift_size: tuple[int, int, int],
+    table_window: tuple[int, int, int], scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused forward with the contract (and output dtype) of :func:`window_attention_reference`, arguments as
+    validated by the public op: out [B, D, H, W, C] and the log2-unit log-sum-exp [B*nW, heads, n] fp32 of every
+    query, which the backward reads."""
+    qkv, bias_table, pad_kv, gate_logits = (None if t is None else t.contiguous()
+                                            for t in (qkv, bias_table, pad_kv, gate_logits))
+    geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
+    b, d, h, w, c3 = qkv.shape
+    out_dtype = qkv.dtype if gate_logits is None else torch.promote_types(qkv.dtype, gate_logits.dtype)
+    out = qkv.new_empty(b, d, h, w, c3 // 3, dtype=out_dtype)  # the reference's type promotion by the gate
+    lse = torch.empty(geo.windows, geo.heads, geo.n, device=qkv.device, dtype=torch.float32)
+    has_pad = pad_kv is not None and geo.is_padded
+    cfg, q_tiles, k_tiles = geo.config("fwd", qkv.dtype)
+    scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
+    with on_device(qkv):
         _window_attention_fwd[(geo.windows * geo.head_groups(cfg) * q_tiles,)](
             qkv, qkv if bias_table is None else bias_table, pad_kv if has_pad else qkv,
             qkv if gate_logits is None else gate_logits, out, lse, *scalars,
             HAS_BIAS=bias_table is not None, HAS_PAD=has_pad, HAS_GATE=gate_logits is not None, **constexprs, **cfg,
         )
-        ctx.save_for_backward(qkv, bias_table, pad_kv, gate_logits, out, lse)
-        ctx.geo = geo
-        return out
+    return out, lse
 
-    @staticmethod
-    def backward(ctx, dout):
-        qkv, bias_table, pad_kv, gate_logits, out, lse = ctx.saved_tensors
-        geo: _Geometry = ctx.geo
-        b, d, h, w, c3 = qkv.shape
-        c = c3 // 3
-        dout = dout.contiguous()
-        # softmax backward's rowsum(dO_attn * O) per (token, head) equals rowsum(dout * out) with the gate folded in
-        delta = (dout.float() * out.float()).view(b, d, h, w, geo.heads, geo.head_dim).sum(-1)
-        has_pad = pad_kv is not None and geo.is_padded
-        tensors = (qkv, qkv if bias_table is None else bias_table, pad_kv if has_pad else qkv,
-                   qkv if gate_logits is None else gate_logits, dout, lse, delta)
-        flags = dict(HAS_PAD=has_pad, HAS_GATE=gate_logits is not None)
-        dqkv = dbias = dpad = dgate = None
-        if ctx.needs_input_grad[0] or (pad_kv is not None and ctx.needs_input_grad[2]):
+
+def window_attention_triton_backward(
+    dout: torch.Tensor, qkv: torch.Tensor, bias_table: torch.Tensor | None, pad_kv: torch.Tensor | None,
+    gate_logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+    window_size: tuple[int, int, int], shift_size: tuple[int, int, int], table_window: tuple[int, int, int],
+    scale: float | None, needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """d(qkv), d(bias_table), d(pad_kv), d(gate_logits) from the forward's inputs, ``out`` and ``lse``; ``needs``
+    says which of the four are wanted (the others, and those of absent tensors, are None)."""
+    qkv, bias_table, pad_kv, gate_logits = (None if t is None else t.contiguous()
+                                            for t in (qkv, bias_table, pad_kv, gate_logits))
+    geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
+    b, d, h, w, c3 = qkv.shape
+    c = c3 // 3
+    dout = dout.contiguous()
+    # softmax backward's rowsum(dO_attn * O) per (token, head) equals rowsum(dout * out) with the gate folded in
+    delta = (dout.float() * out.float()).view(b, d, h, w, geo.heads, geo.head_dim).sum(-1)
+    has_pad = pad_kv is not None and geo.is_padded
+    tensors = (qkv, qkv if bias_table is None else bias_table, pad_kv if has_pad else qkv,
+               qkv if gate_logits is None else gate_logits, dout, lse, delta)
+    flags = dict(HAS_PAD=has_pad, HAS_GATE=gate_logits is not None)
+    dqkv = dbias = dpad = dgate = None
+    need_dpad = pad_kv is not None and needs[2]
+    with on_device(qkv):
+        if needs[0] or need_dpad:
             cfg, q_tiles, k_tiles = geo.config("bwd", qkv.dtype)
             scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
             dqkv = torch.empty_like(qkv)
@@ -693,9 +710,11 @@ class WindowAttentionFunction(torch.autograd.Function):
                 **cfg,
             )
             dqkv[..., :c] = dq
-            if pad_kv is not None and ctx.needs_input_grad[2]:
+            if need_dpad:
                 dpad = dpad_parts.sum((0, 1)).to(pad_kv.dtype) if has_pad else torch.zeros_like(pad_kv)
-        if bias_table is not None and ctx.needs_input_grad[1]:
+            if not needs[0]:
+                dqkv = None
+        if bias_table is not None and needs[1]:
             cfg, q_tiles, k_tiles = geo.config("bias", qkv.dtype)
             scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
             dense = torch.zeros(geo.heads, geo.n, geo.n, device=qkv.device, dtype=torch.float32)
@@ -708,27 +727,13 @@ class WindowAttentionFunction(torch.autograd.Function):
             index = _device_index(geo.window, geo.table_window, qkv.device)
             dbias = torch.zeros(bias_table.shape, device=qkv.device, dtype=torch.float32)
             dbias = dbias.index_add_(0, index, dense.reshape(geo.heads, -1).t()).to(bias_table.dtype)
-        if gate_logits is not None and ctx.needs_input_grad[3]:
-            # out = 2 sigmoid(x) o, so d x = rowsum(dout * o) * 2 sigmoid(x) (1 - sigmoid(x)) = delta (1 - sigmoid(x))
-            dgate = (delta * (1.0 - torch.sigmoid(gate_logits.float()))).to(gate_logits.dtype)
-        return dqkv, dbias, dpad, dgate, None, None, None, None, None
+    if gate_logits is not None and needs[3]:
+        dgate = gate_gradient(delta, gate_logits)
+    return dqkv, dbias, dpad, dgate
 
 
-def window_attention_triton(
-    qkv: torch.Tensor,
-    num_heads: int,
-    window_size: tuple[int, int, int],
-    shift_size: tuple[int, int, int] = (0, 0, 0),
-    bias_table: torch.Tensor | None = None,
-    *,
-    table_window: tuple[int, int, int] | None = None,
-    pad_kv: torch.Tensor | None = None,
-    gate_logits: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Fused Triton shifted-window attention with the contract (and output dtype) of
-    :func:`window_attention_reference`; arguments are assumed validated (the public op validates them)."""
-    contiguous = [None if t is None else t.contiguous() for t in (qkv, bias_table, pad_kv, gate_logits)]
-    return WindowAttentionFunction.apply(
-        *contiguous, num_heads, tuple(window_size), tuple(shift_size), tuple(table_window or window_size), scale
-    )
+def gate_gradient(delta: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """d(gate_logits) [B, D, H, W, heads] from delta = rowsum(dout * out) per (token, head), ``out`` the gated output:
+    out = 2 sigmoid(x) o, so dx = rowsum(dout * o) 2 sigmoid(x) (1 - sigmoid(x)) = delta (1 - sigmoid(x))."""
+    x = gate_logits.to(torch.promote_types(delta.dtype, gate_logits.dtype))
+    return (delta * (1.0 - torch.sigmoid(x))).to(gate_logits.dtype)

@@ -11,11 +11,12 @@ not straddle regions of the rolled grid skip the mask entirely.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
-from .patch_embed_3d import padded_size
-from .window_attention import apply_gate, shift_mask, window_bias, window_merge, window_qkv
+from ._utils import padded_size
+from .window_attn import apply_gate, shift_mask, window_bias, window_merge, window_qkv
 
 CHUNK_BYTES = 1 << 20  # scores per chunk: one 343-token window x 3 heads fits a core's L2
 
@@ -23,8 +24,12 @@ CHUNK_BYTES = 1 << 20  # scores per chunk: one 343-token window x 3 heads fits a
 @functools.lru_cache(maxsize=64)
 def _straddling(padded: tuple[int, int, int], window_size: tuple[int, int, int],
                 shift_size: tuple[int, int, int]) -> tuple[bool, ...]:
-    """For every window of the rolled grid: does it hold tokens of more than one region (so needs the mask)?"""
-    return tuple(shift_mask(padded, window_size, shift_size).flatten(1).ne(0).any(1).tolist())
+    """For every window of the rolled grid (raster order): does it hold tokens of more than one region (so needs the
+    mask)? Along a shifted axis only the last window does (regions 1 and 2; all others lie in region 0). Plain
+    Python, no tensor: torch.compile evaluates it while tracing instead of syncing on a mask."""
+    counts = [p // w for p, w in zip(padded, window_size)]
+    return tuple(any(s and i == n - 1 for i, n, s in zip(idx, counts, shift_size))
+                 for idx in itertools.product(*map(range, counts)))
 
 
 def _scores(qs, k, bias, neg_inf, masked, sl) -> torch.Tensor:
