@@ -3,9 +3,10 @@
     medmap-fast demo [--out DIR] [--quick] [--ablation]
     medmap-fast manifest folders ROOT [--out ROOT/manifest.jsonl]     # or: manifest msd Task01_BrainTumour
     medmap-fast prepare manifest.jsonl --out CACHE [--spacing 1.5] [--workers N] [--strict]
-    medmap-fast pretrain --config configs/demo.yaml --data CACHE --out runs/stage1
-    medmap-fast finetune --config configs/demo.yaml --data CACHE --init runs/stage1/model --out runs/stage2
+    medmap-fast pretrain --config demo --data CACHE --out runs/stage1     # a shipped config (demo, demo_quick, paper)
+    medmap-fast finetune --config my.yaml --data CACHE --init runs/stage1/model --out runs/stage2   # or a YAML file
     medmap-fast evaluate --model runs/stage2/model [--data CACHE] [--split test]
+    medmap-fast --version
     torchrun --nproc-per-node=4 -m medmap_fast.cli pretrain ...        # DDP (NCCL on GPU, gloo on CPU)
 
 pretrain / finetune / evaluate write ``metrics.json`` (held-out metrics) and ``config.json`` (the merged config) into
@@ -21,6 +22,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from medmap_fast import __version__, configs
+
 CONFIG_NAME = "config.json"
 
 
@@ -32,21 +35,35 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _config_arg(text: str) -> Path:
+    """--config: a YAML file, or the name of a config shipped in the package (``paper`` or ``paper.yaml``)."""
+    try:
+        return configs.resolve(text)
+    except FileNotFoundError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _config_help() -> str:
+    return f"a YAML file, or the name of a shipped config: {', '.join(configs.names())} (with or without .yaml)"
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("--config", type=_config_arg, default=None, help=f"{_config_help()} (default: built-in defaults)")
     p.add_argument("--data", type=Path, default=None,
                    help="prepared cache folder (from `medmap-fast prepare`; default: the config's data.path)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medmap-fast", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"medmap-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="generate synthetic studies, pre-train, fine-tune, evaluate, write a report")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo-<timestamp>)")
     p.add_argument("--quick", action="store_true", help="the small configuration (a few minutes on 2 CPU cores)")
     p.add_argument("--ablation", action="store_true", help="also fine-tune from a random initialisation")
-    p.add_argument("--config", type=Path, default=None, help="YAML config replacing the built-in demo one")
+    p.add_argument("--config", type=_config_arg, default=None,
+                   help=f"{_config_help()}; replaces the demo's own (default: demo, or demo_quick with --quick)")
     _common(p)
 
     p = sub.add_parser("manifest", help="write a manifest (JSONL) for a folder of studies")

@@ -78,7 +78,10 @@ def test_load_config_merges_and_checks(tmp_path):
 
 
 def test_repository_configs_load():
-    root = Path(__file__).resolve().parents[1] / "configs"
+    from medmap_fast.train.demo import configs_dir
+
+    root = Path(__file__).resolve().parents[1] / "medmap_fast" / "configs"  # shipped in the package
+    assert configs_dir().resolve() == root
     for name in ("demo.yaml", "demo_quick.yaml", "paper.yaml"):
         config = load_config(root / name)
         assert config["data"]["path"] is None  # the demo fills it in; the paper config takes --data CACHE

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 
+from medmap_fast import configs
 from medmap_fast.data.cache import CacheEntry
 from medmap_fast.fileio import atomic_path
 from medmap_fast.models.text import TextEncoder
@@ -40,13 +41,8 @@ from medmap_fast.train.report import write_report
 
 
 def configs_dir() -> Path:
-    """The shipped YAML configs: the installed ``medmap_fast.configs`` package, else ``configs/`` of a checkout."""
-    try:
-        from importlib.resources import files
-
-        return Path(str(files("medmap_fast.configs")))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "configs"
+    """The shipped YAML configs: the ``medmap_fast.configs`` package's folder, through ``importlib.resources``."""
+    return configs.directory()
 
 
 def organ_metrics(probs: np.ndarray, labels: np.ndarray, organ_classes: dict[str, Sequence[str]],
@@ -138,7 +134,8 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, ablation: b
     """Run the whole demo; returns the content of ``metrics.json``."""
     started = time.perf_counter()
     ctx = ctx or init_distributed()
-    config_path = config_path or configs_dir() / ("demo_quick.yaml" if quick else "demo.yaml")
+    config_path = configs.resolve(config_path) if config_path else configs_dir() / (
+        "demo_quick.yaml" if quick else "demo.yaml")
     config = load_config(config_path, {"seed": seed} if seed is not None else None)
     out = Path(out_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
