@@ -113,23 +113,6 @@ def unpartition(x: torch.Tensor, window_size: tuple[int, int, int], padded: tupl
     return x.reshape(-1, dp, hp, wp, k)
 
 
-def window_partition(
-    x: torch.Tensor, window_size: tuple[int, int, int], shift_size: tuple[int, int, int] = (0, 0, 0),
-    fill: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """[B, D, H, W, K] -> [B*nW, n, K]: pad to whole windows (padded voxels hold ``fill`` [K], zeros when None), roll
-    by -shift, partition. With zeros it is the adjoint of :func:`window_merge`'s layout."""
-    b, d, h, w, k = x.shape
-    padded = tuple(padded_size(s, n) for s, n in zip((d, h, w), window_size))
-    if padded != (d, h, w):
-        fill = x.new_zeros(k) if fill is None else fill.to(x.dtype)
-        x, inner = fill.expand(b, *padded, k).clone(), x
-        x[:, :d, :h, :w] = inner
-    if any(shift_size):
-        x = torch.roll(x, shifts=tuple(-s for s in shift_size), dims=(1, 2, 3))
-    return partition(x, window_size)
-
-
 def window_qkv(
     qkv: torch.Tensor,
     num_heads: int,
@@ -138,9 +121,17 @@ def window_qkv(
     pad_kv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad (padded voxels: q = 0, k/v = pad_kv), roll by -shift, partition: qkv -> q, k, v [B*nW, heads, n, d]."""
-    c = qkv.shape[-1] // 3
-    fill = None if pad_kv is None else torch.cat([pad_kv.new_zeros(c), pad_kv])
-    win = window_partition(qkv, window_size, shift_size, fill)  # [B*nW, n, 3C]
+    b, d, h, w, c3 = qkv.shape
+    c = c3 // 3
+    padded = tuple(padded_size(s, k) for s, k in zip((d, h, w), window_size))
+    x = qkv
+    if padded != (d, h, w):
+        kv = pad_kv if pad_kv is not None else qkv.new_zeros(2 * c)
+        x = torch.cat([qkv.new_zeros(c), kv.to(qkv.dtype)]).expand(b, *padded, c3).clone()
+        x[:, :d, :h, :w] = qkv
+    if any(shift_size):
+        x = torch.roll(x, shifts=tuple(-s for s in shift_size), dims=(1, 2, 3))
+    win = partition(x, window_size)  # [B*nW, n, 3C]
     n = win.shape[1]
     return win.reshape(-1, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
 
@@ -728,12 +719,6 @@ def window_attention_triton_backward(
             dbias = torch.zeros(bias_table.shape, device=qkv.device, dtype=torch.float32)
             dbias = dbias.index_add_(0, index, dense.reshape(geo.heads, -1).t()).to(bias_table.dtype)
     if gate_logits is not None and needs[3]:
-        dgate = gate_gradient(delta, gate_logits)
+        # out = 2 sigmoid(x) o, so d x = rowsum(dout * o) * 2 sigmoid(x) (1 - sigmoid(x)) = delta (1 - sigmoid(x))
+        dgate = (delta * (1.0 - torch.sigmoid(gate_logits.float()))).to(gate_logits.dtype)
     return dqkv, dbias, dpad, dgate
-
-
-def gate_gradient(delta: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
-    """d(gate_logits) [B, D, H, W, heads] from delta = rowsum(dout * out) per (token, head), ``out`` the gated output:
-    out = 2 sigmoid(x) o, so dx = rowsum(dout * o) 2 sigmoid(x) (1 - sigmoid(x)) = delta (1 - sigmoid(x))."""
-    x = gate_logits.to(torch.promote_types(delta.dtype, gate_logits.dtype))
-    return (delta * (1.0 - torch.sigmoid(x))).to(gate_logits.dtype)
