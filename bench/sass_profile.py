@@ -316,8 +316,8 @@ def window_attention_cases() -> list[Case]:
 
             cases.append(Case("window_attention", f"{stage} B2x{tokens}^3 C{channels} h{heads} shift{shift}",
                               forward, roofline,
-                              {"_window_attention_fwd": lambda a, g: a["NKT"],
-                               "_window_attention_bwd": lambda a, g: a["NQT"],
+                              {"_window_attention_fwd": lambda a, g: a["NP"] // a["BN"],
+                               "_window_attention_bwd": lambda a, g: (a["NP"] // a["BN"]) * (a["NP"] // a["BM"]),
                                "_window_attention_bwd_bias": lambda a, g: a["WPC"]}))
     return cases
 

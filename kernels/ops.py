@@ -25,7 +25,7 @@ from torch import Tensor
 from ._utils import padded_size
 from .gated_attn import gated_attention_triton_backward, gated_attention_triton_forward
 from .patch_embed import patch_embed_3d_triton_backward, patch_embed_3d_triton_forward
-from .window_attn import window_attention_triton_backward, window_attention_triton_forward
+from .window_attn import tokens_padded, window_attention_triton_backward, window_attention_triton_forward
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -125,7 +125,7 @@ def window_attention(
     qkv: Tensor, bias_table: Optional[Tensor], pad_kv: Optional[Tensor], gate_logits: Optional[Tensor],
     num_heads: int, window_size: list[int], shift_size: list[int], table_window: list[int], scale: Optional[float],
 ) -> tuple[Tensor, Tensor]:
-    """qkv [B, D, H, W, 3C] -> (out [B, D, H, W, C], lse [B*nW, heads, n] fp32, the log-sum-exp its backward reads)
+    """qkv [B, D, H, W, 3C] -> (out [B, D, H, W, C], lse [B*nW, heads, NP] fp32, the log-sum-exp its backward reads)
     (see ``window_attn.py``)."""
     return window_attention_triton_forward(qkv, bias_table, pad_kv, gate_logits,
                                            **_window_args(num_heads, window_size, shift_size, table_window, scale))
@@ -137,7 +137,7 @@ def _(qkv, bias_table, pad_kv, gate_logits, num_heads, window_size, shift_size, 
     dtype = qkv.dtype if gate_logits is None else torch.promote_types(qkv.dtype, gate_logits.dtype)
     windows = b * math.prod(padded_size(s, k) // k for s, k in zip((d, h, w), window_size))
     return (qkv.new_empty(b, d, h, w, c3 // 3, dtype=dtype),
-            qkv.new_empty(windows, num_heads, math.prod(window_size), dtype=torch.float32))
+            qkv.new_empty(windows, num_heads, tokens_padded(math.prod(window_size)), dtype=torch.float32))
 
 
 @torch.library.custom_op("medmap_fast::window_attention_backward", mutates_args=())

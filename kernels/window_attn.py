@@ -203,348 +203,304 @@ def window_attention_reference(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Triton implementation. Every program works on one window of one batch element and a group of G = HEADS_PER_PROGRAM
-# consecutive heads, straight from the channels-last qkv tensor: token t of window `win` sits at position
-# p = origin(win) + coords(t) of the rolled, padded grid, i.e. at voxel (p + shift) mod padded of the original grid (a
-# padded voxel when that is past the volume). So padding, cyclic shift, partition and their reverses are index
-# arithmetic; the bias row of a (query, key) pair is rel(query) - rel(key) + R0 (the table_window decomposition is
-# separable); the shift mask compares region ids.
-#
-# The G heads share all of that: token positions, volume rows, the bias-table rows and the additive mask of a
-# [BM, BN] block of pairs are computed once per block, then a static loop runs the G heads on 2-D tiles (per-head
-# state is carried in tuples), reading each row's G heads as adjacent channel slices. Not one 3-D [G, T, HD] tile:
-# Triton puts every warp of a batched tl.dot on the batch axis, so each warp would redo the shared index work
-# (warps > G even duplicate the heads), and Hopper's wgmma does not take batched operands.
+# Triton implementation (v2). The window geometry is resolved on the host, once per (grid, window, shift), into small
+# tables, so the kernels' inner loops do attention, not index arithmetic:
+#   rows    [nW, NP] int32   voxel (d * H + h) * W + w of token t of window `win` of the rolled, padded grid (the
+#                            roll, the padding and the partition in one gather), -1 for a padded voxel or t >= n;
+#   classes [nW] int32       the window's class: which tokens lie in which region of the rolled grid (MONAI's
+#                            compute_mask). Unshifted there is one class; shifted at most 8 (interior, and the last
+#                            window along any subset of the shifted axes);
+#   tile    [K, heads, NP, NP]  per class, bias + shift mask in log2 units (bias gathered from the table once per
+#                            call), -inf for keys t >= n, read as contiguous [BM, BN] tiles (a few MiB, L2-resident).
+# Padding is by pointer: a padded voxel's row pointer is that of `pad_row` = [0 (q), pad_kv (k, v)], so padded keys
+# take the qkv bias and padded queries are zeros; query tiles of padding only are skipped (their outputs are cropped).
+# The log2 scale and the softmax scale are folded into q once per tile. Every program handles G = HEADS_PER_PROGRAM
+# heads of one window, whose loads and stores are adjacent channel slices of the same rows; per-head state is carried
+# in tuples of 2-D tiles (a batched 3-D tl.dot would not be a Hopper wgmma).
 # ----------------------------------------------------------------------------------------------------------------------
 
-_LOG2E = None if tl is None else tl.constexpr(math.log2(math.e))
-_SHIFT_MASK = None if tl is None else tl.constexpr(SHIFT_MASK_VALUE)
+_LOG2E = math.log2(math.e)
 
 
 @_jit
-def _region(p, size, window, shift):
-    """shift_regions along one rolled axis: 0, 1, 2 for position p, 0 everywhere when the axis is not shifted."""
-    return tl.where(shift > 0, (p >= size - window).to(tl.int32) + (p >= size - shift).to(tl.int32), 0)
-
-
-@_jit
-def _tokens(t, b, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW):
-    """Tokens t [T] of window ``win`` of batch element b -> (in window, real voxel, row of the volume-major
-    [B*D*H*W, ...] tensors, region id, table offset), all [T]."""
-    pd = (win // (NWH * NWW)) * WD + t // (WH * WW)  # position in the rolled, padded grid
-    ph = ((win // NWW) % NWH) * WH + (t // WW) % WH
-    pw = (win % NWW) * WW + t % WW
-    od = (pd + SD) % DP  # the voxel torch.roll(-shift) brought there
-    oh = (ph + SH) % HP
-    ow = (pw + SW) % WP
-    valid = t < n
-    real = valid & (od < D) & (oh < H) & (ow < W)
-    row = b.to(tl.int64) * (D * H * W) + tl.where(real, (od * H + oh) * W + ow, 0)
-    region = (_region(pd, DP, WD, SD) * 3 + _region(ph, HP, WH, SH)) * 3 + _region(pw, WP, WW, SW)
-    return valid, real, row, region, _table_offset(t, TH, TW)
-
-
-@_jit
-def _table_offset(t, TH, TW):
-    """Bias-table offset of tokens t decomposed in the table window: row(q, k) = offset(q) - offset(k) + R0
-    (MONAI's relative_position_index[:n, :n], also when the effective window is smaller than the table's)."""
-    return (t // (TH * TW)) * ((2 * TH - 1) * (2 * TW - 1)) + ((t // TW) % TH) * (2 * TW - 1) + t % TW
-
-
-@_jit
-def _repeat(x, G: tl.constexpr):
-    """A tuple of G copies of x (the initial per-head state)."""
-    xs = ()
-    for _ in tl.static_range(G):
-        xs = xs + (x,)
-    return xs
-
-
-@_jit
-def _head_rows(ptr, row, stride, col, HD, dd, rows_mask, dmask, G: tl.constexpr):
-    """G tiles [T, DPAD], head g's at channels col + g * HD + dd of rows ``row`` (zeros outside the masks): the loads
-    of one row's heads are adjacent channel slices, issued back to back."""
-    ptrs = ptr + row[:, None] * stride + col + dd[None, :]
-    mask = rows_mask[:, None] & dmask[None, :]
-    tiles = ()
-    for g in tl.static_range(G):
-        tiles = tiles + (tl.load(ptrs + g * HD, mask=mask, other=0.0),)
-    return tiles
-
-
-@_jit
-def _store_head_rows(ptr, tiles, row, stride, col, HD, dd, rows_mask, dmask, G: tl.constexpr):
-    """Store G tiles [T, DPAD] where :func:`_head_rows` reads them (cast to the pointer's type)."""
-    ptrs = ptr + row[:, None] * stride + col + dd[None, :]
-    mask = rows_mask[:, None] & dmask[None, :]
-    for g in tl.static_range(G):
-        tl.store(ptrs + g * HD, tiles[g].to(ptr.dtype.element_ty), mask=mask)
-
-
-@_jit
-def _pad_kv(PAD_KV, col, HD, dd, dmask, C, G: tl.constexpr):
-    """k and v [DPAD] of padded voxels, a tuple of G each (PAD_KV is qkv itself, a harmless read, when unused)."""
-    pad_k = ()
-    pad_v = ()
-    for g in tl.static_range(G):
-        pad_k = pad_k + (tl.load(PAD_KV + col + g * HD + dd, mask=dmask, other=0.0),)
-        pad_v = pad_v + (tl.load(PAD_KV + C + col + g * HD + dd, mask=dmask, other=0.0),)
-    return pad_k, pad_v
-
-
-@_jit
-def _kv_rows(ptr, row, stride, col, HD, dd, real, dmask, pads, HAS_PAD: tl.constexpr, G: tl.constexpr):
-    """G k or v tiles [T, DPAD] of a key block; padded voxels take ``pads[g]`` (MONAI: the qkv bias), else zeros."""
-    tiles = _head_rows(ptr, row, stride, col, HD, dd, real, dmask, G)
-    if HAS_PAD:
-        padded = ()
-        for g in tl.static_range(G):
-            padded = padded + (tl.where(real[:, None], tiles[g], pads[g][None, :].to(tiles[g].dtype)),)
-        tiles = padded
-    return tiles
-
-
-@_jit
-def _key_block(QKV, offs, b, win, col, HD, dd, dmask, C, pad_k, pad_v,
-               n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW,
-               HAS_PAD: tl.constexpr, G: tl.constexpr):
-    """A key block of one window: flags, rows, region ids, table offsets [T] and the G heads' k and v tiles."""
-    valid, real, row, reg, rel = _tokens(offs, b, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W,
-                                         TH, TW)
-    k = _kv_rows(QKV + C, row, 3 * C, col, HD, dd, real, dmask, pad_k, HAS_PAD, G)
-    v = _kv_rows(QKV + 2 * C, row, 3 * C, col, HD, dd, real, dmask, pad_v, HAS_PAD, G)
-    return valid, real, row, reg, rel, k, v
-
-
-@_jit
-def _bias_rows(BIAS, rel_q, rel_k, valid_q, valid_k, HEADS, R0):
-    """Pointers [BM, BN] to head 0's bias of a block of (query, key) pairs in the table [rows, HEADS], and their mask;
-    every head shares them (head h's bias is at pointer + h)."""
-    return BIAS + (rel_q[:, None] - rel_k[None, :] + R0) * HEADS, valid_q[:, None] & valid_k[None, :]
-
-
-@_jit
-def _mask(reg_q, reg_k, valid_k, SHIFTED: tl.constexpr):
-    """The additive mask every head shares [BM, BN] (or [1, BN]): MONAI's shift mask, -inf past the window."""
-    if SHIFTED:
-        mask = tl.where(valid_k[None, :], tl.where(reg_q[:, None] != reg_k[None, :], _SHIFT_MASK, 0.0), float("-inf"))
-    else:
-        mask = tl.where(valid_k, 0.0, float("-inf"))[None, :]
-    return mask
-
-
-@_jit
-def _bias(bias_ptrs, bias_mask, h):
-    """Relative-position bias [BM, BN] of head h gathered from the table [rows, HEADS]."""
-    return tl.load(bias_ptrs + h, mask=bias_mask, other=0.0).to(tl.float32)
-
-
-@_jit
-def _scores(q, k, bias, mask, qk_scale, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
-    """Scores of one head in the log2 domain [BM, BN]: (q.k * scale + bias + mask) * log2(e)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    if HAS_BIAS:
-        s += bias
-    return (s + mask) * _LOG2E
-
-
-@_jit
-def _gate(GATE, row, real, h, HEADS):
-    """2 * sigmoid(gate logit) of head h per row [T] (fp32)."""
-    return 2.0 * tl.sigmoid(tl.load(GATE + row * HEADS + h, mask=real, other=0.0).to(tl.float32))
-
-
-@_jit
-def _split_pid(pid, tiles, HEADS, NWIN, G: tl.constexpr):
+def _split_pid(pid, tiles, HEADS: tl.constexpr, NWIN, G: tl.constexpr):
     """Program id -> (tile, first of the G heads, window over the batch, batch element, window); tiles vary
-    fastest."""
-    groups = HEADS // G
+    fastest, so the programs of one window run together and share its k and v in L2."""
+    groups: tl.constexpr = HEADS // G
     bw = pid // (tiles * groups)
     return pid % tiles, ((pid // tiles) % groups) * G, bw, bw // NWIN, bw % NWIN
 
 
 @_jit
-def _query_grads(QKV, DOUT, GATE, LSE, DELTA, offs, row, valid, real, bw, h, dd, dmask, C, HD, HEADS, n,
-                 HAS_GATE: tl.constexpr):
-    """What the backward needs of head h in a query block: q and dO of the attention (gate applied) [T, DPAD],
-    lse and delta [T]."""
-    mask = real[:, None] & dmask[None, :]
-    q = tl.load(QKV + row[:, None] * (3 * C) + h * HD + dd[None, :], mask=mask, other=0.0)
-    do = tl.load(DOUT + row[:, None] * C + h * HD + dd[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_GATE:
-        do = do * _gate(GATE, row, real, h, HEADS)[:, None]
-    lse = tl.load(LSE + (bw * HEADS + h) * n + offs, mask=valid, other=float("inf"))  # p = 0 past the window
-    delta = tl.load(DELTA + row * HEADS + h, mask=real, other=0.0)
-    return q, do.to(q.dtype), lse, delta
+def _row_ptrs(BASE, PAD_ROW, rows, voxel0, STRIDE: tl.constexpr):
+    """Row pointers [T] of tokens whose voxel rows are ``rows`` (-1: padding) in a [B * voxels, STRIDE] tensor:
+    real voxels in BASE, padding at PAD_ROW (the padding is chosen by pointer, not by value)."""
+    return tl.where(rows >= 0, BASE + (voxel0 + rows) * STRIDE, PAD_ROW)
+
+
+@_jit
+def _load_heads(ptrs, col, HD: tl.constexpr, DPAD: tl.constexpr, G: tl.constexpr, rows_mask=None):
+    """G tiles [T, DPAD], head g's from channels col + g * HD of the rows ``ptrs`` point to (zeros past HD and,
+    given ``rows_mask``, in rows outside it): one row's heads are adjacent slices, loaded back to back."""
+    dd = tl.arange(0, DPAD)
+    tiles = ()
+    for g in tl.static_range(G):
+        p = ptrs[:, None] + col + g * HD + dd[None, :]
+        if DPAD == HD and rows_mask is None:
+            tiles = tiles + (tl.load(p),)
+        elif rows_mask is None:
+            tiles = tiles + (tl.load(p, mask=(dd < HD)[None, :], other=0.0),)
+        else:
+            tiles = tiles + (tl.load(p, mask=rows_mask[:, None] & (dd < HD)[None, :], other=0.0),)
+    return tiles
+
+
+@_jit
+def _store_head(ptrs, tile, col, rows_mask, HD: tl.constexpr, DPAD: tl.constexpr):
+    """Store one head's [T, DPAD] tile at channels col .. col + HD of the rows ``ptrs`` point to, where rows_mask."""
+    dd = tl.arange(0, DPAD)
+    tl.store(ptrs[:, None] + col + dd[None, :], tile.to(ptrs.dtype.element_ty),
+             mask=rows_mask[:, None] & (dd < HD)[None, :])
+
+
+@_jit
+def _gate(GATE, voxel0, rows, real, h, HEADS: tl.constexpr):
+    """2 * sigmoid(gate logit) of head h per query [T] (fp32)."""
+    return 2.0 * tl.sigmoid(tl.load(GATE + (voxel0 + rows) * HEADS + h, mask=real, other=0.0).to(tl.float32))
+
+
+@_jit
+def _scaled(q, qk_scale):
+    """q * scale * log2(e) in q's dtype: the scores come out of the product in log2 units."""
+    return (q.to(tl.float32) * qk_scale).to(q.dtype)
+
+
+@_jit
+def _scores(q, k, tile_ptrs, offs_n, N: tl.constexpr, NP: tl.constexpr, HAS_TILE: tl.constexpr, PREC: tl.constexpr):
+    """Scores of one head in log2 units [BM, BN]: q (pre-scaled) . k plus the window class's bias + mask tile, or
+    -inf for keys past the window where there is no tile."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if HAS_TILE:
+        s += tl.load(tile_ptrs).to(tl.float32)
+    elif N != NP:
+        s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+    return s
+
+
+@_jit
+def _tile_ptrs(TILE, cls, h, offs_m, offs_n, HEADS: tl.constexpr, NP: tl.constexpr):
+    """Pointers [BM, BN] into head h's bias + mask tile of window class ``cls``."""
+    return TILE + ((cls * HEADS + h) * NP + offs_m[:, None]) * NP + offs_n[None, :]
 
 
 @_jit
 def _window_attention_fwd(
-    QKV, BIAS, PAD_KV, GATE, OUT, LSE,
-    n, NWIN, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, R0,
-    HEADS, HD, NQT, NKT, qk_scale,
-    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, HAS_GATE: tl.constexpr, SHIFTED: tl.constexpr,
+    QKV, PAD_ROW, ROWS, CLASSES, TILE, GATE, OUT, LSE, NWIN, VOXELS, qk_scale,
+    HEADS: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+    HAS_TILE: tl.constexpr, HAS_GATE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """One query block of one window for G heads: online softmax over the window's key blocks; out [B,D,H,W,C],
-    lse [B*nW, HEADS, n]."""
+    """One query tile of one window for G heads: online softmax over the window's key tiles; out [B, D, H, W, C],
+    lse [B*nW, HEADS, NP] (log2 units; not written for tiles of padding only)."""
     G: tl.constexpr = HEADS_PER_PROGRAM
-    qt, h0, bw, b, win = _split_pid(tl.program_id(0), NQT, HEADS, NWIN, G)
-    C = HEADS * HD
-    dd = tl.arange(0, DPAD)
-    dmask = dd < HD
+    C: tl.constexpr = HEADS * HD
+    qt, h0, bw, b, win = _split_pid(tl.program_id(0), NP // BM, HEADS, NWIN, G)
     offs_m = qt * BM + tl.arange(0, BM)
-    valid_q, real_q, row_q, reg_q, rel_q = _tokens(offs_m, b, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP,
-                                                   D, H, W, TH, TW)
-    q = _head_rows(QKV, row_q, 3 * C, h0 * HD, HD, dd, real_q, dmask, G)  # padded queries: zeros (output cropped)
-    pad_k, pad_v = _pad_kv(PAD_KV, h0 * HD, HD, dd, dmask, C, G)
-    m_i = _repeat(tl.full([BM], float("-inf"), tl.float32), G)  # key block 0 holds key 0: m_i turns finite
-    l_i = _repeat(tl.zeros([BM], tl.float32), G)
-    acc = _repeat(tl.zeros([BM, DPAD], tl.float32), G)
-    for kt in range(0, NKT):
-        valid_k, _, _, reg_k, rel_k, k, v = _key_block(
-            QKV, kt * BN + tl.arange(0, BN), b, win, h0 * HD, HD, dd, dmask, C, pad_k, pad_v,
-            n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD, G)
-        bias_ptrs, bias_mask = _bias_rows(BIAS, rel_q, rel_k, valid_q, valid_k, HEADS, R0)
-        mask = _mask(reg_q, reg_k, valid_k, SHIFTED)
-        m_next, l_next, acc_next = (), (), ()
+    rows_q = tl.load(ROWS + win * NP + offs_m)
+    if tl.max(rows_q, 0) >= 0:
+        voxel0 = b.to(tl.int64) * VOXELS
+        q = _load_heads(_row_ptrs(QKV, PAD_ROW, rows_q, voxel0, 3 * C), h0 * HD, HD, DPAD, G)
+        qs = ()
         for g in tl.static_range(G):
-            bias = _bias(bias_ptrs, bias_mask, h0 + g) if HAS_BIAS else 0.0
-            s = _scores(q[g], k[g], bias, mask, qk_scale, HAS_BIAS, PREC)
-            m_new = tl.maximum(m_i[g], tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i[g] - m_new)
-            m_next = m_next + (m_new,)
-            l_next = l_next + (l_i[g] * alpha + tl.sum(p, 1),)
-            acc_next = acc_next + (acc[g] * alpha[:, None] + tl.dot(p.to(v[g].dtype), v[g], input_precision=PREC),)
-        m_i, l_i, acc = m_next, l_next, acc_next
-    out = ()
-    for g in tl.static_range(G):
-        o = acc[g] / l_i[g][:, None]
-        if HAS_GATE:
-            o = o * _gate(GATE, row_q, real_q, h0 + g, HEADS)[:, None]
-        out = out + (o,)
-        tl.store(LSE + (bw * HEADS + h0 + g) * n + offs_m, m_i[g] + tl.log2(l_i[g]), mask=valid_q)
-    _store_head_rows(OUT, out, row_q, C, h0 * HD, HD, dd, real_q, dmask, G)
+            qs = qs + (_scaled(q[g], qk_scale),)
+        cls = tl.load(CLASSES + win)
+        m_i, l_i, acc = (), (), ()
+        for g in tl.static_range(G):
+            m_i = m_i + (tl.full([BM], float("-inf"), tl.float32),)  # key tile 0 holds key 0: m_i turns finite
+            l_i = l_i + (tl.zeros([BM], tl.float32),)
+            acc = acc + (tl.zeros([BM, DPAD], tl.float32),)
+        for kt in tl.range(0, NP // BN):
+            offs_n = kt * BN + tl.arange(0, BN)
+            kv = _row_ptrs(QKV, PAD_ROW, tl.load(ROWS + win * NP + offs_n), voxel0, 3 * C)
+            k = _load_heads(kv, C + h0 * HD, HD, DPAD, G)
+            v = _load_heads(kv, 2 * C + h0 * HD, HD, DPAD, G)
+            m_next, l_next, acc_next = (), (), ()
+            for g in tl.static_range(G):
+                s = _scores(qs[g], k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n, N, NP,
+                            HAS_TILE, PREC)
+                m_new = tl.maximum(m_i[g], tl.max(s, 1))
+                p = tl.exp2(s - m_new[:, None])
+                alpha = tl.exp2(m_i[g] - m_new)
+                m_next = m_next + (m_new,)
+                l_next = l_next + (l_i[g] * alpha + tl.sum(p, 1),)
+                acc_next = acc_next + (acc[g] * alpha[:, None] + tl.dot(p.to(v[g].dtype), v[g], input_precision=PREC),)
+            m_i, l_i, acc = m_next, l_next, acc_next
+        real = rows_q >= 0
+        out_ptrs = OUT + (voxel0 + rows_q) * C
+        for g in tl.static_range(G):
+            o = acc[g] / l_i[g][:, None]
+            if HAS_GATE:
+                o = o * _gate(GATE, voxel0, rows_q, real, h0 + g, HEADS)[:, None]
+            _store_head(out_ptrs, o, (h0 + g) * HD, real, HD, DPAD)
+            tl.store(LSE + (bw * HEADS + h0 + g) * NP + offs_m, m_i[g] + tl.log2(l_i[g]))
+
+
+@_jit
+def _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m, voxel0, bw, h, qk_scale,
+                HEADS: tl.constexpr, HD: tl.constexpr, NP: tl.constexpr, HAS_GATE: tl.constexpr, DPAD: tl.constexpr):
+    """What the backward needs of head h in a query tile: q pre-scaled and dO of the attention (gate applied)
+    [BM, DPAD] in q's dtype, lse and delta [BM]. One head at a time keeps the registers of the others free."""
+    C: tl.constexpr = HEADS * HD
+    real = rows_q >= 0
+    q = _load_heads(q_ptrs, h * HD, HD, DPAD, 1)[0]
+    do = _load_heads(DOUT + (voxel0 + rows_q) * C, h * HD, HD, DPAD, 1, real)[0].to(tl.float32)
+    if HAS_GATE:
+        do = do * _gate(GATE, voxel0, rows_q, real, h, HEADS)[:, None]
+    lse = tl.load(LSE + (bw * HEADS + h) * NP + offs_m)
+    delta = tl.load(DELTA + (bw * HEADS + h) * NP + offs_m)
+    return _scaled(q, qk_scale), do.to(q.dtype), lse, delta
 
 
 @_jit
 def _window_attention_bwd(
-    QKV, BIAS, PAD_KV, GATE, DOUT, LSE, DELTA, DQKV, DQ, DPAD_PARTS,
-    n, NWIN, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, R0,
-    HEADS, HD, NQT, NKT, qk_scale,
-    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, HAS_GATE: tl.constexpr, SHIFTED: tl.constexpr,
+    QKV, PAD_ROW, ROWS, CLASSES, TILE, GATE, OUT, DOUT, LSE, DELTA, DQ, DQKV, DGATE, DPAD_PARTS,
+    NWIN, VOXELS, qk_scale, dq_scale,
+    HEADS: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+    HAS_TILE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, GRADS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """One key block of one window for G heads: dk, dv over all query blocks (stored), dq by fp32 atomics into DQ,
-    and the padded keys' dk/dv summed into this program's slot of DPAD_PARTS [B*nW, NKT, 2, C]."""
+    """One whole window for G heads. First delta = rowsum(dout * out) per query (stored for the key tiles and the
+    bias kernel) and d(gate logits); then, with GRADS, per key tile (k, v, dk, dv on chip) a pass over the query
+    tiles: dv, dk, and dq accumulated in DQ [B*voxels, C] fp32, which only this program touches (no atomics, a fixed
+    order); last, dq scaled into DQKV. Padded keys' dk/dv go, summed, to DPAD_PARTS [B*nW, NP // BN, 2C]."""
     G: tl.constexpr = HEADS_PER_PROGRAM
-    kt, h0, bw, b, win = _split_pid(tl.program_id(0), NKT, HEADS, NWIN, G)
-    C = HEADS * HD
+    C: tl.constexpr = HEADS * HD
+    _, h0, bw, b, win = _split_pid(tl.program_id(0), 1, HEADS, NWIN, G)
+    voxel0 = b.to(tl.int64) * VOXELS
     dd = tl.arange(0, DPAD)
-    dmask = dd < HD
-    pad_k, pad_v = _pad_kv(PAD_KV, h0 * HD, HD, dd, dmask, C, G)
-    valid_k, real_k, row_k, reg_k, rel_k, k, v = _key_block(
-        QKV, kt * BN + tl.arange(0, BN), b, win, h0 * HD, HD, dd, dmask, C, pad_k, pad_v,
-        n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD, G)
-    dk = _repeat(tl.zeros([BN, DPAD], tl.float32), G)
-    dv = _repeat(tl.zeros([BN, DPAD], tl.float32), G)
-    for qt in range(0, NQT):
+    for qt in tl.range(0, NP // BM):
         offs_m = qt * BM + tl.arange(0, BM)
-        valid_q, real_q, row_q, reg_q, rel_q = _tokens(offs_m, b, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP,
-                                                       WP, D, H, W, TH, TW)
-        bias_ptrs, bias_mask = _bias_rows(BIAS, rel_q, rel_k, valid_q, valid_k, HEADS, R0)
-        mask = _mask(reg_q, reg_k, valid_k, SHIFTED)
-        dk_next, dv_next = (), ()
+        rows_q = tl.load(ROWS + win * NP + offs_m)
+        real = rows_q >= 0
+        o = _load_heads(OUT + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
+        do = _load_heads(DOUT + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
         for g in tl.static_range(G):
-            q, do, lse, delta = _query_grads(QKV, DOUT, GATE, LSE, DELTA, offs_m, row_q, valid_q, real_q, bw, h0 + g,
-                                             dd, dmask, C, HD, HEADS, n, HAS_GATE)
-            bias = _bias(bias_ptrs, bias_mask, h0 + g) if HAS_BIAS else 0.0
-            p = tl.exp2(_scores(q, k[g], bias, mask, qk_scale, HAS_BIAS, PREC) - lse[:, None])
-            dv_next = dv_next + (dv[g] + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC),)
-            dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
-            ds = (p * (dp - delta[:, None])).to(q.dtype)
-            dk_next = dk_next + (dk[g] + tl.dot(tl.trans(ds), q, input_precision=PREC),)
-            dq = tl.dot(ds, k[g], input_precision=PREC) * qk_scale
-            tl.atomic_add(DQ + row_q[:, None] * C + (h0 + g) * HD + dd[None, :], dq,
-                          mask=real_q[:, None] & dmask[None, :], sem="relaxed")
-        dk, dv = dk_next, dv_next
-    dk_scaled = ()
-    for g in tl.static_range(G):
-        dk_scaled = dk_scaled + (dk[g] * qk_scale,)
-    _store_head_rows(DQKV + C, dk_scaled, row_k, 3 * C, h0 * HD, HD, dd, real_k, dmask, G)
-    _store_head_rows(DQKV + 2 * C, dv, row_k, 3 * C, h0 * HD, HD, dd, real_k, dmask, G)
-    if HAS_PAD:
-        padded = (valid_k & ~real_k)[:, None]
-        slot = DPAD_PARTS + (bw * NKT + kt) * (2 * C) + h0 * HD + dd
-        for g in tl.static_range(G):
-            tl.store(slot + g * HD, tl.sum(tl.where(padded, dk_scaled[g], 0.0), 0), mask=dmask)
-            tl.store(slot + C + g * HD, tl.sum(tl.where(padded, dv[g], 0.0), 0), mask=dmask)
+            # rowsum(dO_attn * O_attn) with the gate folded in: (dout * gate) . (out / gate)
+            delta = tl.sum(o[g].to(tl.float32) * do[g].to(tl.float32), 1)
+            tl.store(DELTA + (bw * HEADS + h0 + g) * NP + offs_m, delta)
+            if HAS_GATE:  # out = 2 sigmoid(x) o: d x = rowsum(dout * out) (1 - sigmoid(x))
+                grow = (voxel0 + rows_q) * HEADS + h0 + g
+                x = tl.load(GATE + grow, mask=real, other=0.0).to(tl.float32)
+                tl.store(DGATE + grow, (delta * (1.0 - tl.sigmoid(x))).to(DGATE.dtype.element_ty), mask=real)
+    if GRADS:
+        tl.debug_barrier()  # delta written above is read below by other threads of the program
+        cls = tl.load(CLASSES + win)
+        for kt in tl.range(0, NP // BN):
+            offs_n = kt * BN + tl.arange(0, BN)
+            rows_k = tl.load(ROWS + win * NP + offs_n)
+            kv = _row_ptrs(QKV, PAD_ROW, rows_k, voxel0, 3 * C)
+            k = _load_heads(kv, C + h0 * HD, HD, DPAD, G)
+            v = _load_heads(kv, 2 * C + h0 * HD, HD, DPAD, G)
+            dk, dv = (), ()
+            for g in tl.static_range(G):
+                dk = dk + (tl.zeros([BN, DPAD], tl.float32),)
+                dv = dv + (tl.zeros([BN, DPAD], tl.float32),)
+            for qt in tl.range(0, NP // BM):
+                offs_m = qt * BM + tl.arange(0, BM)
+                rows_q = tl.load(ROWS + win * NP + offs_m)
+                if tl.max(rows_q, 0) >= 0:  # the forward wrote no lse for a tile of padding only
+                    real = rows_q >= 0
+                    q_ptrs = _row_ptrs(QKV, PAD_ROW, rows_q, voxel0, 3 * C)
+                    dq_ptrs = DQ + (voxel0 + rows_q)[:, None] * C + h0 * HD + dd[None, :]
+                    dq_mask = real[:, None] & (dd < HD)[None, :]
+                    dk_next, dv_next = (), ()
+                    for g in tl.static_range(G):
+                        qs, do, lse, delta = _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m,
+                                                         voxel0, bw, h0 + g, qk_scale, HEADS, HD, NP, HAS_GATE, DPAD)
+                        s = _scores(qs, k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n,
+                                    N, NP, HAS_TILE, PREC)
+                        p = tl.exp2(s - lse[:, None])
+                        dv_next = dv_next + (dv[g] + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC),)
+                        dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
+                        ds = (p * (dp - delta[:, None])).to(qs.dtype)
+                        dk_next = dk_next + (dk[g] + tl.dot(tl.trans(ds), qs, input_precision=PREC),)
+                        dq = tl.dot(ds, k[g], input_precision=PREC)
+                        prev = tl.load(dq_ptrs + g * HD, mask=dq_mask & (kt > 0), other=0.0)
+                        tl.store(dq_ptrs + g * HD, prev + dq, mask=dq_mask)
+                    dk, dv = dk_next, dv_next
+            tl.debug_barrier()  # this key tile's dq stores before the next one's loads (other threads)
+            real_k = rows_k >= 0
+            out_k = DQKV + (voxel0 + rows_k) * (3 * C)
+            for g in tl.static_range(G):
+                # scores are scale * q.k: dk = dS^T (scale q) = dS^T qs * ln 2
+                _store_head(out_k, dk[g] * 0.6931471805599453, C + (h0 + g) * HD, real_k, HD, DPAD)
+                _store_head(out_k, dv[g], 2 * C + (h0 + g) * HD, real_k, HD, DPAD)
+                if HAS_PAD:  # padded keys are the qkv bias: their gradients sum into d(pad_kv)
+                    slot = DPAD_PARTS + (bw * (NP // BN) + kt) * (2 * C) + (h0 + g) * HD + dd
+                    pad = (rows_k < 0)[:, None]
+                    tl.store(slot, tl.sum(tl.where(pad, dk[g] * 0.6931471805599453, 0.0), 0), mask=dd < HD)
+                    tl.store(slot + C, tl.sum(tl.where(pad, dv[g], 0.0), 0), mask=dd < HD)
+        for qt in tl.range(0, NP // BM):
+            offs_m = qt * BM + tl.arange(0, BM)
+            rows_q = tl.load(ROWS + win * NP + offs_m)
+            real = rows_q >= 0
+            dq = _load_heads(DQ + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
+            for g in tl.static_range(G):
+                _store_head(DQKV + (voxel0 + rows_q) * (3 * C), dq[g] * dq_scale, (h0 + g) * HD, real, HD, DPAD)
 
 
 @_jit
 def _window_attention_bwd_bias(
-    QKV, BIAS, PAD_KV, GATE, DOUT, LSE, DELTA, DBIAS,
-    n, NWIN, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, R0,
-    HEADS, HD, NQT, NKT, qk_scale, BW, WPC,
-    HAS_PAD: tl.constexpr, HAS_GATE: tl.constexpr, SHIFTED: tl.constexpr,
+    QKV, PAD_ROW, ROWS, CLASSES, TILE, GATE, DOUT, LSE, DELTA, PARTS, NWIN, VOXELS, BW, WPC, qk_scale,
+    HEADS: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, HAS_GATE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """dS of one (query block, key block) for G heads summed in registers over a chunk of WPC windows (the bias is
-    the same in every window), then added into DBIAS [HEADS, n, n] (fp32 atomics, one per chunk)."""
+    """dS of one (query tile, key tile) for G heads, summed in registers over a chunk of WPC windows and stored
+    (no atomics) in PARTS [chunks, HEADS, NP, NP]; the host sums the chunks and gathers the sum into the table."""
     G: tl.constexpr = HEADS_PER_PROGRAM
-    pid = tl.program_id(0)
-    kt = pid % NKT
-    qt = (pid // NKT) % NQT
-    h0 = ((pid // (NKT * NQT)) % (HEADS // G)) * G
-    chunk = pid // (NKT * NQT * (HEADS // G))
-    C = HEADS * HD
-    dd = tl.arange(0, DPAD)
-    dmask = dd < HD
-    offs_m = qt * BM + tl.arange(0, BM)
-    offs_n = kt * BN + tl.arange(0, BN)
-    bias_ptrs, bias_mask = _bias_rows(BIAS, _table_offset(offs_m, TH, TW), _table_offset(offs_n, TH, TW),
-                                      offs_m < n, offs_n < n, HEADS, R0)
-    bias = ()
+    C: tl.constexpr = HEADS * HD
+    NKT: tl.constexpr = NP // BN
+    tile, h0, chunk, _, _ = _split_pid(tl.program_id(0), (NP // BM) * NKT, HEADS, 1, G)
+    offs_m = (tile // NKT) * BM + tl.arange(0, BM)
+    offs_n = (tile % NKT) * BN + tl.arange(0, BN)
+    acc = ()
     for g in tl.static_range(G):
-        bias = bias + (_bias(bias_ptrs, bias_mask, h0 + g),)
-    pad_k, pad_v = _pad_kv(PAD_KV, h0 * HD, HD, dd, dmask, C, G)
-    acc = _repeat(tl.zeros([BM, BN], tl.float32), G)
-    for bw in range(chunk * WPC, tl.minimum(chunk * WPC + WPC, BW)):
-        b = bw // NWIN
+        acc = acc + (tl.zeros([BM, BN], tl.float32),)
+    for bw in tl.range(chunk * WPC, tl.minimum(chunk * WPC + WPC, BW)):
         win = bw % NWIN
-        valid_k, _, _, reg_k, _, k, v = _key_block(
-            QKV, offs_n, b, win, h0 * HD, HD, dd, dmask, C, pad_k, pad_v,
-            n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP, D, H, W, TH, TW, HAS_PAD, G)
-        valid_q, real_q, row_q, reg_q, _ = _tokens(offs_m, b, win, n, NWH, NWW, WD, WH, WW, SD, SH, SW, DP, HP, WP,
-                                                   D, H, W, TH, TW)
-        mask = _mask(reg_q, reg_k, valid_k, SHIFTED)
-        acc_next = ()
-        for g in tl.static_range(G):
-            q, do, lse, delta = _query_grads(QKV, DOUT, GATE, LSE, DELTA, offs_m, row_q, valid_q, real_q, bw, h0 + g,
-                                             dd, dmask, C, HD, HEADS, n, HAS_GATE)
-            p = tl.exp2(_scores(q, k[g], bias[g], mask, qk_scale, True, PREC) - lse[:, None])
-            dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
-            acc_next = acc_next + (acc[g] + p * (dp - delta[:, None]),)
-        acc = acc_next
+        voxel0 = (bw // NWIN).to(tl.int64) * VOXELS
+        rows_q = tl.load(ROWS + win * NP + offs_m)
+        if tl.max(rows_q, 0) >= 0:
+            q_ptrs = _row_ptrs(QKV, PAD_ROW, rows_q, voxel0, 3 * C)
+            kv = _row_ptrs(QKV, PAD_ROW, tl.load(ROWS + win * NP + offs_n), voxel0, 3 * C)
+            k = _load_heads(kv, C + h0 * HD, HD, DPAD, G)
+            v = _load_heads(kv, 2 * C + h0 * HD, HD, DPAD, G)
+            cls = tl.load(CLASSES + win)
+            acc_next = ()
+            for g in tl.static_range(G):
+                qs, do, lse, delta = _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m, voxel0,
+                                                 bw, h0 + g, qk_scale, HEADS, HD, NP, HAS_GATE, DPAD)
+                s = _scores(qs, k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n, N, NP,
+                            True, PREC)
+                p = tl.exp2(s - lse[:, None])
+                dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
+                acc_next = acc_next + (acc[g] + p * (dp - delta[:, None]),)
+            acc = acc_next
     for g in tl.static_range(G):
-        tl.atomic_add(DBIAS + ((h0 + g) * n + offs_m[:, None]) * n + offs_n[None, :], acc[g], mask=bias_mask,
-                      sem="relaxed")
+        tl.store(PARTS + ((chunk * HEADS + h0 + g) * NP + offs_m[:, None]) * NP + offs_n[None, :], acc[g])
 
 
-# (BM, BN, num_warps, num_stages) per (heads per program, head_dim <= 16) and kernel, for 16-bit inputs. Chosen from
-# sm_90 compiles of the all-features variants (bias + shift + pad + gate, specialised as the launcher does): no
-# register spills, wgmma for the heads' tl.dots, at most 8 warps per program. Not yet timed on a GPU.
-_GPU_CONFIGS = {
-    (1, True): dict(fwd=(64, 32, 4, 2), bwd=(64, 64, 8, 2), bias=(64, 64, 8, 2)),
-    (2, True): dict(fwd=(64, 32, 4, 2), bwd=(64, 64, 8, 2), bias=(64, 64, 8, 2)),
-    (3, True): dict(fwd=(64, 16, 4, 2), bwd=(32, 64, 8, 2), bias=(64, 32, 8, 2)),
-    (4, True): dict(fwd=(64, 16, 4, 2), bwd=(32, 64, 8, 2), bias=(64, 32, 8, 2)),
-    (1, False): dict(fwd=(64, 32, 8, 2), bwd=(32, 64, 8, 2), bias=(64, 32, 8, 2)),
-    (2, False): dict(fwd=(64, 32, 8, 2), bwd=(16, 64, 8, 2), bias=(64, 32, 8, 2)),
-}
-_FP32_CONFIG = (16, 32, 4, 2)  # IEEE-fp32 tl.dot runs on the FMA units: small tiles keep register spills small
-_CHANNELS_PER_PROGRAM = 64  # heads per program: 4 of head dim 16 (or less), 2 of 32, 1 of 64 or more
+# ---------------------------------------------------------------------------------------------------------- launchers
+
+# (BM, BN, num_warps, num_stages) per kernel for 16-bit inputs: BM 64 = one warpgroup's wgmma rows, so every product
+# of the backward (dv, dk: BN rows; dq, dp, s: BM rows) is a wgmma; BN 64 keeps a head's [64, 64] fp32 scores at 32
+# registers per thread beside G heads' state. Chosen from sm_90 compiles (bench/sass_profile.py); not yet timed on a
+# GPU.
+_GPU_CONFIGS = dict(fwd=(64, 64, 4, 2), bwd=(64, 64, 4, 1), bias=(64, 64, 4, 1))
+# channels of heads per program: the backward holds dk and dv of its heads (fp32) beside the scores, the bias
+# kernel a [BM, BN] fp32 sum per head, so they take fewer heads than the forward
+_CHANNELS = dict(fwd=64, bwd=48, bias=16)
+_FP32_CONFIG = (32, 32, 4, 1)  # IEEE-fp32 tl.dot runs on the FMA units: small tiles keep register spills small
 
 
 def _head_tile(head_dim: int) -> int:
@@ -552,27 +508,54 @@ def _head_tile(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _heads_per_program(head_dim: int, heads: int) -> int:
-    """G: the largest divisor of ``heads`` with G * DPAD <= 64 channels (12 heads of 16 -> 4, 6 -> 3, 2 -> 2)."""
-    g = max(1, _CHANNELS_PER_PROGRAM // _head_tile(head_dim))
+def _heads_per_program(head_dim: int, heads: int, channels: int = _CHANNELS["fwd"]) -> int:
+    """G: the largest divisor of ``heads`` with G * DPAD <= ``channels`` (the forward's 64: 12 heads of 16 -> 4,
+    6 -> 3, 2 -> 2)."""
+    g = max(1, channels // _head_tile(head_dim))
     while heads % g:
         g -= 1
     return g
 
 
+def tokens_padded(n: int) -> int:
+    """NP: the tokens of a window rounded up to the tile grid every kernel shares (a power of 2 >= 16 up to 128,
+    then a multiple of 128: 343 -> 384)."""
+    return max(16, 1 << (n - 1).bit_length()) if n <= 128 else -(-n // 128) * 128
+
+
 def _launch_config(kernel: str, n: int, head_dim: int, heads: int, dtype: torch.dtype) -> dict:
     """BM (query tile), BN (key tile), num_warps, num_stages and HEADS_PER_PROGRAM of ``kernel`` ("fwd", "bwd" or
-    "bias") for windows of n tokens and ``heads`` heads of ``head_dim``; tiles are powers of 2 >= 16 (tl.dot's
-    minimum on a GPU), masked past n."""
-    g = _heads_per_program(head_dim, heads)
+    "bias") for windows of n tokens; BM and BN divide tokens_padded(n)."""
+    g = _heads_per_program(head_dim, heads, _CHANNELS[kernel])
+    np_ = tokens_padded(n)
     if interpreting():  # few, large blocks: each interpreted block op costs milliseconds
-        block = min(512, max(16, triton.next_power_of_2(n)))
-        bm, bn, warps, stages = block, block, 4, 1
-    elif dtype == torch.float32:
-        bm, bn, warps, stages = _FP32_CONFIG
+        bm = bn = min(np_, 128)
+        warps, stages = 4, 1
     else:
-        bm, bn, warps, stages = _GPU_CONFIGS[(g, head_dim <= 16)][kernel]
+        bm, bn, warps, stages = _FP32_CONFIG if dtype == torch.float32 else _GPU_CONFIGS[kernel]
+        bm, bn = min(bm, np_), min(bn, np_)
     return dict(BM=bm, BN=bn, num_warps=warps, num_stages=stages, HEADS_PER_PROGRAM=g)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_tables(
+    size: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int], device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rows [nW, NP] int32, classes [nW] int32 and the classes' shift masks [K, NP, NP] fp32 (0 within a region,
+    -100 across, -inf for keys past the window) on ``device``; see the comment above the kernels."""
+    n = math.prod(window)
+    np_ = tokens_padded(n)
+    padded = tuple(padded_size(s, k) for s, k in zip(size, window))
+    voxels = torch.full(padded, -1, dtype=torch.int32)
+    voxels[: size[0], : size[1], : size[2]] = torch.arange(math.prod(size), dtype=torch.int32).view(size)
+    if any(shift):
+        voxels = torch.roll(voxels, shifts=tuple(-s for s in shift), dims=(0, 1, 2))
+    rows = F.pad(partition(voxels[None, ..., None], window)[..., 0], (0, np_ - n), value=-1)
+    patterns, classes = torch.unique(_window_regions(padded, window, shift), dim=0, return_inverse=True)
+    masks = torch.zeros(len(patterns), np_, np_)
+    masks[:, :n, :n] = _region_mask(patterns, SHIFT_MASK_VALUE, torch.float32)
+    masks[..., n:] = float("-inf")
+    return rows.to(device), classes.to(device, torch.int32), masks.to(device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -581,7 +564,6 @@ class _Geometry:
 
     batch: int
     size: tuple[int, int, int]
-    padded: tuple[int, int, int]
     window: tuple[int, int, int]
     shift: tuple[int, int, int]
     table_window: tuple[int, int, int]
@@ -593,9 +575,7 @@ class _Geometry:
     def of(cls, qkv: torch.Tensor, num_heads: int, window_size, shift_size, table_window, scale) -> "_Geometry":
         b, d, h, w, c3 = qkv.shape
         head_dim = c3 // 3 // num_heads
-        window = tuple(window_size)
-        return cls(b, (d, h, w), tuple(padded_size(s, k) for s, k in zip((d, h, w), window)), window,
-                   tuple(shift_size), tuple(table_window), num_heads, head_dim,
+        return cls(b, (d, h, w), tuple(window_size), tuple(shift_size), tuple(table_window), num_heads, head_dim,
                    head_dim**-0.5 if scale is None else float(scale))
 
     @property
@@ -603,41 +583,59 @@ class _Geometry:
         return math.prod(self.window)
 
     @property
-    def windows(self) -> int:
-        """Windows of all batch elements (B * nW)."""
-        return self.batch * math.prod(p // k for p, k in zip(self.padded, self.window))
+    def np(self) -> int:
+        return tokens_padded(self.n)
 
     @property
-    def is_padded(self) -> bool:
-        return self.padded != self.size
+    def windows_per_batch(self) -> int:
+        return math.prod(padded_size(s, k) // k for s, k in zip(self.size, self.window))
 
-    def head_groups(self, cfg: dict) -> int:
-        """Programs per (window, tile): one per group of HEADS_PER_PROGRAM heads."""
-        return self.heads // cfg["HEADS_PER_PROGRAM"]
+    @property
+    def windows(self) -> int:
+        """Windows of all batch elements (B * nW)."""
+        return self.batch * self.windows_per_batch
 
-    def config(self, kernel: str, dtype: torch.dtype) -> tuple[dict, int, int]:
-        """Launch config of ``kernel`` and its numbers of query and key tiles per window."""
-        cfg = _launch_config(kernel, self.n, self.head_dim, self.heads, dtype)
-        return cfg, triton.cdiv(self.n, cfg["BM"]), triton.cdiv(self.n, cfg["BN"])
+    def config(self, kernel: str, dtype: torch.dtype) -> dict:
+        return _launch_config(kernel, self.n, self.head_dim, self.heads, dtype)
 
-    def args(self, q_tiles: int, k_tiles: int, dtype: torch.dtype) -> tuple[tuple, dict]:
-        """Runtime scalars in signature order (n ... qk_scale) and the constexprs every kernel takes."""
-        (td, th, tw), (dp, hp, wp) = self.table_window, self.padded
-        r0 = (td - 1) * (2 * th - 1) * (2 * tw - 1) + (th - 1) * (2 * tw - 1) + (tw - 1)
-        scalars = (self.n, self.windows // self.batch, hp // self.window[1], wp // self.window[2], *self.window,
-                   *self.shift, dp, hp, wp, *self.size, th, tw, r0, self.heads, self.head_dim, q_tiles, k_tiles,
-                   self.scale)
-        constexprs = dict(DPAD=_head_tile(self.head_dim), SHIFTED=any(self.shift),
-                          PREC="ieee" if dtype == torch.float32 else "tf32")
-        return scalars, constexprs
+    def tables(self, qkv: torch.Tensor, bias_table: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """rows, classes, the [K, heads, NP, NP] bias + mask tile in log2 units and qkv's dtype (None without bias
+        or shift: the kernels then only mask keys past the window)."""
+        rows, classes, masks = _window_tables(self.size, self.window, self.shift, qkv.device)
+        tile = None
+        if bias_table is not None:
+            pad = self.np - self.n
+            tile = masks[:, None] + F.pad(window_bias(bias_table, self.window, self.table_window, torch.float32),
+                                          (0, pad, 0, pad))[None]
+        elif any(self.shift):
+            tile = masks[:, None].expand(-1, self.heads, -1, -1)
+        if tile is not None:
+            tile = (tile * _LOG2E).to(qkv.dtype).contiguous()
+        return rows, classes, tile
+
+    def args(self, cfg: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+        """Runtime scalars (windows per batch element, voxels per batch element, the score scale in log2 units) and
+        the constexprs every kernel takes."""
+        constexprs = dict(HEADS=self.heads, HD=self.head_dim, N=self.n, NP=self.np, DPAD=_head_tile(self.head_dim),
+                          PREC="ieee" if dtype == torch.float32 else "tf32", **cfg)
+        return (self.windows_per_batch, math.prod(self.size), self.scale * _LOG2E), constexprs
 
 
-def _windows_per_program(programs: int, windows: int, device: torch.device) -> int:
-    """Windows each d(bias) program sums over: enough programs to fill the GPU, as few atomics as possible."""
+def _pad_row(qkv: torch.Tensor, pad_kv: torch.Tensor | None) -> torch.Tensor:
+    """[3C] in qkv's dtype: what a padded voxel reads (q = 0; k, v = pad_kv, or 0 without it)."""
+    c = qkv.shape[-1] // 3
+    row = qkv.new_zeros(3 * c)
+    if pad_kv is not None:
+        row[c:] = pad_kv.to(qkv.dtype)
+    return row
+
+
+def _bias_chunks(tiles: int, windows: int, device: torch.device) -> int:
+    """Windows each d(bias) program sums over: enough programs to fill the GPU, as few partial sums as possible."""
     if device.type != "cuda":
         return windows
     target = 4 * multiprocessors(device)
-    return triton.cdiv(windows, max(1, min(windows, triton.cdiv(target, programs))))
+    return triton.cdiv(windows, max(1, min(windows, triton.cdiv(target, tiles))))
 
 
 def window_attention_triton_forward(
@@ -646,23 +644,23 @@ def window_attention_triton_forward(
     table_window: tuple[int, int, int], scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused forward with the contract (and output dtype) of :func:`window_attention_reference`, arguments as
-    validated by the public op: out [B, D, H, W, C] and the log2-unit log-sum-exp [B*nW, heads, n] fp32 of every
+    validated by the public op: out [B, D, H, W, C] and the log2-unit log-sum-exp [B*nW, heads, NP] fp32 of every
     query, which the backward reads."""
-    qkv, bias_table, pad_kv, gate_logits = (None if t is None else t.contiguous()
-                                            for t in (qkv, bias_table, pad_kv, gate_logits))
+    qkv, gate_logits = (None if t is None else t.contiguous() for t in (qkv, gate_logits))
     geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
     b, d, h, w, c3 = qkv.shape
     out_dtype = qkv.dtype if gate_logits is None else torch.promote_types(qkv.dtype, gate_logits.dtype)
     out = qkv.new_empty(b, d, h, w, c3 // 3, dtype=out_dtype)  # the reference's type promotion by the gate
-    lse = torch.empty(geo.windows, geo.heads, geo.n, device=qkv.device, dtype=torch.float32)
-    has_pad = pad_kv is not None and geo.is_padded
-    cfg, q_tiles, k_tiles = geo.config("fwd", qkv.dtype)
-    scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
+    lse = torch.empty(geo.windows, geo.heads, geo.np, device=qkv.device, dtype=torch.float32)
+    rows, classes, tile = geo.tables(qkv, bias_table)
+    cfg = geo.config("fwd", qkv.dtype)
+    scalars, constexprs = geo.args(cfg, qkv.dtype)
+    grid = (geo.windows * (geo.heads // cfg["HEADS_PER_PROGRAM"]) * (geo.np // cfg["BM"]),)
     with on_device(qkv):
-        _window_attention_fwd[(geo.windows * geo.head_groups(cfg) * q_tiles,)](
-            qkv, qkv if bias_table is None else bias_table, pad_kv if has_pad else qkv,
+        _window_attention_fwd[grid](
+            qkv, _pad_row(qkv, pad_kv), rows, classes, qkv if tile is None else tile,
             qkv if gate_logits is None else gate_logits, out, lse, *scalars,
-            HAS_BIAS=bias_table is not None, HAS_PAD=has_pad, HAS_GATE=gate_logits is not None, **constexprs, **cfg,
+            HAS_TILE=tile is not None, HAS_GATE=gate_logits is not None, **constexprs,
         )
     return out, lse
 
@@ -675,50 +673,48 @@ def window_attention_triton_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """d(qkv), d(bias_table), d(pad_kv), d(gate_logits) from the forward's inputs, ``out`` and ``lse``; ``needs``
     says which of the four are wanted (the others, and those of absent tensors, are None)."""
-    qkv, bias_table, pad_kv, gate_logits = (None if t is None else t.contiguous()
-                                            for t in (qkv, bias_table, pad_kv, gate_logits))
+    qkv, gate_logits, dout, out = (None if t is None else t.contiguous() for t in (qkv, gate_logits, dout, out))
     geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
     b, d, h, w, c3 = qkv.shape
     c = c3 // 3
-    dout = dout.contiguous()
-    # softmax backward's rowsum(dO_attn * O) per (token, head) equals rowsum(dout * out) with the gate folded in
-    delta = (dout.float() * out.float()).view(b, d, h, w, geo.heads, geo.head_dim).sum(-1)
-    has_pad = pad_kv is not None and geo.is_padded
-    tensors = (qkv, qkv if bias_table is None else bias_table, pad_kv if has_pad else qkv,
-               qkv if gate_logits is None else gate_logits, dout, lse, delta)
-    flags = dict(HAS_PAD=has_pad, HAS_GATE=gate_logits is not None)
-    dqkv = dbias = dpad = dgate = None
-    need_dpad = pad_kv is not None and needs[2]
+    rows, classes, tile = geo.tables(qkv, bias_table)
+    pad_row = _pad_row(qkv, pad_kv)
+    need_dqkv, need_dpad = needs[0], pad_kv is not None and needs[2]
+    need_dbias, need_dgate = bias_table is not None and needs[1], gate_logits is not None and needs[3]
+    has_pad = need_dpad and any(p != s for p, s in zip((padded_size(s, k) for s, k in zip(geo.size, geo.window)),
+                                                       geo.size))
+    delta = torch.empty(geo.windows, geo.heads, geo.np, device=qkv.device, dtype=torch.float32)
+    dgate = None if gate_logits is None else torch.empty_like(gate_logits)  # written with delta, wanted or not
+    dqkv = dbias = dpad = None
+    cfg = geo.config("bwd", qkv.dtype)
+    scalars, constexprs = geo.args(cfg, qkv.dtype)
+    grads = need_dqkv or has_pad
+    if grads:
+        dqkv = torch.empty_like(qkv)
+        dq = torch.empty(b * d * h * w, c, device=qkv.device, dtype=torch.float32)
+        dpad_parts = torch.empty(geo.windows, geo.np // cfg["BN"], 2 * c, device=qkv.device, dtype=torch.float32)
+    common = (qkv, pad_row, rows, classes, qkv if tile is None else tile, qkv if gate_logits is None else gate_logits)
     with on_device(qkv):
-        if needs[0] or need_dpad:
-            cfg, q_tiles, k_tiles = geo.config("bwd", qkv.dtype)
-            scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
-            dqkv = torch.empty_like(qkv)
-            dq = torch.zeros(b, d, h, w, c, device=qkv.device, dtype=torch.float32)
-            dpad_parts = torch.empty(geo.windows, k_tiles, 2 * c, device=qkv.device, dtype=torch.float32)
-            _window_attention_bwd[(geo.windows * geo.head_groups(cfg) * k_tiles,)](
-                *tensors, dqkv, dq, dpad_parts, *scalars, HAS_BIAS=bias_table is not None, **flags, **constexprs,
-                **cfg,
+        _window_attention_bwd[(geo.windows * (geo.heads // cfg["HEADS_PER_PROGRAM"]),)](
+            *common, out, dout, lse, delta, dq if grads else delta, dqkv if grads else qkv,
+            qkv if dgate is None else dgate, dpad_parts if has_pad else delta, *scalars, geo.scale,
+            HAS_TILE=tile is not None, HAS_GATE=gate_logits is not None, HAS_PAD=has_pad, GRADS=grads, **constexprs,
+        )
+        if need_dbias:
+            cfg = geo.config("bias", qkv.dtype)
+            scalars, constexprs = geo.args(cfg, qkv.dtype)
+            tiles = (geo.np // cfg["BM"]) * (geo.np // cfg["BN"]) * (geo.heads // cfg["HEADS_PER_PROGRAM"])
+            per_program = _bias_chunks(tiles, geo.windows, qkv.device)
+            chunks = triton.cdiv(geo.windows, per_program)
+            parts = torch.empty(chunks, geo.heads, geo.np, geo.np, device=qkv.device, dtype=torch.float32)
+            _window_attention_bwd_bias[(tiles * chunks,)](
+                *common, dout, lse, delta, parts, scalars[0], scalars[1], geo.windows, per_program, scalars[2],
+                HAS_GATE=gate_logits is not None, **constexprs,
             )
-            dqkv[..., :c] = dq
-            if need_dpad:
-                dpad = dpad_parts.sum((0, 1)).to(pad_kv.dtype) if has_pad else torch.zeros_like(pad_kv)
-            if not needs[0]:
-                dqkv = None
-        if bias_table is not None and needs[1]:
-            cfg, q_tiles, k_tiles = geo.config("bias", qkv.dtype)
-            scalars, constexprs = geo.args(q_tiles, k_tiles, qkv.dtype)
-            dense = torch.zeros(geo.heads, geo.n, geo.n, device=qkv.device, dtype=torch.float32)
-            tiles = q_tiles * k_tiles * geo.head_groups(cfg)
-            per_program = _windows_per_program(tiles, geo.windows, qkv.device)
-            grid = (tiles * triton.cdiv(geo.windows, per_program),)
-            _window_attention_bwd_bias[grid](
-                *tensors, dense, *scalars, geo.windows, per_program, **flags, **constexprs, **cfg,
-            )
+            dense = parts.sum(0)[:, : geo.n, : geo.n]  # [heads, n, n]: dS summed over every window
             index = _device_index(geo.window, geo.table_window, qkv.device)
             dbias = torch.zeros(bias_table.shape, device=qkv.device, dtype=torch.float32)
             dbias = dbias.index_add_(0, index, dense.reshape(geo.heads, -1).t()).to(bias_table.dtype)
-    if gate_logits is not None and needs[3]:
-        # out = 2 sigmoid(x) o, so d x = rowsum(dout * o) * 2 sigmoid(x) (1 - sigmoid(x)) = delta (1 - sigmoid(x))
-        dgate = (delta * (1.0 - torch.sigmoid(gate_logits.float()))).to(gate_logits.dtype)
-    return dqkv, dbias, dpad, dgate
+    if need_dpad:
+        dpad = dpad_parts.sum((0, 1)).to(pad_kv.dtype) if has_pad else torch.zeros_like(pad_kv)
+    return dqkv if need_dqkv else None, dbias, dpad, dgate if need_dgate else None
