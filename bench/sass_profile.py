@@ -447,8 +447,8 @@ def render(kernels: list[dict], rooflines: list[dict], dtype: str) -> str:
              r["hbm_floor_us"], r["exp_floor_us"], f"{r['floor_us']:.3g} ({r['bound']})", r["issue_floor_us"]]
             for r in rooflines]
     return "\n\n".join([
-        f"sm_90 static profile, {dtype}: inner-loop instructions per iteration (window attention: fwd per key block, "
-        "bwd per query block, bias kernel per window)",
+        f"sm_90 static profile, {dtype}: inner-loop instructions per iteration (window attention: fwd per key tile, "
+        "bwd per (key tile, query tile) pair, bias kernel per window)",
         _table(head, rows),
         "Most frequent opcodes of each inner loop",
         _table(["op", "case", "kernel", "opcodes per iteration"], ops),

@@ -494,9 +494,10 @@ def _window_attention_bwd_bias(
 
 # (BM, BN, num_warps, num_stages) per kernel for 16-bit inputs: BM 64 = one warpgroup's wgmma rows, so every product
 # of the backward (dv, dk: BN rows; dq, dp, s: BM rows) is a wgmma; BN 64 keeps a head's [64, 64] fp32 scores at 32
-# registers per thread beside G heads' state. Chosen from sm_90 compiles (bench/sass_profile.py); not yet timed on a
-# GPU.
-_GPU_CONFIGS = dict(fwd=(64, 64, 4, 2), bwd=(64, 64, 4, 1), bias=(64, 64, 4, 1))
+# registers per thread beside G heads' state (BN 128 spills in the forward); the bias kernel, one head per program,
+# takes BN 128 to halve its per-window overhead (issue floor 387 -> 293 µs at stage 1). Chosen from sm_90 compiles
+# (bench/sass_profile.py); not yet timed on a GPU.
+_GPU_CONFIGS = dict(fwd=(64, 64, 4, 2), bwd=(64, 64, 4, 1), bias=(64, 128, 4, 1))
 # channels of heads per program: the backward holds dk and dv of its heads (fp32) beside the scores, the bias
 # kernel a [BM, BN] fp32 sum per head, so they take fewer heads than the forward
 _CHANNELS = dict(fwd=64, bwd=48, bias=16)
