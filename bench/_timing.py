@@ -50,6 +50,23 @@ def peak_mib(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def cpu_peak_mib(fn: Callable[[], object]) -> float:
+    """Memory one call allocates on the CPU at its peak beyond what was allocated before it, MiB: the running sum of
+    the allocations and frees the c10 CPU allocator reports to the profiler, in time order (torch has no CPU
+    counterpart of ``torch.cuda.max_memory_allocated``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def copy_bandwidth_gbs(nbytes: int = 2**30) -> tuple[float, float]:
     """Device-to-device copy of a large tensor (clone): (ms, GB/s counting bytes read and written)."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()

@@ -212,16 +212,19 @@ def xformers_row(p: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: swin_windows(x, core, p.shift)
 
 
-def op_row(p: Problem, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The public op on ``backend`` between the same qkv Linear and projection."""
+def op_row(p: Problem, backend: str, dropout_p: float = 0.0,
+           attention: Callable[..., torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The public op on ``backend`` (or ``attention``, a function with its signature) between the same qkv Linear
+    and projection, with attention dropout ``dropout_p``."""
     attn = p.attn
     c = p.x.shape[-1]
+    attend = attention or mf.kernels.window_attention
 
     def run(x: torch.Tensor) -> torch.Tensor:
         qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias)
         with mf.kernels.backend(backend):
-            out = mf.kernels.window_attention(qkv, attn.num_heads, WINDOW, p.shift, attn.relative_position_bias_table,
-                                              table_window=WINDOW, pad_kv=attn.qkv.bias[c:])
+            out = attend(qkv, attn.num_heads, WINDOW, p.shift, attn.relative_position_bias_table, table_window=WINDOW,
+                         pad_kv=attn.qkv.bias[c:], dropout_p=dropout_p)
         return F.linear(out, attn.proj.weight, attn.proj.bias)
 
     return run

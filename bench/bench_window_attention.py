@@ -9,6 +9,10 @@ before it is timed, and is not timed if it fails.
 ``pytest bench/bench_window_attention.py``: every row at a small size (1 x 12^3 tokens, 8 windows) on the present
 device; rows that cannot run here skip with the reason. ``gpu_rows()`` (bench/gpu_check.py): the stage-1 shapes in
 bf16 on a CUDA GPU, the Triton op against every baseline.
+
+Attention dropout rows (MONAI's ``attn_drop``, p = 0.1): the op with dropout on each backend, whose baseline is the
+same op without it (the cost of the mask). Each is checked first against float64 with the mask it applies: the
+Triton kernels' own (materialised from the seed they draw), the torch path given one; timed, both draw their own.
 """
 
 from __future__ import annotations
@@ -18,12 +22,27 @@ import functools
 import math
 import platform
 import sys
+from collections.abc import Sequence
 
 import pytest
 import torch
 from _compare import Checked, cpu_table, keep_passing, step_or_skip  # bench/ is on sys.path
 from _timing import interleaved_cpu, time_cuda
-from _window_rows import OP_TRITON, ROWS, Problem, make_problem, rows, sdpa_row, step
+from _window_rows import (
+    OP_TORCH,
+    OP_TRITON,
+    ROWS,
+    WINDOW,
+    Problem,
+    make_problem,
+    op_row,
+    rows,
+    sdpa_row,
+    step,
+    unavailable,
+)
+from medmap_fast.kernels import window_attn
+from medmap_fast.kernels.window_attn_cpu import window_attention_cpu
 
 SHIFTS = (0, 3)
 PASSES = ("fwd", "fwd+bwd")
@@ -32,18 +51,70 @@ STAGE1 = {"stage1 128^3": dict(batch=2, tokens=64, channels=48, heads=3),
           "stage1 96^3": dict(batch=2, tokens=48, channels=48, heads=3)}
 
 
-def check(p: Problem, passes: str, names=ROWS) -> Checked:
+DROPOUT = 0.1
+DROPOUT_ROWS = {f"{OP_TORCH}, attn dropout {DROPOUT}": OP_TORCH, f"{OP_TRITON}, attn dropout {DROPOUT}": OP_TRITON}
+ALL_ROWS = (*ROWS, *DROPOUT_ROWS)
+
+
+def _upstream(p: Problem, passes: str) -> torch.Tensor | None:
+    """The fixed output gradient of a fwd+bwd step (None for fwd)."""
+    if passes == "fwd":
+        return None
+    return torch.randn(p.x.shape, generator=torch.Generator().manual_seed(2)).to(p.x)
+
+
+def check(p: Problem, passes: str, names: Sequence[str] = ALL_ROWS) -> Checked:
     """Build the rows, run each once (compiling those that compile) and keep those within the flash rule against a
-    float64 run of MONAI's block, SDPA in ``p``'s dtype being the reference."""
-    dout = None
-    if passes != "fwd":
-        dout = torch.randn(p.x.shape, generator=torch.Generator().manual_seed(2)).to(p.x)
+    float64 run of MONAI's block, SDPA in ``p``'s dtype being the reference; then the dropout rows
+    (:func:`check_dropout`)."""
+    dout = _upstream(p, passes)
     p64 = p.to(torch.float64)
     exact = step(lambda x: p64.block.forward_part1(x, p64.mask), p64, None if dout is None else dout.double())()
     del p64
     ref = step(sdpa_row(p), p, dout)()
-    fns, skipped = rows(p, names, passes)
-    return keep_passing({name: step(fn, p, dout) for name, fn in fns.items()}, ref, exact, skipped)
+    fns, skipped = rows(p, [name for name in names if name in ROWS], passes)
+    checked = keep_passing({name: step(fn, p, dout) for name, fn in fns.items()}, ref, exact, skipped)
+    dropped = check_dropout(p, passes, [name for name in names if name in DROPOUT_ROWS])
+    return Checked({**checked.steps, **dropped.steps}, {**checked.skipped, **dropped.skipped},
+                   {**checked.errors, **dropped.errors})
+
+
+def check_dropout(p: Problem, passes: str, names: Sequence[str] = tuple(DROPOUT_ROWS)) -> Checked:
+    """The op with attention dropout DROPOUT on each backend that runs here, each kept if, run with a known mask, it
+    is within the flash rule against the reference with that mask in float64 (the reference in ``p``'s dtype with
+    it as the rule's reference): the Triton op with torch's generator seeded, so its mask is
+    ``window_dropout_mask`` of the seed it draws; the torch path (the CPU one on CPU tensors) given a mask. The
+    timed steps draw their own masks."""
+    dout, device = _upstream(p, passes), p.x.device
+    skipped = {name: reason for name in names if (reason := unavailable(DROPOUT_ROWS[name], device.type, passes))}
+    p64, dropout_p = p.to(torch.float64), window_attn.rounded_dropout_p(DROPOUT)  # the p the op applies
+    result = Checked({}, skipped, {})
+    for name in (name for name in names if name not in skipped):
+        backend = "triton" if DROPOUT_ROWS[name] == OP_TRITON else "torch"
+        torch.manual_seed(0)
+        if backend == "triton":
+            keep = window_attn.window_dropout_mask(window_attn.draw_dropout_seed(device), DROPOUT, p.x.shape[0],
+                                                   tuple(p.x.shape[1:4]), WINDOW, p.attn.num_heads)
+            run = step(op_row(p, backend, DROPOUT), p, dout)
+            known = lambda run=run: (torch.manual_seed(0), run())[1]  # noqa: E731 - the seed keep was drawn from
+        else:
+            windows = p.x.shape[0] * math.prod(-(-s // w) for s, w in zip(p.x.shape[1:4], WINDOW, strict=True))
+            keep = torch.rand(windows, p.attn.num_heads, math.prod(WINDOW), math.prod(WINDOW), device=device) >= DROPOUT
+            torch_path = window_attention_cpu if device.type == "cpu" else window_attn.window_attention_reference
+            known = step(op_row(p, backend, dropout_p, functools.partial(torch_path, dropout_mask=keep)), p, dout)
+        reference = functools.partial(window_attn.window_attention_reference, dropout_mask=keep)
+        ref = step(op_row(p, "torch", dropout_p, reference), p, dout)()
+        exact = step(op_row(p64, "torch", dropout_p, reference), p64, None if dout is None else dout.double())()
+        one = keep_passing({name: known}, ref, exact, result.skipped)
+        if name in one.steps:
+            result.steps[name], result.errors[name] = step(op_row(p, backend, DROPOUT), p, dout), one.errors[name]
+    return result
+
+
+def dropout_costs(medians: dict[str, float]) -> str:
+    """One line per timed dropout row: its time as a multiple of the same op's without dropout."""
+    return "\n".join(f"attention dropout cost: {name}: {medians[name] / medians[base]:.2f} x {base}"
+                      for name, base in DROPOUT_ROWS.items() if name in medians and base in medians)
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -61,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--shifts", type=int, nargs="+", default=list(SHIFTS), choices=SHIFTS)
     parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW")
+    parser.add_argument("--rows", nargs="+", default=list(ALL_ROWS), choices=ALL_ROWS, metavar="ROW")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -77,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             medians = interleaved_cpu(checked.steps, args.repeats)
             print(f"\n{args.batch} x {args.tokens}^3 tokens, C {args.channels}, {args.heads} heads, shift {shift}, "
                   f"{passes}\n")
-            print(cpu_table(medians, checked), flush=True)
+            print(cpu_table(medians, checked))
+            print(dropout_costs({name: wall for name, (wall, _) in medians.items()}), flush=True)
             failed |= bool(checked.failed)
     return 1 if failed else 0
 
@@ -96,7 +168,7 @@ def small_check(shift: int, passes: str) -> Checked:
 
 @pytest.mark.parametrize("shift", SHIFTS, ids=lambda s: f"shift{s}")
 @pytest.mark.parametrize("passes", PASSES)
-@pytest.mark.parametrize("name", ROWS)
+@pytest.mark.parametrize("name", ALL_ROWS)
 def test_window_attention(benchmark, name: str, passes: str, shift: int) -> None:
     pytest.importorskip("monai.networks.nets.swin_unetr", reason="the MONAI baselines need MONAI")
     checked = small_check(shift, passes)
@@ -111,8 +183,9 @@ def test_window_attention(benchmark, name: str, passes: str, shift: int) -> None
 # ------------------------------------------------------------------------------------------------------- gpu_rows
 
 def gpu_rows(cases: tuple[str, ...] = ("stage1 128^3",)) -> list[dict]:
-    """bf16 on the current CUDA device: the Triton op against every baseline, each parity-checked (flash rule
-    against float64) before it is timed; a row that fails the check or cannot run carries its reason."""
+    """bf16 on the current CUDA device: the Triton op against every baseline, and with attention dropout against
+    itself without, each parity-checked (flash rule against float64) before it is timed; a row that fails the check
+    or cannot run carries its reason."""
     table = []
     for label in cases:
         size = STAGE1[label]
@@ -125,23 +198,24 @@ def gpu_rows(cases: tuple[str, ...] = ("stage1 128^3",)) -> list[dict]:
                 checked = check(p, passes)
                 timed = {name: time_cuda(run) for name, run in checked.steps.items()}
                 torch.cuda.empty_cache()
-                ms, peak = timed.get(OP_TRITON, (None, None))
-                err, ref_err = checked.errors.get(OP_TRITON, (None, None))
                 flop = fwd_flop * (1 if passes == "fwd" else 3.5)
-                for name in ROWS:
-                    if name == OP_TRITON:
-                        continue
+                case = f"{label} {size['batch']}x{size['tokens']}^3 C{size['channels']} h{size['heads']} shift{shift}"
+                # the op against every baseline; the op with dropout against the op without it (its baseline)
+                pairs = [(OP_TRITON, name) for name in ROWS if name != OP_TRITON]
+                pairs += [(name, base) for name, base in DROPOUT_ROWS.items() if base == OP_TRITON]
+                for row, name in pairs:
+                    ms, peak = timed.get(row, (None, None))
+                    err, ref_err = checked.errors.get(row, (None, None))
                     base_ms, base_peak = timed.get(name, (None, None))
                     table.append({
-                        "op": "window_attention", "case": f"{label} {size['batch']}x{size['tokens']}^3 "
-                        f"C{size['channels']} h{size['heads']} shift{shift}", "dtype": "bf16", "pass": passes,
+                        "op": "window_attention" if row == OP_TRITON else f"window_attention attn dropout {DROPOUT}",
+                        "case": case, "dtype": "bf16", "pass": passes,
                         "ms": ms, "baseline": name, "baseline_ms": base_ms,
                         "speedup": None if ms is None or base_ms is None else base_ms / ms,
                         "peak_mib": peak, "baseline_peak_mib": base_peak, "metric": "TFLOP/s",
                         "value": None if ms is None else flop / ms / 1e9, "max_err": err, "ref_err": ref_err,
-                        "ok": OP_TRITON in checked.steps,
-                        "note": "; ".join(f"{k}: {checked.skipped[k]}" for k in (OP_TRITON, name)
-                                          if k in checked.skipped)})
+                        "ok": row in checked.steps,
+                        "note": "; ".join(f"{k}: {checked.skipped[k]}" for k in (row, name) if k in checked.skipped)})
             del p
             torch.cuda.empty_cache()
     return table

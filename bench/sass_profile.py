@@ -283,6 +283,7 @@ def _leaves(dtype: torch.dtype, **shapes) -> dict[str, torch.Tensor]:
 
 
 WINDOW_CASES = (("stage1", 64, 48, 3), ("stage2-d32", 32, 192, 6))  # name, tokens per side, C, heads
+WINDOW_DROPOUT = 0.1  # attention dropout of the shifted cases' dropout variant (its own kernels: HAS_DROPOUT)
 PATCH_SIDES, PATCH_CHANNELS = (96, 128), 48
 GATED_CASES = ((32, 128, 8, 32), (32, 256, 8, 32))  # B, L, H, Dh: bench_gated_attention.PAPER_CASES
 MODALITIES = 4  # CCT token groups (as in bench_gated_attention)
@@ -290,20 +291,21 @@ MODALITIES = 4  # CCT token groups (as in bench_gated_attention)
 
 def window_attention_cases() -> list[Case]:
     """Swin stage 1 of the paper config (128^3 input, patch 2: B 2, 64^3 tokens, C 48, 3 heads of 16, 2,000 windows
-    of 7^3) unshifted and shifted by 3, and a head dim 32 stage (32^3 tokens, 6 heads of 32: stage 2 of feature 96);
-    MONAI's 7^3 bias table, the qkv bias as pad_kv, gate logits."""
+    of 7^3) unshifted, shifted by 3, and shifted with attention dropout (WINDOW_DROPOUT), and a head dim 32 stage
+    (32^3 tokens, 6 heads of 32: stage 2 of feature 96); MONAI's 7^3 bias table, the qkv bias as pad_kv, gate
+    logits."""
     import medmap_fast as mf
 
     cases = []
     for stage, tokens, channels, heads in WINDOW_CASES:
-        for shift in (0, 3):
-            def forward(dtype, tokens=tokens, channels=channels, heads=heads, shift=shift):
+        for shift, dropout in ((0, 0.0), (3, 0.0), (3, WINDOW_DROPOUT)):
+            def forward(dtype, tokens=tokens, channels=channels, heads=heads, shift=shift, dropout=dropout):
                 grid = (2, tokens, tokens, tokens)
                 x = _leaves(dtype, qkv=((*grid, 3 * channels), 1.0), bias_table=((13**3, heads), 0.02),
                             pad_kv=((2 * channels,), 0.1), gate_logits=((*grid, heads), 0.5))
                 return mf.kernels.window_attention(x["qkv"], heads, (7, 7, 7), (shift,) * 3, x["bias_table"],
                                                    table_window=(7, 7, 7), pad_kv=x["pad_kv"],
-                                                   gate_logits=x["gate_logits"]), list(x.values())
+                                                   gate_logits=x["gate_logits"], dropout_p=dropout), list(x.values())
 
             def roofline(e, tokens=tokens, channels=channels, heads=heads):
                 n, d, voxels, windows = 343, channels // heads, 2 * tokens**3, 2 * math.ceil(tokens / 7) ** 3
@@ -314,7 +316,8 @@ def window_attention_cases() -> list[Case]:
                         # S recomputed, dV, dP, dK, dQ; reads qkv, gate, out, dout, lse; writes dqkv, dgate
                         "bwd": Roofline(10 * d * pairs, 2 * io + 2 * voxels * channels * e + lse, pairs)}
 
-            cases.append(Case("window_attention", f"{stage} B2x{tokens}^3 C{channels} h{heads} shift{shift}",
+            drop = f" drop{dropout}" if dropout else ""
+            cases.append(Case("window_attention", f"{stage} B2x{tokens}^3 C{channels} h{heads} shift{shift}{drop}",
                               forward, roofline,
                               {"_window_attention_fwd": lambda a, g: a["NP"] // a["BN"],
                                "_window_attention_bwd": lambda a, g: (a["NP"] // a["BN"]) * (a["NP"] // a["BM"]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -16,9 +17,18 @@ except ImportError:  # Triton is an optional extra: without it only the PyTorch 
     triton = tl = None
 
 
-def jit(fn: Callable) -> Callable:
-    """``triton.jit`` when Triton is installed; otherwise the function stays plain Python and is never launched."""
-    return fn if triton is None else triton.jit(fn)
+class Kernel(Protocol):
+    """A ``@triton.jit`` function: launched as ``kernel[grid](*args, **meta)``, or called from another kernel."""
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def jit(fn: Callable[..., Any]) -> Kernel:
+    """``triton.jit`` when Triton is installed; otherwise the function stays plain Python and is never launched
+    (the backend chooses the PyTorch paths without Triton), so it is typed as the kernel it would be."""
+    return cast(Kernel, fn) if triton is None else triton.jit(fn)
 
 
 def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -67,7 +77,7 @@ def flash_errors(
         raise ValueError(f"flash_errors: {len(names)} names, {len(got)} kernel, {len(eager)} eager and "
                          f"{len(exact)} exact tensors")
     results = []
-    for name, a, e, w in zip(names, got, eager, exact):
+    for name, a, e, w in zip(names, got, eager, exact, strict=True):
         w = w.double()
         results.append(FlashError(name, (a.double() - w).abs().max().item(), (e.double() - w).abs().max().item(),
                                   w.abs().max().item(), bool(torch.isfinite(a).all())))

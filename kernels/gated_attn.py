@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from medmap_fast.validation import fail
+
 from ._backend import interpreting
 from ._indexing import take_rows
 from ._utils import jit as _jit
@@ -44,6 +46,8 @@ def gated_attention_reference(
     """Plain PyTorch: SDPA with the gathered pair bias and the key padding folded into one float mask [B, H, Lq, Lk]."""
     mask = None
     if pair_bias is not None:
+        if q_modality is None or k_modality is None:
+            fail("q_modality, k_modality", "modality ids [B, Lq] and [B, Lk] with pair_bias", "None")
         pair = q_modality[:, :, None] * pair_bias.shape[-1] + k_modality[:, None, :]  # [B, Lq, Lk]
         mask = take_rows(pair_bias.flatten(1).T, pair).permute(0, 3, 1, 2)  # [B, H, Lq, Lk]
     empty = None
@@ -345,9 +349,19 @@ def _strides(x: torch.Tensor | None, n: int) -> tuple[int, ...]:
     return (0,) * n if x is None else tuple(x.stride()[:n])
 
 
-def _common_args(q, k, v, key_padding, pair_bias, q_modality, k_modality, gate_logits, scale) -> list:
+# The op's tensors as the kernels read them: q, k, v, then key padding (uint8), pair bias, query and key modality
+# ids and gate logits, each None when absent.
+KernelArgs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                   torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def _common_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
+    pair_bias: torch.Tensor | None, q_modality: torch.Tensor | None, k_modality: torch.Tensor | None,
+    gate_logits: torch.Tensor | None, scale: float,
+) -> list[object]:
     """The leading arguments of every kernel (tensors, their strides, sizes and the log2-unit scale)."""
-    b, lq, h, dh = q.shape
+    _, lq, h, dh = q.shape
     return [
         q, k, v, key_padding, pair_bias, q_modality, k_modality, gate_logits,
         *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *_strides(key_padding, 1), *_strides(pair_bias, 2),
@@ -356,7 +370,11 @@ def _common_args(q, k, v, key_padding, pair_bias, q_modality, k_modality, gate_l
     ]
 
 
-def _kernel_args(q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits) -> tuple:
+def _kernel_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+    pair_bias: torch.Tensor | None, q_modality: torch.Tensor | None, k_modality: torch.Tensor | None,
+    gate_logits: torch.Tensor | None,
+) -> KernelArgs:
     """The op's arguments as the kernels read them, without conversion launches (the op is host-bound at CCT sizes):
     the bool mask as bytes, the modality ids in whatever integer type they come, unit inner strides."""
     key_padding = None if key_padding_mask is None else _unit_inner(key_padding_mask).view(torch.uint8)
@@ -386,7 +404,7 @@ def gated_attention_triton_forward(
         return out.to(q.dtype), lse
     args = _kernel_args(q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits)
     q, pair_bias = args[0], args[4]
-    b, lq, h, dh = q.shape
+    b, lq, h, _ = q.shape
     cfg = _config(q, pair_bias)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
@@ -405,14 +423,13 @@ def gated_attention_triton_backward(
     """dq, dk, dv, d(pair_bias) (None unless ``bias_grad``) and d(gate_logits) (None without a gate) from the
     forward's ``out`` and ``lse``: the probabilities are recomputed tile by tile."""
     if _interpreted_bf16(q):
-        grads = gated_attention_triton_backward(
+        dq, dk, dv, dbias, dgate = gated_attention_triton_backward(
             dout.float(), q.float(), k.float(), v.float(), key_padding_mask, pair_bias, q_modality, k_modality,
             gate_logits, out.float(), lse, scale, bias_grad)
-        return tuple(None if g is None else g.to(t.dtype)
-                     for g, t in zip(grads, (q, k, v, pair_bias, gate_logits)))  # type: ignore[return-value]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _like(dbias, pair_bias), _like(dgate, gate_logits)
     args = _kernel_args(q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits)
     q, k, pair_bias, gate_logits = args[0], args[1], args[4], args[7]
-    b, lq, h, dh = q.shape
+    b, lq, h, _ = q.shape
     lk = k.shape[1]
     cfg = _config(q, pair_bias)
     dout, out = _unit_inner(dout), _unit_inner(out)
@@ -435,9 +452,14 @@ def gated_attention_triton_backward(
         _bwd_dkdv_kernel[(b * h, n_blocks)](
             *common, dout, lse, delta, dk, dv, dbias, *_strides(dout, 3), *_strides(dk, 3), scale,
             **flags, BIAS_GRAD=bias_grad, **cfg)
-    if bias_grad:  # deterministic reduction of the per-program partial sums
+    if dbias is not None and pair_bias is not None:  # (bias_grad) deterministic reduction of the partial sums
         dbias = dbias.view(b, h, n_blocks, mq, mk).sum(dim=(0, 2)).to(pair_bias.dtype)
     return dq, dk, dv, dbias, dgate
+
+
+def _like(grad: torch.Tensor | None, x: torch.Tensor | None) -> torch.Tensor | None:
+    """``grad`` in x's dtype; None when there is no gradient (or no tensor)."""
+    return None if grad is None or x is None else grad.to(x.dtype)
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:

@@ -29,7 +29,7 @@ from . import ops
 from ._backend import use_triton
 from .gated_attn import MAX_HEAD_DIM, gated_attention_reference
 from .patch_embed import patch_embed_3d_reference
-from .window_attn import window_attention_reference
+from .window_attn import draw_dropout_seed, rounded_dropout_p, window_attention_reference
 from .window_attn_cpu import window_attention_cpu
 
 Triple = tuple[int, int, int]
@@ -128,15 +128,23 @@ def window_attention(
     pad_kv: torch.Tensor | None = None,
     gate_logits: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Shifted-window 3D attention on a channels-last qkv tensor [B, D, H, W, 3C] -> [B, D, H, W, C].
 
     ``window_size``/``shift_size`` are the effective ones (MONAI's get_window_size); ``table_window`` is the window
     ``bias_table`` [(2td-1)(2th-1)(2tw-1), heads] was built for; ``pad_kv`` [2C] are the k/v of padded voxels (the
-    qkv bias in MONAI); ``gate_logits`` [B, D, H, W, heads] scale head h by 2*sigmoid(logit).
+    qkv bias in MONAI); ``gate_logits`` [B, D, H, W, heads] scale head h by 2*sigmoid(logit). ``dropout_p`` in
+    [0, 1): attention dropout, MONAI's ``attn_drop`` (pass 0 in eval mode): each softmax probability is dropped
+    with probability p (rounded to a multiple of 2^-16: ``window_attn.rounded_dropout_p``) and the kept ones are
+    scaled by 1 / (1 - p), before @ v; the masks come from torch's generator of qkv's device (the Triton path draws
+    one Philox seed per call from it), so ``torch.manual_seed`` reproduces them.
     """
     if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
         fail("num_heads", "a positive int", repr(num_heads))
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        fail("dropout_p", "a probability in [0, 1) (1 would drop every attention weight)", repr(dropout_p))
+    dropout_p = rounded_dropout_p(dropout_p)
     expected = (f"a float tensor [B, D, H, W, 3C] with every size >= 1 and 3C divisible by 3 * num_heads = "
                 f"{3 * num_heads}")
     _check_float("qkv", qkv, expected, (5,))
@@ -161,11 +169,12 @@ def window_attention(
     (qkv, gate_logits), autocast_off = _autocast(qkv.device.type, qkv, gate_logits)
     with autocast_off:
         if use_triton(qkv, "window_attention"):
-            return ops.window_attention(qkv, bias_table, pad_kv, gate_logits, num_heads, list(window_size),
-                                        list(shift_size), list(table_window), scale)[0]
+            seed = draw_dropout_seed(qkv.device) if dropout_p else None
+            return ops.window_attention(qkv, bias_table, pad_kv, gate_logits, seed, num_heads, list(window_size),
+                                        list(shift_size), list(table_window), scale, dropout_p)[0]
         fn = window_attention_cpu if qkv.device.type == "cpu" else window_attention_reference
         return fn(qkv, num_heads, window_size, shift_size, bias_table, table_window=table_window, pad_kv=pad_kv,
-                  gate_logits=gate_logits, scale=scale)
+                  gate_logits=gate_logits, scale=scale, dropout_p=dropout_p)
 
 
 def _modality_ids(ids: object, name: str, batch: int, length: int, upper: int) -> torch.Tensor:

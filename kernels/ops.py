@@ -115,24 +115,27 @@ patch_embed_3d.register_autograd(_patch_embed_backward, setup_context=_patch_emb
 # ---- window_attention ----------------------------------------------------------------------------------------------
 
 
-def _window_args(num_heads, window_size, shift_size, table_window, scale) -> dict:
+def _window_args(num_heads, window_size, shift_size, table_window, scale, dropout_p) -> dict:
     return dict(num_heads=num_heads, window_size=tuple(window_size), shift_size=tuple(shift_size),
-                table_window=tuple(table_window), scale=scale)
+                table_window=tuple(table_window), scale=scale, dropout_p=dropout_p)
 
 
 @torch.library.custom_op("medmap_fast::window_attention", mutates_args=())
 def window_attention(
     qkv: Tensor, bias_table: Optional[Tensor], pad_kv: Optional[Tensor], gate_logits: Optional[Tensor],
-    num_heads: int, window_size: list[int], shift_size: list[int], table_window: list[int], scale: Optional[float],
+    seed: Optional[Tensor], num_heads: int, window_size: list[int], shift_size: list[int], table_window: list[int],
+    scale: Optional[float], dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     """qkv [B, D, H, W, 3C] -> (out [B, D, H, W, C], lse [B*nW, heads, NP] fp32, the log-sum-exp its backward reads)
-    (see ``window_attn.py``)."""
-    return window_attention_triton_forward(qkv, bias_table, pad_kv, gate_logits,
-                                           **_window_args(num_heads, window_size, shift_size, table_window, scale))
+    (see ``window_attn.py``); attention dropout with probability ``dropout_p`` > 0 draws its mask from ``seed``
+    (int64 [1]; a pure function of it, so the op stays functional)."""
+    return window_attention_triton_forward(qkv, bias_table, pad_kv, gate_logits, seed,
+                                           **_window_args(num_heads, window_size, shift_size, table_window, scale,
+                                                          dropout_p))
 
 
 @window_attention.register_fake
-def _(qkv, bias_table, pad_kv, gate_logits, num_heads, window_size, shift_size, table_window, scale):
+def _(qkv, bias_table, pad_kv, gate_logits, seed, num_heads, window_size, shift_size, table_window, scale, dropout_p):
     b, d, h, w, c3 = qkv.shape
     dtype = qkv.dtype if gate_logits is None else torch.promote_types(qkv.dtype, gate_logits.dtype)
     windows = b * math.prod(padded_size(s, k) // k for s, k in zip((d, h, w), window_size))
@@ -143,36 +146,36 @@ def _(qkv, bias_table, pad_kv, gate_logits, num_heads, window_size, shift_size, 
 @torch.library.custom_op("medmap_fast::window_attention_backward", mutates_args=())
 def window_attention_backward(
     dout: Tensor, qkv: Tensor, bias_table: Optional[Tensor], pad_kv: Optional[Tensor], gate_logits: Optional[Tensor],
-    out: Tensor, lse: Tensor, num_heads: int, window_size: list[int], shift_size: list[int], table_window: list[int],
-    scale: Optional[float], needs: list[bool],
+    seed: Optional[Tensor], out: Tensor, lse: Tensor, num_heads: int, window_size: list[int], shift_size: list[int],
+    table_window: list[int], scale: Optional[float], dropout_p: float, needs: list[bool],
 ) -> list[Tensor]:
     """[dqkv, dbias_table, dpad_kv, dgate_logits]; ``needs`` says which are wanted (the others are empty)."""
     inputs = (qkv, bias_table, pad_kv, gate_logits)
     grads = window_attention_triton_backward(
-        dout, *inputs, out, lse, **_window_args(num_heads, window_size, shift_size, table_window, scale),
-        needs=tuple(needs))
+        dout, *inputs, seed, out, lse,
+        **_window_args(num_heads, window_size, shift_size, table_window, scale, dropout_p), needs=tuple(needs))
     return _grads_out(grads, needs, inputs, dout)
 
 
 @window_attention_backward.register_fake
-def _(dout, qkv, bias_table, pad_kv, gate_logits, out, lse, num_heads, window_size, shift_size, table_window, scale,
-      needs):
+def _(dout, qkv, bias_table, pad_kv, gate_logits, seed, out, lse, num_heads, window_size, shift_size, table_window,
+      scale, dropout_p, needs):
     return _fake_grads(needs, (qkv, bias_table, pad_kv, gate_logits), dout)
 
 
 def _window_setup(ctx, inputs, output) -> None:
-    qkv, bias_table, pad_kv, gate_logits, *args = inputs
-    ctx.save_for_backward(qkv, bias_table, pad_kv, gate_logits, *output)
+    qkv, bias_table, pad_kv, gate_logits, seed, *args = inputs
+    ctx.save_for_backward(qkv, bias_table, pad_kv, gate_logits, seed, *output)
     ctx.args = args
 
 
 def _window_backward(ctx, dout, _dlse):
-    qkv, bias_table, pad_kv, gate_logits, out, lse = ctx.saved_tensors
+    qkv, bias_table, pad_kv, gate_logits, seed, out, lse = ctx.saved_tensors
     needs = _needs(ctx.needs_input_grad[:4], (qkv, bias_table, pad_kv, gate_logits))
     if not any(needs):
-        return (None,) * 9
-    grads = window_attention_backward(dout, qkv, bias_table, pad_kv, gate_logits, out, lse, *ctx.args, needs)
-    return (*_grads_in(grads, needs), None, None, None, None, None)
+        return (None,) * 11
+    grads = window_attention_backward(dout, qkv, bias_table, pad_kv, gate_logits, seed, out, lse, *ctx.args, needs)
+    return (*_grads_in(grads, needs), *(None,) * 7)
 
 
 window_attention.register_autograd(_window_backward, setup_context=_window_setup)

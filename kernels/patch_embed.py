@@ -12,10 +12,13 @@ Reference semantics (the Triton kernel must match them):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from medmap_fast.validation import fail
 
 from ._backend import interpreting
 from ._indexing import take_rows
@@ -23,7 +26,7 @@ from ._utils import jit as _jit
 from ._utils import multiprocessors, on_device, padded_size, tl, triton
 
 
-def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+def patchify(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
     """[V, Cin, D, H, W] -> zero-padded patches [V, D', H', W', Cin*pd*ph*pw] (Conv3d weight order)."""
     v, cin, d, h, w = x.shape
     pd, ph, pw = patch
@@ -47,21 +50,22 @@ def patch_embed_3d_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch patch embedding: patchify + (batched) matmul with the volume's modality weight."""
     m, c = weight.shape[:2]
-    patches = patchify(x, tuple(weight.shape[3:]))  # [V, D', H', W', K]
+    patches = patchify(x, weight.shape[3:])  # [V, D', H', W', K]
     v, dn, hn, wn, k = patches.shape
     w2d = weight.reshape(m, c, k)
     if m == 1:
         out = F.linear(patches, w2d[0], None if bias is None else bias[0])
     else:
-        ids = modality_ids
-        out = torch.bmm(patches.reshape(v, dn * hn * wn, k), take_rows(w2d, ids).transpose(1, 2))
+        if modality_ids is None:
+            fail("modality_ids", f"a [V] integer tensor choosing among {m} modality weights", "None")
+        out = torch.bmm(patches.reshape(v, dn * hn * wn, k), take_rows(w2d, modality_ids).transpose(1, 2))
         if bias is not None:
-            out = out + take_rows(bias, ids)[:, None, :]
+            out = out + take_rows(bias, modality_ids)[:, None, :]
         out = out.reshape(v, dn, hn, wn, c)
     if layer_norm:  # in fp32 at least, as the kernel (and autocast's layer_norm) does it, also for bf16 inputs
         dtype = torch.promote_types(out.dtype, torch.float32)
-        affine = (None if t is None else t.to(dtype) for t in (ln_weight, ln_bias))
-        out = F.layer_norm(out.to(dtype), (c,), *affine, eps)
+        ln_w, ln_b = (None if t is None else t.to(dtype) for t in (ln_weight, ln_bias))
+        out = F.layer_norm(out.to(dtype), (c,), ln_w, ln_b, eps)
     return out.to(out_dtype or x.dtype)
 
 
@@ -90,15 +94,15 @@ def _patch_offsets(
     dn, hn, wn, p_mask, offs_k, K: tl.constexpr, D, H, W, s_c, s_d, s_h, s_w,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
 ):
-    """Element offsets [BLOCK_P, BLOCK_K] of patch entry k (Conv3d weight order cin, i, j, l) of each position in a
-    volume with strides s_*, and the mask of the entries inside the volume (the others are the zero padding)."""
+    """Element offsets [BLOCK_P, BLOCK_K] of patch entry k (Conv3d weight order cin, di, hi, wi) of each position in
+    a volume with strides s_*, and the mask of the entries inside the volume (the others are the zero padding)."""
     c = offs_k // (PD * PH * PW)
-    i = (offs_k // (PH * PW)) % PD
-    j = (offs_k // PW) % PH
-    l = offs_k % PW
-    d = dn[:, None] * PD + i[None, :]
-    h = hn[:, None] * PH + j[None, :]
-    w = wn[:, None] * PW + l[None, :]
+    di = (offs_k // (PH * PW)) % PD
+    hi = (offs_k // PW) % PH
+    wi = offs_k % PW
+    d = dn[:, None] * PD + di[None, :]
+    h = hn[:, None] * PH + hi[None, :]
+    w = wn[:, None] * PW + wi[None, :]
     mask = p_mask[:, None] & (offs_k < K)[None, :] & (d < D) & (h < H) & (w < W)
     return c[None, :] * s_c + d * s_d + h * s_h + w * s_w, mask
 
@@ -363,4 +367,4 @@ def _or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
 
 def _strides(t: torch.Tensor, prefix: str) -> dict[str, int]:
     """The strides of a [V, Cin, D, H, W] tensor as the kernels' keyword arguments ``{prefix}_v`` ... ``{prefix}_w``."""
-    return {f"{prefix}_{axis}": stride for axis, stride in zip("vcdhw", t.stride())}
+    return {f"{prefix}_{axis}": stride for axis, stride in zip("vcdhw", t.stride(), strict=True)}

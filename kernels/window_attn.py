@@ -13,6 +13,10 @@ Reference semantics (the Triton kernel must match them):
                                  equal the qkv bias; None means zeros (a qkv Linear without bias)
   gate_logits  [B, D, H, W, heads] or None   head-wise modality gate: head h of token x is scaled by 2*sigmoid(.)
   scale        float or None     default head_dim ** -0.5
+  dropout_p    float in [0, 1)   attention dropout (MONAI's attn_drop): softmax probabilities dropped with
+                                 probability p, the kept ones scaled by 1 / (1 - p), before @ v. The Triton kernels
+                                 draw the mask from a Philox stream of a per-call seed and regenerate it in the
+                                 backward; the reference takes it from SDPA or as ``dropout_mask``
   out          [B, D, H, W, C]   attention output per head (before the output projection), un-shifted, cropped
 Shifted windows mask pairs of tokens from different regions of the rolled grid with -100 (MONAI's compute_mask).
 """
@@ -25,6 +29,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from medmap_fast.validation import describe, fail
 
 from ._backend import interpreting
 from ._indexing import take_rows
@@ -168,6 +174,14 @@ def apply_gate(out: torch.Tensor, gate_logits: torch.Tensor | None) -> torch.Ten
     return gated.flatten(-2)
 
 
+def rounded_dropout_p(dropout_p: float) -> float:
+    """The attention dropout probability the op applies for ``dropout_p`` on every backend: rounded to a multiple of
+    2^-16 (the Triton kernels and the CPU path keep a weight where a uniform 16-bit number reaches p * 2^16), at most
+    1 - 2^-16; the kept weights are scaled by 1 / (1 - that), so the expected output is the undropped one.
+    |change| <= 2^-17."""
+    return min(round(dropout_p * 65536), 65535) / 65536
+
+
 def window_attention_reference(
     qkv: torch.Tensor,
     num_heads: int,
@@ -179,13 +193,22 @@ def window_attention_reference(
     pad_kv: torch.Tensor | None = None,
     gate_logits: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain-PyTorch shifted-window attention: pad, roll, partition, SDPA with bias + shift mask, reverse."""
+    """Plain-PyTorch shifted-window attention: pad, roll, partition, SDPA with bias + shift mask, reverse.
+
+    Attention dropout with probability ``dropout_p`` (MONAI's ``attn_drop``: the softmax output dropped, the kept
+    entries scaled by 1 / (1 - p), before @ v) draws its mask inside SDPA, or takes ``dropout_mask``
+    [B*nW, heads, n, n] bool (True = kept; e.g. :func:`window_dropout_mask`, the Triton kernels' mask)."""
     b, d, h, w, _ = qkv.shape
     window_size, shift_size = tuple(window_size), tuple(shift_size)
     padded = tuple(padded_size(s, k) for s, k in zip((d, h, w), window_size))
     q, k, v = window_qkv(qkv, num_heads, window_size, shift_size, pad_kv)  # [B*nW, h, n, hd]
     n, head_dim = q.shape[2:]
+    if dropout_mask is not None and tuple(dropout_mask.shape) != (q.shape[0], num_heads, n, n):
+        fail("dropout_mask", f"a bool tensor {(q.shape[0], num_heads, n, n)} (windows, heads, queries, keys)",
+             describe(dropout_mask))
     mask = None  # [h, n, n] in q's dtype (as SDPA wants it), broadcast over the windows
     if bias_table is not None:
         mask = window_bias(bias_table, window_size, table_window, q.dtype)
@@ -197,7 +220,13 @@ def window_attention_reference(
         # mask [nW*h, n, n] broadcasts over the batch instead of being copied per batch element
         q, k, v = (t.reshape(b, -1, n, head_dim) for t in (q, k, v))
         mask = mask.reshape(-1, n, n)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if dropout_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    else:  # SDPA's maths, with the given keep mask (folded into q's layout like the windows)
+        attn = torch.matmul(q, k.transpose(-2, -1)) * (head_dim**-0.5 if scale is None else scale)
+        attn = torch.softmax(attn if mask is None else attn + mask, -1)
+        keep = dropout_mask.reshape(*q.shape[:-1], n)
+        out = torch.matmul(attn * keep / (1.0 - dropout_p), v)
     out = out.reshape(-1, num_heads, n, head_dim)  # [B*nW, h, n, hd]
     return apply_gate(window_merge(out, (d, h, w), window_size, shift_size), gate_logits)
 
@@ -294,20 +323,52 @@ def _tile_ptrs(TILE, cls, h, offs_m, offs_n, HEADS: tl.constexpr, NP: tl.constex
 
 
 @_jit
+def _dropout_setup(SEED, dropout_p):
+    """The call's Philox seed (loaded once per program), the 16-bit threshold a random half-word must reach for its
+    score to be kept (p is a multiple of 2^-16: see :func:`rounded_dropout_p`) and the 1 / (1 - p) scale of the kept
+    probabilities."""
+    p = tl.cast(dropout_p, tl.float32)
+    return tl.load(SEED), (p * 65536.0).to(tl.uint32), 1.0 / (1.0 - p)
+
+
+@_jit
+def _keep(seed, threshold, bw, h, offs_m, n0, HEADS: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr):
+    """Dropout keep mask [BM, BN] of head h of window ``bw`` (over the batch), queries ``offs_m``, keys n0 .. n0+BN.
+
+    One Philox4x32-7 draw (FlashAttention-2's rounds) per 8 adjacent keys: counter (query * NP/8 + key // 8,
+    bw * HEADS + h, 0, 0) keyed by the call's seed; key 8k + 2t + e takes half e (low, high) of word t, a uniform
+    16-bit number, and is kept where it is >= threshold. A pure function of (seed, window, head, query, key): the
+    backward kernels regenerate the forward's mask, and :func:`window_dropout_mask` materialises it. (Interleaving
+    the halves back into key order costs layout conversions, but computing the words in the scores' layout repeats
+    each Philox draw per element: 1.5x the instructions.)"""
+    BM: tl.constexpr = offs_m.shape[0]
+    octets = n0 // 8 + tl.arange(0, BN // 8)
+    w0, w1, w2, w3 = tl.philox(seed, offs_m[:, None] * (NP // 8) + octets[None, :], bw * HEADS + h, 0, 0, 7)
+    # word t at [..., t // 2, t % 2], half e after it: [BM, BN/8, 2, 2, 2] flattens to key 8k + 2t + e (tl.join, a
+    # builtin, as tl.interleave would: that one is a jit function, slow to call under the interpreter)
+    words = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+    return tl.reshape(tl.join(words & 0xFFFF, words >> 16), [BM, BN]) >= threshold
+
+
+@_jit
 def _window_attention_fwd(
-    QKV, PAD_ROW, ROWS, CLASSES, TILE, GATE, OUT, LSE, NWIN, VOXELS, qk_scale,
+    QKV, PAD_ROW, ROWS, CLASSES, TILE, GATE, OUT, LSE, NWIN, VOXELS, qk_scale, SEED, dropout_p,
     HEADS: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-    HAS_TILE: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_TILE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
     """One query tile of one window for G heads: online softmax over the window's key tiles; out [B, D, H, W, C],
-    lse [B*nW, HEADS, NP] (log2 units; not written for tiles of padding only)."""
+    lse [B*nW, HEADS, NP] (log2 units, of the probabilities before dropout; not written for tiles of padding only).
+    With HAS_DROPOUT (SEED [1] int64, dropout_p; None without) the probabilities multiplying v are dropped by
+    :func:`_keep`'s mask and the kept ones scaled by 1 / (1 - p); the softmax sum is taken before dropping."""
     G: tl.constexpr = HEADS_PER_PROGRAM
     C: tl.constexpr = HEADS * HD
     qt, h0, bw, b, win = _split_pid(tl.program_id(0), NP // BM, HEADS, NWIN, G)
     offs_m = qt * BM + tl.arange(0, BM)
     rows_q = tl.load(ROWS + win * NP + offs_m)
     if tl.max(rows_q, 0) >= 0:
+        if HAS_DROPOUT:
+            seed, threshold, drop_scale = _dropout_setup(SEED, dropout_p)
         voxel0 = b.to(tl.int64) * VOXELS
         q = _load_heads(_row_ptrs(QKV, PAD_ROW, rows_q, voxel0, 3 * C), h0 * HD, HD, DPAD, G)
         qs = ()
@@ -333,12 +394,16 @@ def _window_attention_fwd(
                 alpha = tl.exp2(m_i[g] - m_new)
                 m_next = m_next + (m_new,)
                 l_next = l_next + (l_i[g] * alpha + tl.sum(p, 1),)
+                if HAS_DROPOUT:
+                    p = tl.where(_keep(seed, threshold, bw, h0 + g, offs_m, kt * BN, HEADS, NP, BN), p, 0.0)
                 acc_next = acc_next + (acc[g] * alpha[:, None] + tl.dot(p.to(v[g].dtype), v[g], input_precision=PREC),)
             m_i, l_i, acc = m_next, l_next, acc_next
         real = rows_q >= 0
         out_ptrs = OUT + (voxel0 + rows_q) * C
         for g in tl.static_range(G):
             o = acc[g] / l_i[g][:, None]
+            if HAS_DROPOUT:
+                o = o * drop_scale
             if HAS_GATE:
                 o = o * _gate(GATE, voxel0, rows_q, real, h0 + g, HEADS)[:, None]
             _store_head(out_ptrs, o, (h0 + g) * HD, real, HD, DPAD)
@@ -346,16 +411,20 @@ def _window_attention_fwd(
 
 
 @_jit
-def _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m, voxel0, bw, h, qk_scale,
-                HEADS: tl.constexpr, HD: tl.constexpr, NP: tl.constexpr, HAS_GATE: tl.constexpr, DPAD: tl.constexpr):
-    """What the backward needs of head h in a query tile: q pre-scaled and dO of the attention (gate applied)
-    [BM, DPAD] in q's dtype, lse and delta [BM]. One head at a time keeps the registers of the others free."""
+def _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m, voxel0, bw, h, qk_scale, drop_scale,
+                HEADS: tl.constexpr, HD: tl.constexpr, NP: tl.constexpr, HAS_GATE: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, DPAD: tl.constexpr):
+    """What the backward needs of head h in a query tile: q pre-scaled and dO of the attention (gate applied;
+    times 1 / (1 - p) with dropout, the scale of every kept probability, which dV and dP then carry) [BM, DPAD] in
+    q's dtype, lse and delta [BM]. One head at a time keeps the registers of the others free."""
     C: tl.constexpr = HEADS * HD
     real = rows_q >= 0
     q = _load_heads(q_ptrs, h * HD, HD, DPAD, 1)[0]
     do = _load_heads(DOUT + (voxel0 + rows_q) * C, h * HD, HD, DPAD, 1, real)[0].to(tl.float32)
     if HAS_GATE:
         do = do * _gate(GATE, voxel0, rows_q, real, h, HEADS)[:, None]
+    if HAS_DROPOUT:
+        do = do * drop_scale
     lse = tl.load(LSE + (bw * HEADS + h) * NP + offs_m)
     delta = tl.load(DELTA + (bw * HEADS + h) * NP + offs_m)
     return _scaled(q, qk_scale), do.to(q.dtype), lse, delta
@@ -364,20 +433,30 @@ def _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m, vo
 @_jit
 def _window_attention_bwd(
     QKV, PAD_ROW, ROWS, CLASSES, TILE, GATE, OUT, DOUT, LSE, DELTA, DQ, DQKV, DGATE, DPAD_PARTS,
-    NWIN, VOXELS, qk_scale, dq_scale,
+    NWIN, VOXELS, qk_scale, dq_scale, SEED, dropout_p,
     HEADS: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     HAS_TILE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, GRADS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
     """One whole window for G heads. First delta = rowsum(dout * out) per query (stored for the key tiles and the
     bias kernel) and d(gate logits); then, with GRADS, per key tile (k, v, dk, dv on chip) a pass over the query
     tiles: dv, dk, and dq accumulated in DQ [B*voxels, C] fp32, which only this program touches (no atomics, a fixed
-    order); last, dq scaled into DQKV. Padded keys' dk/dv go, summed, to DPAD_PARTS [B*nW, NP // BN, 2C]."""
+    order); last, dq scaled into DQKV. Padded keys' dk/dv go, summed, to DPAD_PARTS [B*nW, NP // BN, 2C].
+
+    Dropout (HAS_DROPOUT; the forward's SEED and dropout_p), with P the softmax, K the forward's keep mask (regenerated
+    by :func:`_keep`, never stored) and s = 1 / (1 - p): out = (P * K * s) v, so dV = (P * K)^T (s dO) and the
+    gradient reaching P is dP = K * (s dO) v^T; delta = rowsum(dP * P) = rowsum(dO * out) still holds, so
+    dS = P * (dP - delta) as without dropout (the bias kernel takes the same dS)."""
     G: tl.constexpr = HEADS_PER_PROGRAM
     C: tl.constexpr = HEADS * HD
     _, h0, bw, b, win = _split_pid(tl.program_id(0), 1, HEADS, NWIN, G)
     voxel0 = b.to(tl.int64) * VOXELS
     dd = tl.arange(0, DPAD)
+    if HAS_DROPOUT:
+        seed, threshold, drop_scale = _dropout_setup(SEED, dropout_p)
+    else:
+        seed, threshold, drop_scale = None, None, None
     for qt in tl.range(0, NP // BM):
         offs_m = qt * BM + tl.arange(0, BM)
         rows_q = tl.load(ROWS + win * NP + offs_m)
@@ -416,12 +495,20 @@ def _window_attention_bwd(
                     dk_next, dv_next = (), ()
                     for g in tl.static_range(G):
                         qs, do, lse, delta = _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m,
-                                                         voxel0, bw, h0 + g, qk_scale, HEADS, HD, NP, HAS_GATE, DPAD)
+                                                         voxel0, bw, h0 + g, qk_scale, drop_scale, HEADS, HD, NP,
+                                                         HAS_GATE, HAS_DROPOUT, DPAD)
                         s = _scores(qs, k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n,
                                     N, NP, HAS_TILE, PREC)
                         p = tl.exp2(s - lse[:, None])
-                        dv_next = dv_next + (dv[g] + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC),)
+                        if HAS_DROPOUT:
+                            keep = _keep(seed, threshold, bw, h0 + g, offs_m, kt * BN, HEADS, NP, BN)
+                            pv = tl.where(keep, p, 0.0)
+                        else:
+                            pv = p
+                        dv_next = dv_next + (dv[g] + tl.dot(tl.trans(pv.to(do.dtype)), do, input_precision=PREC),)
                         dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
+                        if HAS_DROPOUT:
+                            dp = tl.where(keep, dp, 0.0)
                         ds = (p * (dp - delta[:, None])).to(qs.dtype)
                         dk_next = dk_next + (dk[g] + tl.dot(tl.trans(ds), qs, input_precision=PREC),)
                         dq = tl.dot(ds, k[g], input_precision=PREC)
@@ -451,18 +538,24 @@ def _window_attention_bwd(
 
 @_jit
 def _window_attention_bwd_bias(
-    QKV, PAD_ROW, ROWS, CLASSES, TILE, GATE, DOUT, LSE, DELTA, PARTS, NWIN, VOXELS, BW, WPC, qk_scale,
+    QKV, PAD_ROW, ROWS, CLASSES, TILE, GATE, DOUT, LSE, DELTA, PARTS, NWIN, VOXELS, BW, WPC, qk_scale, SEED, dropout_p,
     HEADS: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
     """dS of one (query tile, key tile) for G heads, summed in registers over a chunk of WPC windows and stored
-    (no atomics) in PARTS [chunks, HEADS, NP, NP]; the host sums the chunks and gathers the sum into the table."""
+    (no atomics) in PARTS [chunks, HEADS, NP, NP]; the host sums the chunks and gathers the sum into the table.
+    With dropout, dS as in :func:`_window_attention_bwd` (the same regenerated mask)."""
     G: tl.constexpr = HEADS_PER_PROGRAM
     C: tl.constexpr = HEADS * HD
     NKT: tl.constexpr = NP // BN
     tile, h0, chunk, _, _ = _split_pid(tl.program_id(0), (NP // BM) * NKT, HEADS, 1, G)
     offs_m = (tile // NKT) * BM + tl.arange(0, BM)
     offs_n = (tile % NKT) * BN + tl.arange(0, BN)
+    if HAS_DROPOUT:
+        seed, threshold, drop_scale = _dropout_setup(SEED, dropout_p)
+    else:
+        seed, threshold, drop_scale = None, None, None
     acc = ()
     for g in tl.static_range(G):
         acc = acc + (tl.zeros([BM, BN], tl.float32),)
@@ -479,15 +572,31 @@ def _window_attention_bwd_bias(
             acc_next = ()
             for g in tl.static_range(G):
                 qs, do, lse, delta = _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m, voxel0,
-                                                 bw, h0 + g, qk_scale, HEADS, HD, NP, HAS_GATE, DPAD)
+                                                 bw, h0 + g, qk_scale, drop_scale, HEADS, HD, NP, HAS_GATE,
+                                                 HAS_DROPOUT, DPAD)
                 s = _scores(qs, k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n, N, NP,
                             True, PREC)
                 p = tl.exp2(s - lse[:, None])
                 dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
+                if HAS_DROPOUT:
+                    dp = tl.where(_keep(seed, threshold, bw, h0 + g, offs_m, (tile % NKT) * BN, HEADS, NP, BN), dp, 0.0)
                 acc_next = acc_next + (acc[g] + p * (dp - delta[:, None]),)
             acc = acc_next
     for g in tl.static_range(G):
         tl.store(PARTS + ((chunk * HEADS + h0 + g) * NP + offs_m[:, None]) * NP + offs_n[None, :], acc[g])
+
+
+@_jit
+def _window_dropout_keep(SEED, KEEP, dropout_p, HEADS: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr):
+    """KEEP [B*nW, HEADS, NP, NP] int8: :func:`_keep`'s mask, one [BM, BN] tile of one (window, head) per program
+    (program ids: window * HEADS + head, tile)."""
+    wh, tile = tl.program_id(0), tl.program_id(1)
+    offs_m = (tile // (NP // BN)) * BM + tl.arange(0, BM)
+    n0 = (tile % (NP // BN)) * BN
+    seed, threshold, _ = _dropout_setup(SEED, dropout_p)
+    keep = _keep(seed, threshold, wh // HEADS, wh % HEADS, offs_m, n0, HEADS, NP, BN)
+    tl.store(KEEP + (wh * NP + offs_m[:, None]) * NP + n0 + tl.arange(0, BN)[None, :], keep.to(tl.int8))
 
 
 # ---------------------------------------------------------------------------------------------------------- launchers
@@ -501,6 +610,11 @@ _GPU_CONFIGS = dict(fwd=(64, 64, 4, 2), bwd=(64, 64, 4, 1), bias=(64, 128, 4, 1)
 # channels of heads per program: the backward holds dk and dv of its heads (fp32) beside the scores, the bias
 # kernel a [BM, BN] fp32 sum per head, so they take fewer heads than the forward
 _CHANNELS = dict(fwd=64, bwd=48, bias=16)
+# With attention dropout the mask's Philox words take registers too: the forward and the backward run one head per
+# program and the bias kernel 64-wide key tiles, the sm_90 compiles' largest without spills (3 heads spilled in the
+# fp16 forward and the backward, BN 128 in the bias kernel; their issue floors were within 7% of these)
+_DROPOUT_GPU_CONFIGS = {**_GPU_CONFIGS, "bias": (64, 64, 4, 1)}
+_DROPOUT_CHANNELS = {**_CHANNELS, "fwd": 16, "bwd": 16}
 _FP32_CONFIG = (32, 32, 4, 1)  # IEEE-fp32 tl.dot runs on the FMA units: small tiles keep register spills small
 
 
@@ -524,16 +638,17 @@ def tokens_padded(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length()) if n <= 128 else -(-n // 128) * 128
 
 
-def _launch_config(kernel: str, n: int, head_dim: int, heads: int, dtype: torch.dtype) -> dict:
+def _launch_config(kernel: str, n: int, head_dim: int, heads: int, dtype: torch.dtype, dropout: bool = False) -> dict:
     """BM (query tile), BN (key tile), num_warps, num_stages and HEADS_PER_PROGRAM of ``kernel`` ("fwd", "bwd" or
-    "bias") for windows of n tokens; BM and BN divide tokens_padded(n)."""
-    g = _heads_per_program(head_dim, heads, _CHANNELS[kernel])
+    "bias") for windows of n tokens, with or without attention dropout; BM and BN divide tokens_padded(n)."""
+    g = _heads_per_program(head_dim, heads, (_DROPOUT_CHANNELS if dropout else _CHANNELS)[kernel])
     np_ = tokens_padded(n)
     if interpreting():  # few, large blocks: each interpreted block op costs milliseconds
         bm = bn = min(np_, 128)
         warps, stages = 4, 1
     else:
-        bm, bn, warps, stages = _FP32_CONFIG if dtype == torch.float32 else _GPU_CONFIGS[kernel]
+        configs = _DROPOUT_GPU_CONFIGS if dropout else _GPU_CONFIGS
+        bm, bn, warps, stages = _FP32_CONFIG if dtype == torch.float32 else configs[kernel]
         bm, bn = min(bm, np_), min(bn, np_)
     return dict(BM=bm, BN=bn, num_warps=warps, num_stages=stages, HEADS_PER_PROGRAM=g)
 
@@ -596,8 +711,8 @@ class _Geometry:
         """Windows of all batch elements (B * nW)."""
         return self.batch * self.windows_per_batch
 
-    def config(self, kernel: str, dtype: torch.dtype) -> dict:
-        return _launch_config(kernel, self.n, self.head_dim, self.heads, dtype)
+    def config(self, kernel: str, dtype: torch.dtype, dropout: bool = False) -> dict:
+        return _launch_config(kernel, self.n, self.head_dim, self.heads, dtype, dropout)
 
     def tables(self, qkv: torch.Tensor, bias_table: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """rows, classes, the [K, heads, NP, NP] bias + mask tile in log2 units and qkv's dtype (None without bias
@@ -639,14 +754,22 @@ def _bias_chunks(tiles: int, windows: int, device: torch.device) -> int:
     return triton.cdiv(windows, max(1, min(windows, triton.cdiv(target, tiles))))
 
 
+def _dropout_args(seed: torch.Tensor | None, dropout_p: float) -> dict:
+    """The kernels' dropout arguments: the seed tensor and p (see :func:`rounded_dropout_p`) with HAS_DROPOUT, or
+    None (nothing passed: the kernels without dropout compile as if the arguments did not exist)."""
+    on = seed is not None and dropout_p > 0.0
+    return dict(SEED=seed if on else None, dropout_p=rounded_dropout_p(dropout_p) if on else None, HAS_DROPOUT=on)
+
+
 def window_attention_triton_forward(
     qkv: torch.Tensor, bias_table: torch.Tensor | None, pad_kv: torch.Tensor | None, gate_logits: torch.Tensor | None,
-    num_heads: int, window_size: tuple[int, int, int], shift_size: tuple[int, int, int],
-    table_window: tuple[int, int, int], scale: float | None,
+    seed: torch.Tensor | None, num_heads: int, window_size: tuple[int, int, int], shift_size: tuple[int, int, int],
+    table_window: tuple[int, int, int], scale: float | None, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused forward with the contract (and output dtype) of :func:`window_attention_reference`, arguments as
     validated by the public op: out [B, D, H, W, C] and the log2-unit log-sum-exp [B*nW, heads, NP] fp32 of every
-    query, which the backward reads."""
+    query, which the backward reads. With ``dropout_p`` > 0, ``seed`` (int64 [1], see :func:`draw_dropout_seed`)
+    picks the keep mask (:func:`window_dropout_mask` materialises it)."""
     qkv, gate_logits = (None if t is None else t.contiguous() for t in (qkv, gate_logits))
     geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
     b, d, h, w, c3 = qkv.shape
@@ -654,13 +777,14 @@ def window_attention_triton_forward(
     out = qkv.new_empty(b, d, h, w, c3 // 3, dtype=out_dtype)  # the reference's type promotion by the gate
     lse = torch.empty(geo.windows, geo.heads, geo.np, device=qkv.device, dtype=torch.float32)
     rows, classes, tile = geo.tables(qkv, bias_table)
-    cfg = geo.config("fwd", qkv.dtype)
+    drop = _dropout_args(seed, dropout_p)
+    cfg = geo.config("fwd", qkv.dtype, drop["HAS_DROPOUT"])
     scalars, constexprs = geo.args(cfg, qkv.dtype)
     grid = (geo.windows * (geo.heads // cfg["HEADS_PER_PROGRAM"]) * (geo.np // cfg["BM"]),)
     with on_device(qkv):
         _window_attention_fwd[grid](
             qkv, _pad_row(qkv, pad_kv), rows, classes, qkv if tile is None else tile,
-            qkv if gate_logits is None else gate_logits, out, lse, *scalars,
+            qkv if gate_logits is None else gate_logits, out, lse, *scalars, **drop,
             HAS_TILE=tile is not None, HAS_GATE=gate_logits is not None, **constexprs,
         )
     return out, lse
@@ -668,12 +792,13 @@ def window_attention_triton_forward(
 
 def window_attention_triton_backward(
     dout: torch.Tensor, qkv: torch.Tensor, bias_table: torch.Tensor | None, pad_kv: torch.Tensor | None,
-    gate_logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+    gate_logits: torch.Tensor | None, seed: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
     window_size: tuple[int, int, int], shift_size: tuple[int, int, int], table_window: tuple[int, int, int],
-    scale: float | None, needs: tuple[bool, bool, bool, bool],
+    scale: float | None, dropout_p: float, needs: tuple[bool, bool, bool, bool],
 ) -> tuple[torch.Tensor | None, ...]:
-    """d(qkv), d(bias_table), d(pad_kv), d(gate_logits) from the forward's inputs, ``out`` and ``lse``; ``needs``
-    says which of the four are wanted (the others, and those of absent tensors, are None)."""
+    """d(qkv), d(bias_table), d(pad_kv), d(gate_logits) from the forward's inputs (its seed and dropout_p
+    included), ``out`` and ``lse``; ``needs`` says which of the four are wanted (the others, and those of absent
+    tensors, are None)."""
     qkv, gate_logits, dout, out = (None if t is None else t.contiguous() for t in (qkv, gate_logits, dout, out))
     geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
     b, d, h, w, c3 = qkv.shape
@@ -687,7 +812,8 @@ def window_attention_triton_backward(
     delta = torch.empty(geo.windows, geo.heads, geo.np, device=qkv.device, dtype=torch.float32)
     dgate = None if gate_logits is None else torch.empty_like(gate_logits)  # written with delta, wanted or not
     dqkv = dbias = dpad = None
-    cfg = geo.config("bwd", qkv.dtype)
+    drop = _dropout_args(seed, dropout_p)
+    cfg = geo.config("bwd", qkv.dtype, drop["HAS_DROPOUT"])
     scalars, constexprs = geo.args(cfg, qkv.dtype)
     grads = need_dqkv or has_pad
     if grads:
@@ -699,10 +825,11 @@ def window_attention_triton_backward(
         _window_attention_bwd[(geo.windows * (geo.heads // cfg["HEADS_PER_PROGRAM"]),)](
             *common, out, dout, lse, delta, dq if grads else delta, dqkv if grads else qkv,
             qkv if dgate is None else dgate, dpad_parts if has_pad else delta, *scalars, geo.scale,
-            HAS_TILE=tile is not None, HAS_GATE=gate_logits is not None, HAS_PAD=has_pad, GRADS=grads, **constexprs,
+            **drop, HAS_TILE=tile is not None, HAS_GATE=gate_logits is not None,
+            HAS_PAD=has_pad, GRADS=grads, **constexprs,
         )
         if need_dbias:
-            cfg = geo.config("bias", qkv.dtype)
+            cfg = geo.config("bias", qkv.dtype, drop["HAS_DROPOUT"])
             scalars, constexprs = geo.args(cfg, qkv.dtype)
             tiles = (geo.np // cfg["BM"]) * (geo.np // cfg["BN"]) * (geo.heads // cfg["HEADS_PER_PROGRAM"])
             per_program = _bias_chunks(tiles, geo.windows, qkv.device)
@@ -710,7 +837,7 @@ def window_attention_triton_backward(
             parts = torch.empty(chunks, geo.heads, geo.np, geo.np, device=qkv.device, dtype=torch.float32)
             _window_attention_bwd_bias[(tiles * chunks,)](
                 *common, dout, lse, delta, parts, scalars[0], scalars[1], geo.windows, per_program, scalars[2],
-                HAS_GATE=gate_logits is not None, **constexprs,
+                **drop, HAS_GATE=gate_logits is not None, **constexprs,
             )
             dense = parts.sum(0)[:, : geo.n, : geo.n]  # [heads, n, n]: dS summed over every window
             index = _device_index(geo.window, geo.table_window, qkv.device)
@@ -719,3 +846,29 @@ def window_attention_triton_backward(
     if need_dpad:
         dpad = dpad_parts.sum((0, 1)).to(pad_kv.dtype) if has_pad else torch.zeros_like(pad_kv)
     return dqkv if need_dqkv else None, dbias, dpad, dgate if need_dgate else None
+
+
+def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
+    """The int64 [1] Philox seed of one call with dropout, drawn from torch's generator of ``device`` (so
+    ``torch.manual_seed`` reproduces it; under torch.compile the draw is a graph op, and activation checkpointing,
+    which restores the generators before recomputing, draws the same seed again)."""
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def window_dropout_mask(
+    seed: torch.Tensor, dropout_p: float, batch: int, size: tuple[int, int, int], window_size: tuple[int, int, int],
+    num_heads: int,
+) -> torch.Tensor:
+    """The keep mask [B*nW, heads, n, n] bool that the Triton kernels draw for a call with ``seed`` and
+    ``dropout_p`` on qkv [batch, *size, 3C] (effective ``window_size``), windows and tokens in the reference's order
+    (:func:`window_qkv`): pass it as ``dropout_mask``, with ``rounded_dropout_p(dropout_p)`` as ``dropout_p``, to
+    :func:`window_attention_reference` to run the same dropout there. Runs a Triton kernel: on a CUDA seed, or a CPU
+    one under TRITON_INTERPRET=1."""
+    n, np_ = math.prod(window_size), tokens_padded(math.prod(window_size))
+    windows = batch * math.prod(padded_size(s, k) // k for s, k in zip(size, window_size, strict=True))
+    keep = torch.empty(windows, num_heads, np_, np_, dtype=torch.int8, device=seed.device)
+    tile = min(np_, 128)
+    with on_device(seed):
+        _window_dropout_keep[(windows * num_heads, (np_ // tile) ** 2)](
+            seed, keep, rounded_dropout_p(dropout_p), HEADS=num_heads, NP=np_, BM=tile, BN=tile)
+    return keep[:, :, :n, :n].bool()

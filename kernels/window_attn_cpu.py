@@ -15,6 +15,8 @@ import itertools
 
 import torch
 
+from medmap_fast.validation import describe, fail
+
 from ._utils import padded_size
 from .window_attn import apply_gate, shift_mask, window_bias, window_merge, window_qkv
 
@@ -41,30 +43,55 @@ def _scores(qs, k, bias, neg_inf, masked, sl) -> torch.Tensor:
     return s
 
 
+def _draw_keep(out: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Fill the bool tensor ``out`` with a dropout keep mask from torch's generator: True where a uniform 16-bit
+    number (a quarter of a random int64) reaches dropout_p * 2^16, i.e. with probability 1 - p for p a multiple of
+    2^-16 (``rounded_dropout_p``); 2.5x faster than comparing torch.rand's floats."""
+    bits = torch.randint(-(2**63), 2**63 - 1, (-(-out.numel() // 4),), dtype=torch.int64)  # Dynamo: not random_
+    uniform = bits.view(torch.int16)[: out.numel()].view(out.shape)  # int16: the 16-bit number minus 2^15
+    return torch.ge(uniform, round(dropout_p * 65536) - 32768, out=out)
+
+
 class ChunkedWindowAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias + mask) v over q, k, v [B, nW, heads, n, d]; bias [heads, n, n] or None;
-    neg_inf [nW, 1, n, n] (0 / -inf) or None with ``masked`` flags per window."""
+    neg_inf [nW, 1, n, n] (0 / -inf) or None with ``masked`` flags per window. Attention dropout with probability
+    ``dropout_p``: keep [B, nW, heads, n, n] bool (True = kept) or None to draw it (:func:`_draw_keep`), a chunk at
+    a time; the kept probabilities are scaled by 1 / (1 - p). The mask is saved for the backward (1 byte per score,
+    a quarter of the fp32 scores that the backward recomputes instead)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, neg_inf, masked, scale):
+    def forward(ctx, q, k, v, bias, neg_inf, masked, scale, dropout_p, keep):
         b, nw, h, n, _ = q.shape
         qs, bias_d = q * scale, None if bias is None else bias.detach()
         out = torch.empty_like(q)
+        draw = bool(dropout_p) and keep is None
+        if draw:
+            keep = torch.empty(b, nw, h, n, n, dtype=torch.bool)
+        elif not dropout_p:
+            keep = None
         cw = max(1, CHUNK_BYTES // (h * n * n * q.element_size()))
         for i in range(b):
             for w0 in range(0, nw, cw):
                 sl = slice(w0, w0 + cw)
                 p = torch.softmax(_scores(qs[i, sl], k[i, sl], bias_d, neg_inf, masked, sl), -1)
+                if dropout_p:
+                    if draw:
+                        _draw_keep(keep[i, sl], dropout_p)
+                    p.mul_(keep[i, sl])
                 torch.matmul(p, v[i, sl], out=out[i, sl])
-        ctx.save_for_backward(qs, k, v, bias, neg_inf)
-        ctx.masked, ctx.scale = masked, scale
+        if dropout_p:
+            out.mul_(1.0 / (1.0 - dropout_p))
+        ctx.save_for_backward(qs, k, v, bias, neg_inf, keep)
+        ctx.masked, ctx.scale, ctx.dropout_p = masked, scale, dropout_p
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        qs, k, v, bias, neg_inf = ctx.saved_tensors
+        qs, k, v, bias, neg_inf, keep = ctx.saved_tensors
         b, nw, h, n, _ = qs.shape
         grad, bias_d = grad.contiguous(), None if bias is None else bias.detach()
+        if ctx.dropout_p:  # out = (P * keep / (1 - p)) v: the scale moves onto the output gradient
+            grad = grad * (1.0 / (1.0 - ctx.dropout_p))
         dq, dk, dv = torch.empty_like(qs), torch.empty_like(k), torch.empty_like(v)
         dbias = None
         if bias is not None and ctx.needs_input_grad[3]:
@@ -75,14 +102,19 @@ class ChunkedWindowAttention(torch.autograd.Function):
                 sl = slice(w0, w0 + cw)
                 p = torch.softmax(_scores(qs[i, sl], k[i, sl], bias_d, neg_inf, ctx.masked, sl), -1)
                 g = grad[i, sl]
-                torch.matmul(p.transpose(-2, -1), g, out=dv[i, sl])
-                ds = torch._softmax_backward_data(torch.matmul(g, v[i, sl].transpose(-2, -1)), p, -1, p.dtype)
+                dp = torch.matmul(g, v[i, sl].transpose(-2, -1))
+                if keep is None:
+                    torch.matmul(p.transpose(-2, -1), g, out=dv[i, sl])
+                else:  # dV = (P * keep)^T g, and only kept probabilities reach the output
+                    torch.matmul((p * keep[i, sl]).transpose(-2, -1), g, out=dv[i, sl])
+                    dp.mul_(keep[i, sl])
+                ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
                 if dbias is not None:
                     dbias += ds.sum(0)
                 torch.matmul(ds, k[i, sl], out=dq[i, sl])
                 torch.matmul(ds.transpose(-2, -1), qs[i, sl], out=dk[i, sl])
         dq.mul_(ctx.scale)
-        return dq, dk, dv, None if dbias is None else dbias.to(bias.dtype), None, None, None
+        return dq, dk, dv, None if dbias is None else dbias.to(bias.dtype), None, None, None, None, None
 
 
 def window_attention_cpu(
@@ -96,13 +128,22 @@ def window_attention_cpu(
     pad_kv: torch.Tensor | None = None,
     gate_logits: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``window_attention_reference``'s signature and results, faster on CPU tensors (see the module docstring)."""
+    """``window_attention_reference``'s signature and results, faster on CPU tensors (see the module docstring);
+    attention dropout as there (``dropout_mask`` [B*nW, heads, n, n] bool, or None to draw one: then ``dropout_p``
+    must be a multiple of 2^-16, as the public op passes it)."""
     b, d, h, w, c3 = qkv.shape
     window_size, shift_size = tuple(window_size), tuple(shift_size)
     padded = tuple(padded_size(s, k) for s, k in zip((d, h, w), window_size))
     q, k, v = (t.unflatten(0, (b, -1)).contiguous()
                for t in window_qkv(qkv, num_heads, window_size, shift_size, pad_kv))
+    if dropout_mask is not None:
+        if tuple(dropout_mask.shape) != (b * q.shape[1], *q.shape[2:4], q.shape[3]):
+            fail("dropout_mask", f"a bool tensor {(b * q.shape[1], *q.shape[2:4], q.shape[3])} (windows, heads, "
+                 "queries, keys)", describe(dropout_mask))
+        dropout_mask = dropout_mask.unflatten(0, (b, -1))
     bias = neg_inf = None
     masked = (False,) * q.shape[1]
     if bias_table is not None:
@@ -111,5 +152,5 @@ def window_attention_cpu(
         neg_inf = shift_mask(padded, window_size, shift_size, float("-inf")).to(q.dtype)[:, None]
         masked = _straddling(padded, window_size, shift_size)
     scale = (c3 // 3 // num_heads) ** -0.5 if scale is None else scale
-    out = ChunkedWindowAttention.apply(q, k, v, bias, neg_inf, masked, scale)
+    out = ChunkedWindowAttention.apply(q, k, v, bias, neg_inf, masked, scale, dropout_p, dropout_mask)
     return apply_gate(window_merge(out.flatten(0, 1), (d, h, w), window_size, shift_size), gate_logits)

@@ -1,4 +1,4 @@
-"""The ``medmap-fast`` command line: demo, manifest, prepare, pretrain, finetune, evaluate.
+"""The ``medmap-fast`` command line: demo, manifest, prepare, pretrain, finetune, evaluate, export, embed, zero-shot.
 
     medmap-fast demo [--out DIR] [--quick] [--ablation]
     medmap-fast manifest folders ROOT [--out ROOT/manifest.jsonl]     # or: manifest msd Task01_BrainTumour
@@ -6,11 +6,17 @@
     medmap-fast pretrain --config demo --data CACHE --out runs/stage1     # a shipped config (demo, demo_quick, paper)
     medmap-fast finetune --config my.yaml --data CACHE --init runs/stage1/model --out runs/stage2   # or a YAML file
     medmap-fast evaluate --model runs/stage2/model [--data CACHE] [--split test]
+    medmap-fast export runs/stage2 --out models/stage2                  # one self-contained model folder + model card
+    medmap-fast embed --model models/stage2 --data CACHE --out emb.npz  # or .parquet; --split, --batch-size
+    medmap-fast zero-shot --model runs/stage1/model --data CACHE [--classes "normal liver" "hepatic cyst" ...]
     medmap-fast --version
     torchrun --nproc-per-node=4 -m medmap_fast.cli pretrain ...        # DDP (NCCL on GPU, gloo on CPU)
 
-pretrain / finetune / evaluate write ``metrics.json`` (held-out metrics) and ``config.json`` (the merged config) into
-their folder; training resumes from ``checkpoint.pt`` when re-run with the same ``--out``.
+Every command that trains or scores a model takes ``--config`` (a YAML file or a shipped name), ``--set KEY=VALUE``
+(repeatable: a dotted config key and a YAML value, e.g. ``--set pretrain.train.lr=1e-4 --set data.size=[64,64,32]``)
+and ``--seed`` (see :mod:`medmap_fast.train.config`). demo / pretrain / finetune / evaluate write the resolved config
+(``config.yaml``) and ``metrics.json`` (held-out metrics) into their ``--out`` folder; training resumes from
+``checkpoint.pt`` when re-run with the same ``--out``.
 """
 
 from __future__ import annotations
@@ -22,35 +28,18 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from medmap_fast import __version__, configs
+from medmap_fast import __version__
+from medmap_fast.train.checkpoint import CHECKPOINT_NAME
+from medmap_fast.train.config import RUN_CONFIG, RunConfig, add_config_args, resolve_config
 
-CONFIG_NAME = "config.json"
+TRAINED_WITH = "the config the model was trained with (its run folder's config.yaml), else built-in defaults"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--device", default=None, help="torch device (default: CUDA if available, else CPU)")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
                    help="kernel backend (default: $MEDMAP_FAST_BACKEND or auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _config_arg(text: str) -> Path:
-    """--config: a YAML file, or the name of a config shipped in the package (``paper`` or ``paper.yaml``)."""
-    try:
-        return configs.resolve(text)
-    except FileNotFoundError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _config_help() -> str:
-    return f"a YAML file, or the name of a shipped config: {', '.join(configs.names())} (with or without .yaml)"
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=_config_arg, default=None, help=f"{_config_help()} (default: built-in defaults)")
-    p.add_argument("--data", type=Path, default=None,
-                   help="prepared cache folder (from `medmap-fast prepare`; default: the config's data.path)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo-<timestamp>)")
     p.add_argument("--quick", action="store_true", help="the small configuration (a few minutes on 2 CPU cores)")
     p.add_argument("--ablation", action="store_true", help="also fine-tune from a random initialisation")
-    p.add_argument("--config", type=_config_arg, default=None,
-                   help=f"{_config_help()}; replaces the demo's own (default: demo, or demo_quick with --quick)")
+    add_config_args(p, default="demo, or demo_quick with --quick", data=False)
     _common(p)
 
     p = sub.add_parser("manifest", help="write a manifest (JSONL) for a folder of studies")
@@ -86,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("pretrain", help="stage 1: vision-language pre-training")
-    _data_args(p)
+    add_config_args(p)
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint.pt, model/, metrics.json)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint.pt")
     _common(p)
 
     p = sub.add_parser("finetune", help="stage 2: fine-tune a classifier")
-    _data_args(p)
+    add_config_args(p)
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint.pt, model/, metrics.json)")
     init = p.add_mutually_exclusive_group(required=True)
     init.add_argument("--init", type=Path, help="stage-1 model folder (from `pretrain`: <out>/model)")
@@ -101,10 +89,36 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("evaluate", help="held-out metrics of a saved stage-1 or stage-2 model")
-    _data_args(p)
+    add_config_args(p, default=TRAINED_WITH)
     p.add_argument("--model", type=Path, required=True, help="a model/ folder written by pretrain or finetune")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="the split to score")
-    p.add_argument("--out", type=Path, default=None, help="metrics file (default: print only)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"folder for metrics.json and {RUN_CONFIG} (default: print only)")
+    _common(p)
+
+    p = sub.add_parser("export", help="a finished pretrain/finetune run folder -> one model folder with a model card")
+    p.add_argument("run", type=Path, help="the run folder (the --out of `pretrain` or `finetune`)")
+    p.add_argument("--out", type=Path, required=True, help="model folder: MedMAPEncoder.from_pretrained(DIR) loads it")
+    p.add_argument("--force", action="store_true", help="replace --out when it already holds files")
+
+    p = sub.add_parser("embed", help="per-volume and per-study embeddings of a cache's studies (.npz or .parquet)")
+    add_config_args(p, default=TRAINED_WITH)
+    p.add_argument("--model", type=Path, required=True, help="an export, a run's model/ folder or an encoder folder")
+    p.add_argument("--out", type=Path, required=True, help="embeddings file: .npz, or .parquet (needs pyarrow)")
+    p.add_argument("--split", choices=("all", "train", "val", "test"), default="all", help="the studies to embed")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="studies per forward pass (default: evaluate.batch_size)")
+    _common(p)
+
+    p = sub.add_parser("zero-shot", help="score a stage-1 model's studies against one text prompt per class")
+    add_config_args(p, default=TRAINED_WITH)
+    p.add_argument("--model", type=Path, required=True, help="a stage-1 model: a pretrain run's model/ or its export")
+    p.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
+                   help="prompts, each matched to a class of the cache's labels by its words, or CLASS=PROMPT "
+                        "(default: every class, through text.prompt_template)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="the split to score")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"folder for metrics.json and {RUN_CONFIG} (default: print only)")
     _common(p)
     return parser
 
@@ -122,26 +136,10 @@ def _spacing(text: str) -> float | tuple[float, ...] | None:
     return values[0] if len(values) == 1 else values
 
 
-def _load_config(args: argparse.Namespace, fallback: Path | None = None) -> dict[str, Any]:
-    from medmap_fast.train.config import load_config
-
-    overrides: dict[str, Any] = {}
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    if getattr(args, "data", None):
-        overrides["data"] = {"path": str(args.data)}
-    if args.config is None and fallback is not None and fallback.is_file():
-        from medmap_fast.train.config import merge
-
-        return load_config(None, merge(json.loads(fallback.read_text()), overrides))
-    return load_config(args.config, overrides)
-
-
-def _text_encoder(config: dict[str, Any]) -> Any:
-    from medmap_fast.models.text import TextEncoder
-
-    t = config["text"]
-    return TextEncoder(t["model"], pooling=t["pooling"], max_length=t.get("max_length"), cache_dir=t.get("cache_dir"))
+def _load_config(args: argparse.Namespace, fallback: Path | None = None) -> RunConfig:
+    """The config of a command (:func:`resolve_config`) over ``fallback`` (a saved run config, when it exists) or
+    the built-in defaults when --config is not given."""
+    return resolve_config(args, fallback if fallback is not None and fallback.is_file() else None)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -165,29 +163,30 @@ def _run_stage(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
 
     config = _load_config(args)
     progress = not args.no_progress and ctx.is_main
-    cache = open_cache(config["data"])
-    text_encoder = _text_encoder(config)
-    if ctx.is_main:
-        _write_json(args.out / CONFIG_NAME, config)
+    cache = open_cache(config.data)
+    text_encoder = config.text.text_encoder()
+    if ctx.is_main and (args.no_resume or not (args.out / CHECKPOINT_NAME).is_file()):
+        config.save(args.out / RUN_CONFIG)  # a resumed run's is saved once its checkpoint accepted it (below)
     if args.command == "pretrain":
         from medmap_fast.train.pretrain import pretrain, retrieval_metrics
 
         texts = [e.report for entries in cache.splits.values() for e in entries if e.report is not None]
         reports = TextTable(texts, text_encoder, progress=progress)
-        model, _ = pretrain(cache, config, reports, ctx, args.out, progress=progress, resume=not args.no_resume)
+        stage1, _ = pretrain(cache, config, reports, ctx, args.out, progress=progress, resume=not args.no_resume)
         held_out = _held_out(cache, "report", ctx)
-        metrics = {"pretrain": retrieval_metrics(model, held_out, cache, config, reports, ctx)} if held_out else {}
+        metrics = {"pretrain": retrieval_metrics(stage1, held_out, cache, config, reports, ctx)} if held_out else {}
     else:
         from medmap_fast.train.demo import evaluate_classifier
         from medmap_fast.train.finetune import finetune
 
         init = None if args.random_init else args.init
-        model, _ = finetune(cache, config, text_encoder, ctx, init=init, run_dir=args.out, progress=progress,
-                            resume=not args.no_resume)
+        classifier, _ = finetune(cache, config, text_encoder, ctx, init=init, run_dir=args.out, progress=progress,
+                                 resume=not args.no_resume)
         held_out = _held_out(cache, "labels", ctx)
-        metrics = {held_out[0].split: evaluate_classifier(model, cache, config, ctx, held_out[0].split)["metrics"]
+        metrics = {held_out[0].split: evaluate_classifier(classifier, cache, config, ctx, held_out[0].split)["metrics"]
                    } if held_out else {}
     if ctx.is_main:
+        config.save(args.out / RUN_CONFIG)
         _write_json(args.out / "metrics.json", metrics)
     return metrics
 
@@ -198,8 +197,10 @@ def _evaluate(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     from medmap_fast.train.demo import evaluate_classifier
     from medmap_fast.train.finetune import CONFIG_FILE, load_classifier
 
-    config = _load_config(args) if args.config else _load_config(args, args.model.parent / CONFIG_NAME)
-    cache = open_cache(config["data"])
+    config = _load_config(args, args.model.parent / RUN_CONFIG)
+    cache = open_cache(config.data)
+    if args.out is not None and ctx.is_main:
+        config.save(args.out / RUN_CONFIG)
     if (args.model / CONFIG_FILE).is_file():
         model, meta = load_classifier(args.model)
         labelled = [e.labels for entries in cache.splits.values() for e in entries if e.labels is not None]
@@ -212,10 +213,58 @@ def _evaluate(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     if not (args.model / HEADS_CONFIG).is_file():
         raise SystemExit(f"--model {args.model}: expected a folder written by `medmap-fast pretrain` ({HEADS_CONFIG}) "
                          f"or `medmap-fast finetune` ({CONFIG_FILE})")
-    model = MedMAPPretrainModel.from_pretrained(args.model).to(ctx.device)
+    stage1 = MedMAPPretrainModel.from_pretrained(args.model).to(ctx.device)
     entries = cache.split(args.split, "report", ctx)
-    reports = TextTable([e.report for e in entries], _text_encoder(config))
-    return {"pretrain": retrieval_metrics(model, entries, cache, config, reports, ctx)}
+    reports = TextTable([e.report for e in entries if e.report is not None], config.text.text_encoder())
+    return {"pretrain": retrieval_metrics(stage1, entries, cache, config, reports, ctx)}
+
+
+def _saved_model_config(args: argparse.Namespace) -> RunConfig:
+    """The config of embed / zero-shot: --config, else the one --model was trained with (when found)."""
+    from medmap_fast.train.export import run_config_file
+
+    return _load_config(args, run_config_file(args.model))
+
+
+def _embed(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    from medmap_fast.train import embed
+    from medmap_fast.train.data import open_cache
+    from medmap_fast.train.export import load_saved_model
+
+    embed.check_output(args.out)
+    config = _saved_model_config(args)
+    cache = open_cache(config.data)
+    result = embed.embed_cache(load_saved_model(args.model), embed.cache_entries(cache, args.split), cache, config,
+                               args.batch_size or config.evaluate.batch_size, ctx,
+                               progress=not args.no_progress and ctx.is_main)
+    if ctx.is_main:
+        embed.write_embeddings(result, args.out)
+    return embed.summary(result, args.out)
+
+
+def _zero_shot(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    from medmap_fast.models.medmap import MedMAPPretrainModel
+    from medmap_fast.train.data import open_cache
+    from medmap_fast.train.export import saved_stage
+    from medmap_fast.train.zero_shot import zero_shot
+
+    if saved_stage(args.model) != "pretrain":
+        raise SystemExit(f"--model {args.model}: expected a stage-1 model (heads.json): a `medmap-fast pretrain` "
+                         "run's model/ folder or its export")
+    config = _saved_model_config(args)
+    model = MedMAPPretrainModel.from_pretrained(args.model)
+    metrics = zero_shot(model, open_cache(config.data), config, config.text.text_encoder(), ctx, args.split,
+                        args.classes)
+    if args.out is not None and ctx.is_main:
+        config.save(args.out / RUN_CONFIG)
+        _write_json(args.out / "metrics.json", metrics)
+    return metrics
+
+
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from medmap_fast.train.export import export_run
+
+    return export_run(args.run, args.out, force=args.force)
 
 
 def _manifest(args: argparse.Namespace) -> dict[str, Any]:
@@ -240,12 +289,15 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("manifest", "prepare"):  # data commands: no model, no process group
+    if args.command in ("manifest", "prepare", "export"):  # file commands: no process group
         from medmap_fast.data.manifest import ManifestError
 
         try:
-            summary, code = (_manifest(args), 0) if args.command == "manifest" else _prepare(args)
-        except (ManifestError, FileNotFoundError) as err:
+            if args.command == "export":
+                summary, code = _export(args), 0
+            else:
+                summary, code = (_manifest(args), 0) if args.command == "manifest" else _prepare(args)
+        except (ManifestError, FileNotFoundError, FileExistsError) as err:
             print(f"medmap-fast {args.command}: {err}", file=sys.stderr)
             return 2
         print(json.dumps(summary, indent=2))
@@ -257,20 +309,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with backend(args.backend) if args.backend else nullcontext():
             if args.command == "demo":
-                from medmap_fast.train.demo import run_demo
+                from medmap_fast.train.demo import demo_config_path, run_demo
 
-                metrics = run_demo(args.out, args.quick, args.ablation, args.config, args.seed,
-                                   progress=not args.no_progress, ctx=ctx)
+                config = resolve_config(args, demo_config_path(args.quick))
+                metrics = run_demo(args.out, args.quick, args.ablation, config, progress=not args.no_progress, ctx=ctx)
                 summary = {"test": {k: metrics["test"][k] for k in ("accuracy", "chance_accuracy", "auc_macro",
                                                                     "f1_macro")},
                            "pretrain": {k: metrics["pretrain"][k] for k in ("retrieval_r1", "retrieval_r5")},
                            "elapsed_s": metrics.get("elapsed_s")}
             elif args.command in ("pretrain", "finetune"):
                 summary = _run_stage(args, ctx)
+            elif args.command in ("embed", "zero-shot"):
+                summary = _embed(args, ctx) if args.command == "embed" else _zero_shot(args, ctx)
             else:
                 summary = _evaluate(args, ctx)
                 if args.out is not None and ctx.is_main:
-                    _write_json(args.out, summary)
+                    _write_json(args.out / "metrics.json", summary)
         if ctx.is_main:
             print(json.dumps(summary, indent=2, default=str))
     finally:

@@ -59,7 +59,7 @@ def gather_rows_with_grad(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     sliced off. The backward pass sums each rank's gradient into the rank that owns the rows (all-gather's adjoint).
     """
     padded = F.pad(x, (0, 0) * (x.ndim - 1) + (0, max(counts) - x.shape[0]))
-    return torch.cat([part[:n] for part, n in zip(_AllGatherWithGrad.apply(padded), counts)])
+    return torch.cat([part[:n] for part, n in zip(_AllGatherWithGrad.apply(padded), counts, strict=True)])
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -87,7 +87,7 @@ def _gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     padded = F.pad(x, (0, max(counts) - x.shape[0]))
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
 
 
 class AsymmetricContrastiveLoss(nn.Module):
@@ -120,6 +120,8 @@ class AsymmetricContrastiveLoss(nn.Module):
         learnable_scale: make ``logit_scale`` an ``nn.Parameter`` (True) or a fixed buffer.
         local_loss: the distributed mode described above; no effect in a single process.
     """
+
+    logit_scale: torch.Tensor  # 0-d, registered by _register_scalar as a parameter or a buffer
 
     def __init__(
         self,
@@ -184,7 +186,7 @@ class AsymmetricContrastiveLoss(nn.Module):
         sizes = torch.tensor([v.shape[0], t.shape[0]], device=v.device)
         all_sizes = [torch.empty_like(sizes) for _ in range(world)]
         dist.all_gather(all_sizes, sizes)
-        v_counts, t_counts = zip(*(s.tolist() for s in all_sizes))
+        v_counts, t_counts = zip(*(s.tolist() for s in all_sizes), strict=True)
         t_offsets = [sum(t_counts[:r]) for r in range(world)]
         v = gather_rows_with_grad(v, list(v_counts))
         t = gather_rows_with_grad(t, list(t_counts))
@@ -269,7 +271,8 @@ class FocalLoss(nn.Module):
         check_float_tensor(logits, "logits", expected, max(getattr(logits, "ndim", 1), 1))
         target = _focal_target(logits, target)
         with torch.autocast(logits.device.type, enabled=False):
-            loss = _sigmoid_focal(*_upcast(logits, target), self.alpha, self.gamma)
+            x, t = _upcast(logits, target)
+            loss = _sigmoid_focal(x, t, self.alpha, self.gamma)
             return _reduce(loss, self.reduction)
 
 
@@ -305,7 +308,8 @@ class LabelPromptAlignmentLoss(nn.Module):
         logits[b, k] = scale * cos(f_b, p_k) + bias,      scale = exp(min(logit_scale, logit_scale_max))
 
     and the loss is cross-entropy to the class for integer targets [B] (multi-class; the bias cancels), or binary
-    cross-entropy with logits for multi-hot float targets [B, K] (multi-label; a learnable bias, as in SigLIP). ``reduction="mean"`` averages over samples (CE) or elements (BCE).
+    cross-entropy with logits for multi-hot float targets [B, K] (multi-label; a learnable bias, as in SigLIP).
+    ``reduction="mean"`` averages over samples (CE) or elements (BCE).
 
     Why not the reference code's term: it takes KL(softmax(t_y) || softmax(f)) with the softmax over the *feature
     dimensions* of a single feature vector and a single target embedding (medmap-paper-and-code.md §7.1). That
@@ -320,6 +324,9 @@ class LabelPromptAlignmentLoss(nn.Module):
         learnable: ``logit_scale`` and ``logit_bias`` are ``nn.Parameter`` s (True) or fixed buffers.
         reduction: "mean", "sum" or "none".
     """
+
+    logit_scale: torch.Tensor  # 0-d each, registered by _register_scalar as parameters or buffers
+    logit_bias: torch.Tensor
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ Every failure is a ``ValueError`` that names the argument, what was received and
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
 
 import torch
 
@@ -16,7 +17,7 @@ def describe(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)} dtype {x.dtype}"
 
 
-def fail(name: str, expected: str, got: str) -> None:
+def fail(name: str, expected: str, got: str) -> NoReturn:
     """Raise the package's standard ValueError."""
     raise ValueError(f"{name}: expected {expected}, got {got}")
 
@@ -47,7 +48,7 @@ def check_volumes(
     """A float batch of volumes [V, in_chans, D, H, W], finite, each side at least ``min_size``."""
     expected = f"[V, {in_chans}, D, H, W] with D, H, W >= {tuple(min_size)}"
     x = check_float_tensor(volumes, name, expected, 5)
-    if x.shape[1] != in_chans or any(s < m for s, m in zip(x.shape[2:], min_size)) or x.shape[0] == 0:
+    if x.shape[1] != in_chans or any(s < m for s, m in zip(x.shape[2:], min_size, strict=True)) or x.shape[0] == 0:
         fail(name, f"a float tensor {expected}", describe(x))
     return x
 

@@ -89,8 +89,9 @@ def test_manifest_prepare_pretrain_finetune_evaluate(tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["evaluate", "--model", str(tmp_path / "s2" / "model"), "--no-progress",
-                 "--out", str(tmp_path / "eval.json")]) == 0
-    assert json.loads((tmp_path / "eval.json").read_text())["test"] == test  # the saved classifier reloads exactly
+                 "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["test"] == test  # the saved classifier reloads exactly
     capsys.readouterr()
     assert main(["evaluate", "--model", str(tmp_path / "s2" / "model"), "--split", "val", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["val"]["num_samples"] == 2

@@ -41,7 +41,8 @@ def _loss(out) -> torch.Tensor:
 
 
 def _compiled_equals_eager(model: torch.nn.Module, *args, **kwargs) -> None:
-    """Outputs and parameter gradients of ``torch.compile(model, fullgraph=True)`` equal eager's (torch backend)."""
+    """Outputs and parameter gradients of ``torch.compile(model, fullgraph=True)`` equal eager's (torch backend),
+    both run from the same generator state."""
     torch.manual_seed(0)
     with mf.backend("torch"):
         want = model(*args, **kwargs)
@@ -49,6 +50,7 @@ def _compiled_equals_eager(model: torch.nn.Module, *args, **kwargs) -> None:
         want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         torch._dynamo.reset()
+        torch.manual_seed(0)  # random draws (dropout) repeat eager's
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(*args, **kwargs)
         _loss(got).backward()
     got_list, want_list = torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)
@@ -64,6 +66,13 @@ def _compiled_equals_eager(model: torch.nn.Module, *args, **kwargs) -> None:
 def test_swin_compiles_fullgraph() -> None:
     model = SwinViT3D(**TINY, num_modalities=2, modality_gate=True, patch_norm=True)
     _compiled_equals_eager(model, torch.randn(2, 1, 8, 10, 8), modality_ids=torch.tensor([1, 0]))
+
+
+def test_swin_with_attention_dropout_compiles_fullgraph() -> None:
+    """Train mode with attention dropout: the compiled graph draws the masks from torch's generator as eager does
+    (same seed, same outputs and gradients)."""
+    model = SwinViT3D(**TINY, attn_drop_rate=0.3).train()
+    _compiled_equals_eager(model, torch.randn(2, 1, 8, 10, 8))
 
 
 def test_gated_encoder_compiles_fullgraph() -> None:
@@ -112,8 +121,11 @@ def _forward_args(op: str) -> tuple:
         return (_leaf(2, 1, 5, 6, 7), _leaf(3, 8, 1, 2, 2, 2, std=0.3), _leaf(3, 8), torch.tensor([2, 0]),
                 _leaf(8), _leaf(8), True, 1e-5, torch.float32)
     if op == "window_attention":
-        return (_leaf(2, 3, 4, 5, 3 * 2 * 16), _leaf(45, 2, std=0.1), _leaf(64), _leaf(2, 3, 4, 5, 2), 2, [2, 2, 3],
-                [1, 0, 1], [2, 2, 3], None)
+        return (_leaf(2, 3, 4, 5, 3 * 2 * 16), _leaf(45, 2, std=0.1), _leaf(64), _leaf(2, 3, 4, 5, 2), None, 2,
+                [2, 2, 3], [1, 0, 1], [2, 2, 3], None, 0.0)
+    if op == "window_attention dropout":  # a seed and p > 0; one head (one per program with dropout)
+        return (_leaf(1, 3, 2, 5, 3 * 16), _leaf(45, 1, std=0.1), _leaf(32), _leaf(1, 3, 2, 5, 1),
+                torch.tensor([12345]), 1, [2, 2, 3], [1, 0, 1], [2, 2, 3], None, 0.3)
     padding = torch.zeros(2, 7, dtype=torch.bool)
     padding[1, 4:] = True
     return (_leaf(2, 5, 2, 16), _leaf(2, 7, 2, 16), _leaf(2, 7, 2, 16), padding, _leaf(2, 2, 3),
@@ -125,17 +137,22 @@ def _backward_args(op: str) -> tuple:
     args = _forward_args(op)
     detached = [a.detach() if torch.is_tensor(a) else a for a in args]
     with torch.no_grad():
-        out = getattr(ops, op)(*detached)
+        out = _op(op)(*detached)
     if op == "patch_embed_3d":
         x, weight, bias, ids, ln_weight, ln_bias, layer_norm, eps, _ = detached
         return (torch.randn_like(out), x, weight, bias, ids, ln_weight, ln_bias, layer_norm, eps, [True] * 5)
     out, lse = out
-    if op == "window_attention":
-        return (torch.randn_like(out), *detached[:4], out, lse, *detached[4:], [True] * 4)
+    if op.startswith("window_attention"):
+        return (torch.randn_like(out), *detached[:5], out, lse, *detached[5:], [True] * 4)
     return (torch.randn_like(out), *detached[:8], out, lse, detached[8], [True] * 5)
 
 
-OPS = ["patch_embed_3d", "window_attention", "gated_attention"]
+OPS = ["patch_embed_3d", "window_attention", "window_attention dropout", "gated_attention"]
+
+
+def _op(case: str):
+    """The registered op of an OPS case ("window_attention dropout": the window op with a seed and p > 0)."""
+    return getattr(ops, case.split()[0])
 needs_triton_on_cpu = pytest.mark.skipif(
     not (mf.kernels.triton_available() and mf.kernels.interpreting()),
     reason="the registered ops run Triton kernels: on CPU tensors that needs triton and TRITON_INTERPRET=1 (conftest "
@@ -146,14 +163,14 @@ needs_triton_on_cpu = pytest.mark.skipif(
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck_forward(op: str) -> None:
     """Schema, fake implementation, registered autograd (the backward op included) and AOT dispatch."""
-    torch.library.opcheck(getattr(ops, op), _forward_args(op))
+    torch.library.opcheck(_op(op), _forward_args(op))
 
 
 @needs_triton_on_cpu
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck_backward(op: str) -> None:
     """The backward ops (no autograd of their own)."""
-    torch.library.opcheck(getattr(ops, f"{op}_backward"), _backward_args(op))
+    torch.library.opcheck(getattr(ops, f"{op.split()[0]}_backward"), _backward_args(op))
 
 
 def test_top_level_kernels_name_is_the_installed_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from medmap_fast.train.config import RUN_CONFIG, load_config
+from medmap_fast.train.runlog import read_metrics
 
 QUICK_BUDGET_S = 240  # the bound for --quick on 2 CPU cores (not asserted: CI machines may be shared)
 QUICK_MIN_AUC = 0.75
@@ -42,6 +44,12 @@ def test_quick_demo_learns_and_writes_its_run_folder(tmp_path):
     assert test["accuracy"] > 2 * test["chance_accuracy"]
     assert test["per_organ"]["liver"]["auc_macro"] >= QUICK_MIN_LIVER_AUC, test["per_organ"]
     assert (out / "stage2" / "model" / "classifier.json").is_file()
+    assert metrics["config"] == load_config(out / RUN_CONFIG).to_dict()  # the resolved config, reloadable
+    for stage, name in (("stage1", "stage 1 (pre-training)"), ("stage2", "stage 2 (pretrained)")):
+        rows = read_metrics(out / stage)  # the run log, with its TensorBoard twin
+        assert rows[-1]["step"] == metrics["training"][name]["steps"] > 0 and "volumes_per_s" in rows[-1], stage
+        assert list((out / stage).glob("events.out.tfevents.*")), stage
     report = (out / "report.md").read_text()
     assert "Held-out classification" in report and "![ROC curves](roc_curves.png)" in report
+    assert "## Training" in report and "| stage 1 (pre-training) |" in report
     assert json.loads(result.stdout)["test"]["auc_macro"] == test["auc_macro"]

@@ -95,7 +95,9 @@ def test_patched_swinunetr_equals_monai(kwargs: dict) -> None:
 
 
 def test_patches_a_swin_inside_any_model() -> None:
-    ref = perturbed(torch.nn.ModuleDict({"trunk": swin_unetr.SwinTransformer(**TRUNK), "head": torch.nn.Linear(3, 3)}))
+    """Eval mode, so MONAI's attention dropout (attn_drop_rate 0.4, as in MONAI's own SwinUNETR tests) is off."""
+    trunk = swin_unetr.SwinTransformer(**TRUNK, attn_drop_rate=0.4)
+    ref = perturbed(torch.nn.ModuleDict({"trunk": trunk, "head": torch.nn.Linear(3, 3)}))
     model = patched_copy(ref)
     assert isinstance(model["trunk"].layers4[0].blocks[1], MonaiSwinBlock)
     assert_parity(ref["trunk"], model["trunk"], torch.randn(2, 1, 19, 24, 27))  # odd sides: padded patches
@@ -111,6 +113,25 @@ def test_train_mode_drop_path_draws_as_monai() -> None:
     got = outputs_and_gradients(model, x)
     for what, value in expected.items():
         assert_close(got[what], value, f"{what} in train mode")
+
+
+def test_train_mode_attention_dropout_runs_in_the_fused_op() -> None:
+    """MONAI's attn_drop_rate drives the fused op's dropout: in train mode the patched model drops attention weights
+    (outputs differ from eval mode's, the same seed repeats them, every parameter gets a gradient); in eval mode it
+    equals MONAI (test_patched_swinunetr_equals_monai)."""
+    model = patched_copy(perturbed(swin_unetr.SwinTransformer(**{**TRUNK, "depths": (2, 1, 1, 1)},
+                                                              attn_drop_rate=0.4)))
+    x = torch.randn(1, 1, 20, 18, 22)
+    with torch.no_grad():
+        evaluated = model(x)[1]
+    model.train()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(outputs_and_gradients(model, x))
+        model.zero_grad(set_to_none=True)
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert runs[0]["output 1"].shape == evaluated.shape and not torch.allclose(runs[0]["output 1"], evaluated)
 
 
 def test_checkpoints_load_before_and_after_patching() -> None:
@@ -149,15 +170,13 @@ def _subclassed_block(trunk: torch.nn.Module) -> None:
     [
         (lambda: swin_unetr.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=2),
          NotImplementedError, r"swinViT\.patch_embed is a spatial_dims=2"),
-        (lambda: swin_unetr.SwinTransformer(**TRUNK, attn_drop_rate=0.1),
-         NotImplementedError, r"layers1\.0\.blocks\.0\.attn has attn_drop_rate=0\.1"),
         (lambda: torch.nn.Sequential(swin_unetr.WindowAttention(12, 3, (7, 7, 7))),
          TypeError, r"0 is a WindowAttention outside a SwinTransformerBlock"),
         (lambda: torch.nn.Linear(3, 3), TypeError, "Linear contains no MONAI"),
         (lambda: mf.SwinViT3D(**TRUNK), TypeError, "SwinViT3D contains no MONAI"),
         (lambda: "swin.pt", TypeError, "expected a torch.nn.Module"),
     ],
-    ids=["2d", "attn-drop", "bare-window-attention", "no-swin", "medmap-fast-swin", "not-a-module"],
+    ids=["2d", "bare-window-attention", "no-swin", "medmap-fast-swin", "not-a-module"],
 )
 def test_unsupported_models_raise(build, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):

@@ -95,8 +95,8 @@ def test_wheel_ships_the_configs_and_loads_them_outside_the_checkout(installed):
                 path = configs.resolve(given)
                 assert path.resolve().is_relative_to(site), path
             config = load_config(configs_dir() / (name + ".yaml"))
-            assert config["data"]["path"] is None, name
-        assert load_config(configs.resolve("paper"))["encoder"]["embed_dim"] == 48
+            assert config.data.path is None, name
+        assert load_config(configs.resolve("paper")).encoder.embed_dim == 48
         try:
             configs.resolve("configs/paper.yaml")  # the checkout's old path: gone
         except FileNotFoundError as err:

@@ -63,7 +63,8 @@ def run_both(ours: torch.nn.Module, ref: torch.nn.Module, normalize: bool = True
         (dict(downsample="merging", use_v2=True), False, SHAPE),
         (dict(downsample="mergingv2", window_size=(4, 6, 5)), False, SHAPE),
         (dict(downsample="mergingv2", use_v2=True), True, SHAPE),
-        (dict(patch_norm=True, qkv_bias=False, use_checkpoint=True, drop_rate=0.1, drop_path_rate=0.2), True, SHAPE),
+        (dict(patch_norm=True, qkv_bias=False, use_checkpoint=True, drop_rate=0.1, attn_drop_rate=0.4,
+              drop_path_rate=0.2), True, SHAPE),
     ],
     ids=["merging-window7", "merging-v2-raw", "mergingv2-anisotropic-raw", "mergingv2-v2", "patchnorm-nobias-ckpt-drop"],
 )
@@ -165,12 +166,63 @@ def test_from_monai_errors_name_the_problem() -> None:
         (dict(hyena_stages=(True, False, False, False)), "hyena_stages"),
         (dict(hyena_kernel_size=5), "hyena_kernel_size"),
         (dict(spatial_dims=2), "spatial_dims"),
-        (dict(attn_drop_rate=0.1), "attn_drop_rate"),
     ],
 )
 def test_unsupported_arguments_raise(kwargs: dict, name: str) -> None:
     with pytest.raises(NotImplementedError, match=name):
         SwinViT3D(**SMALL, **kwargs)
+
+
+# shifted and padded windows of 2: two stages on 2 x 8 x 10 x 8 volumes; one stage, one head on 1 x 8 x 8 x 6 for
+# the Triton interpreter
+TINY = dict(in_chans=1, embed_dim=12, window_size=2, patch_size=2, depths=(2, 2), num_heads=(3, 6))
+TINIER = dict(in_chans=1, embed_dim=16, window_size=2, patch_size=2, depths=(2,), num_heads=(1,))
+
+
+def outputs_and_gradients(model: SwinViT3D, x: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    """Every stage map and every parameter gradient of a fixed loss, torch's generator seeded with ``seed`` first."""
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    outs = model(x)
+    loss_of(outs).backward()
+    return [o.detach() for o in outs] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_dropout_trains_reproducibly_and_checkpoints_alike(backend: str) -> None:
+    """attn_drop_rate (MONAI's argument) drops attention weights in train mode only: the same seed gives the same
+    outputs and gradients, another seed others, eval mode none; activation checkpointing, whose recomputation
+    restores torch's generators, draws the same masks (the Triton path: the same Philox seeds). Triton under the
+    interpreter on CPU."""
+    if backend == "triton" and not (K.triton_available() and (K.interpreting() or torch.cuda.is_available())):
+        pytest.skip("the Triton path needs a GPU or TRITON_INTERPRET=1 (conftest sets it without a GPU)")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    config, shape = (TINY, (2, 1, 8, 10, 8)) if backend == "torch" else (TINIER, (1, 1, 8, 8, 6))
+    model = SwinViT3D(**config, attn_drop_rate=0.3).to(device)
+    plain = SwinViT3D(**config).to(device)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(shape, device=device)
+    with K.backend(backend):
+        first, again, other = (outputs_and_gradients(model, x, seed) for seed in (1, 1, 2))
+        model.eval()
+        with torch.no_grad():
+            evaluated = model(x)
+            assert all(torch.equal(a, b) for a, b in zip(evaluated, plain.eval()(x), strict=True))
+        model.train()
+        for block in model.modules():
+            if hasattr(block, "use_checkpoint"):
+                block.use_checkpoint = True
+        checkpointed = outputs_and_gradients(model, x, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    outputs = len(evaluated)
+    assert not torch.allclose(first[-1], other[-1]) and not torch.allclose(first[outputs - 1], evaluated[-1])
+    for i, (a, b) in enumerate(zip(checkpointed, first, strict=True)):
+        assert_close(a, b, f"checkpointed tensor {i}", rtol=1e-5)
+
+
+def test_attention_dropout_rate_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"attn_drop_rate: expected a probability in \[0, 1\)"):
+        SwinViT3D(**SMALL, attn_drop_rate=1.0)
 
 
 def test_defaults_of_unsupported_arguments_and_unknown_names() -> None:

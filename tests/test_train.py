@@ -1,6 +1,6 @@
 """The training machinery: schedule, optimiser groups, config checks, sharded sampling, the loop (determinism,
 gradient accumulation, exact resume after a crash, DDP on gloo) and the stage transforms of a loader's batches.
-The CLI stages end to end: tests/test_cli_real_mri.py."""
+The CLI stages end to end: tests/test_cli_real_mri.py; the run config: tests/test_config.py."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from medmap_fast.train.checkpoint import CHECKPOINT_NAME
-from medmap_fast.train.config import load_config
 from medmap_fast.train.data import StageBatches, keep_volumes, with_report_embeddings
 from medmap_fast.train.distributed import DistributedContext, ShardedSampler, init_distributed, shutdown
 from medmap_fast.train.loop import TrainConfig, WarmupCosine, fit, param_groups
+from medmap_fast.train.runlog import TIMING_KEYS
 
 CPU = DistributedContext()
 
@@ -58,36 +58,6 @@ def test_param_groups_skip_decay_on_1d_and_scale_lr_by_prefix():
 def test_train_config_rejects_bad_values(values, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(values)
-
-
-def test_load_config_merges_and_checks(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("seed: 3\nencoder: {embed_dim: 12}\nfinetune: {train: {epochs: 2}}\n")
-    config = load_config(path)
-    assert config["seed"] == 3 and config["encoder"]["embed_dim"] == 12 and config["encoder"]["patch_size"] == 2
-    assert config["finetune"]["train"] == {"epochs": 2}
-    path.write_text("pretrian: {}\n")
-    with pytest.raises(ValueError, match="pretrian"):
-        load_config(path)
-    for text, match in [("data: {sise: 32}", "sise"), ("demo: {num_studis: 3}", "num_studis"),
-                        ("data: {loader: fast}", "data.loader"), ("finetune: {augment: {flips: 0.5}}", "flips"),
-                        ("pretrain: {augment: {rot90: true}}\ndata: {size: [32, 16, 32]}", "rot90")]:
-        path.write_text(text + "\n")
-        with pytest.raises(ValueError, match=match):
-            load_config(path)
-
-
-def test_repository_configs_load():
-    from medmap_fast.train.demo import configs_dir
-
-    root = Path(__file__).resolve().parents[1] / "medmap_fast" / "configs"  # shipped in the package
-    assert configs_dir().resolve() == root
-    for name in ("demo.yaml", "demo_quick.yaml", "paper.yaml"):
-        config = load_config(root / name)
-        assert config["data"]["path"] is None  # the demo fills it in; the paper config takes --data CACHE
-    paper = load_config(root / "paper.yaml")
-    assert paper["data"]["size"] == 96 and paper["encoder"]["embed_dim"] == 48
-    assert load_config(root / "demo.yaml")["demo"]["num_studies"] == 2400
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,6 +135,11 @@ def _train_toy(config: TrainConfig, dropout: float = 0.0, run_dir=None, step_los
     return model, history
 
 
+def _untimed(log: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The log without its wall-clock measurements (they vary between identical runs)."""
+    return [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in log]
+
+
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -173,8 +148,7 @@ def test_fit_learns_and_is_deterministic():
     config = TrainConfig(epochs=6, batch_size=4, lr=1e-2, log_every=1, seed=5)
     a, log_a = _train_toy(config, dropout=0.2)
     b, log_b = _train_toy(config, dropout=0.2)
-    untimed = lambda log: [{k: v for k, v in h.items() if k != "elapsed_s"} for h in log]  # wall time varies
-    assert _same_weights(a, b) and untimed(log_a) == untimed(log_b)
+    assert _same_weights(a, b) and _untimed(log_a) == _untimed(log_b)
     steps = [h for h in log_a if "loss" in h]
     assert len(steps) == 6 * 6 and steps[-1]["step"] == 36
     assert sum(h["loss"] for h in steps[-6:]) < 0.5 * sum(h["loss"] for h in steps[:6])
@@ -211,9 +185,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert (tmp_path / CHECKPOINT_NAME).is_file()
     resumed, log = _train_toy(config, dropout=0.3, run_dir=tmp_path)
     assert _same_weights(resumed, reference)
-    assert len(log) == len(ref_log)
-    for h, r in zip(log, ref_log):
-        assert {k: v for k, v in h.items() if k != "elapsed_s"} == {k: v for k, v in r.items() if k != "elapsed_s"}
+    assert _untimed(log) == _untimed(ref_log)
 
     with pytest.raises(ValueError, match="another configuration"):
         _train_toy(TrainConfig(epochs=5, batch_size=4, lr=1e-2, seed=9), run_dir=tmp_path)

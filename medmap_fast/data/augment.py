@@ -57,9 +57,9 @@ class AugmentConfig:
                 fail(f"augment.{name}", "a float in [0, 1)" if name == "scale" else "a float >= 0", repr(value))
 
     @classmethod
-    def eval(cls, size: Sequence[int] = (96, 96, 96)) -> AugmentConfig:
+    def eval(cls, size: Size = (96, 96, 96)) -> AugmentConfig:
         """Evaluation preset: centre crop/pad to ``size``, no augmentation (deterministic)."""
-        return cls(size=tuple(size), random_crop=False, flip=(0.0, 0.0, 0.0), rot90=False, scale=0.0, shift=0.0)
+        return cls(size=size, random_crop=False, flip=(0.0, 0.0, 0.0), rot90=False, scale=0.0, shift=0.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,22 +84,24 @@ def crop_starts(shape: Sequence[int], size: Size, rng: np.random.Generator | Non
     A side longer than ``size`` gives a start in [0, side - size] (the crop lies inside); a shorter side gives one in
     [side - size, 0] (the study lies inside the padded volume).
     """
-    starts = []
-    for side, out in zip(shape, size):
+
+    def start(side: int, out: int) -> int:
         d = side - out
-        starts.append(int(rng.integers(min(d, 0), max(d, 0), endpoint=True)) if rng is not None else d // 2)
-    return tuple(starts)
+        return int(rng.integers(min(d, 0), max(d, 0), endpoint=True)) if rng is not None else d // 2
+
+    x, y, z = shape
+    return start(x, size[0]), start(y, size[1]), start(z, size[2])
 
 
 def sample_params(rng: np.random.Generator, shape: Sequence[int], num_modalities: int,
                   config: AugmentConfig) -> AugmentParams:
     """Draw the augmentation of a study whose array is [num_modalities, *shape] (shape = X, Y, Z)."""
     start = crop_starts(shape, config.size, rng if config.random_crop else None)
-    flip = tuple(bool(rng.random() < p) if p > 0 else False for p in config.flip)
+    fx, fy, fz = (bool(rng.random() < p) if p > 0 else False for p in config.flip)
     k = int(rng.integers(0, 4)) if config.rot90 else 0
     a = rng.uniform(-config.scale, config.scale, num_modalities) if config.scale else np.zeros(num_modalities)
     b = rng.uniform(-config.shift, config.shift, num_modalities) if config.shift else np.zeros(num_modalities)
-    return AugmentParams(start, flip, k, (1.0 + a).astype(np.float32), b.astype(np.float32))
+    return AugmentParams(start, (fx, fy, fz), k, (1.0 + a).astype(np.float32), b.astype(np.float32))
 
 
 def study_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -110,7 +112,7 @@ def study_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 def crop_windows(shape: Sequence[int], start: Sequence[int], size: Size) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """(source, destination) slices over (X, Y, Z): ``out[dst] = study[src]``, the rest of ``out`` is padding."""
     src, dst = [], []
-    for side, s, out in zip(shape, start, size):
+    for side, s, out in zip(shape, start, size, strict=True):
         lo, hi = max(s, 0), min(s + out, side)
         n = max(hi - lo, 0)
         src.append(slice(lo, lo + n))

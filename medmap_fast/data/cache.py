@@ -62,15 +62,16 @@ class CacheEntry:
     def from_json(cls, row: dict[str, Any], where: str) -> CacheEntry:
         """Build from an index row; ``where`` ("CACHE/index.jsonl:12") prefixes every error."""
         try:
-            entry = cls(str(row["study_id"]), str(row["split"]), row.get("report"), row.get("labels"),
-                        tuple(row["modalities"]), tuple(int(s) for s in row["shape"]),
-                        tuple(float(s) for s in row["spacing"]), str(row["file"]))
+            study_id, split, file = str(row["study_id"]), str(row["split"]), str(row["file"])
+            modalities = tuple(row["modalities"])
+            shape = tuple(int(s) for s in row["shape"])
+            spacing = tuple(float(s) for s in row["spacing"])
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{where}: not a cache index row ({type(err).__name__}: {err})") from err
-        if entry.split not in SPLITS or len(entry.shape) != 4 or entry.shape[0] != len(entry.modalities):
-            raise ValueError(f"{where}: inconsistent cache index row (split {entry.split!r}, shape {entry.shape}, "
-                             f"modalities {entry.modalities})")
-        return entry
+        if split not in SPLITS or len(shape) != 4 or shape[0] != len(modalities) or len(spacing) != 3:
+            raise ValueError(f"{where}: inconsistent cache index row (split {split!r}, shape {shape}, "
+                             f"modalities {modalities}, spacing {spacing})")
+        return cls(study_id, split, row.get("report"), row.get("labels"), modalities, shape, spacing, file)
 
     def path(self, cache_dir: str | Path) -> Path:
         return Path(cache_dir) / self.file

@@ -31,7 +31,7 @@ import torch
 from medmap_fast.data.augment import AugmentParams, Size
 from medmap_fast.data.loaders import Batch, StudyLoader, assemble_batch
 
-Columns = tuple[list[np.ndarray], ...]
+Columns = tuple[Sequence[np.ndarray | np.generic], ...]  # per column, one array or scalar per sample
 
 
 def dali_ops(params: AugmentParams) -> tuple[np.ndarray, tuple[bool, bool, bool], bool]:
@@ -58,21 +58,23 @@ def study_pipeline(files: Sequence[str], source: Callable[[Any], Columns], size:
     """A built DALI pipeline reading ``files`` in order; outputs (volumes [M, *size] float32 per sample, on the GPU
     when ``device_id`` is given; source_info of each sample). ``source(batch_info)`` gives the parameter columns of
     iteration ``batch_info.iteration``."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali.types import DALIDataType as DType  # the enum behind types.INT32 etc. (those are untyped)
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, enable_conditionals=True,
-                  prefetch_queue_depth=2)
+    # device_id None (the CPU backend) is DALI's documented default; its pipeline_def overload types it int only.
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,  # type: ignore[arg-type]
+                  enable_conditionals=True, prefetch_queue_depth=2)
     def pipeline() -> tuple[Any, Any]:
         start, fx, fy, fz, transpose, scale, shift = fn.external_source(
             source=source, num_outputs=7, batch=True, batch_info=True,
-            dtype=[types.INT32, types.INT32, types.INT32, types.INT32, types.BOOL, types.FLOAT, types.FLOAT])
+            dtype=[DType.INT32, DType.INT32, DType.INT32, DType.INT32, DType.BOOL, DType.FLOAT, DType.FLOAT])
         data = fn.readers.numpy(files=list(files), roi_start=start, roi_shape=list(size), roi_axes=[1, 2, 3],
                                 out_of_bounds_policy="pad", fill_value=0.0, name="reader")
         source_info = fn.get_property(data, key="source_info")
         if device_id is not None:
             data, scale, shift = data.gpu(), scale.gpu(), shift.gpu()
         # layout CDHW: depthwise flips X, vertical Y, horizontal Z
-        data = fn.reshape(fn.cast(data, dtype=types.FLOAT), layout="CDHW")
+        data = fn.reshape(fn.cast(data, dtype=DType.FLOAT), layout="CDHW")
         data = fn.flip(data, depthwise=fx, vertical=fy, horizontal=fz)
         if transpose:
             data = fn.transpose(data, perm=[0, 2, 1, 3], transpose_layout=False)

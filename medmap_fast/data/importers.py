@@ -73,13 +73,14 @@ def msd_manifest(root: str | os.PathLike, modalities: Modalities = None, val_fra
     if not isinstance(training, list) or not isinstance(test, list):
         raise ManifestError(f"{dataset}: expected lists 'training' (of {{\"image\": path, ...}}) and 'test' "
                             f"(of paths)")
-    entries = [(e.get("image") if isinstance(e, dict) else None, None) for e in training]
+    entries: list[tuple[object, str | None]] = [(e.get("image") if isinstance(e, dict) else None, None)
+                                                for e in training]
     entries += [(e, "test") for e in test]
     studies: dict[str, ManifestStudy] = {}
     for number, (image, split) in enumerate(entries):
         where = f"training[{number}]" if number < len(training) else f"test[{number - len(training)}]"
         suffix = image_suffix(image) if isinstance(image, str) else None
-        if suffix not in (".nii.gz", ".nii"):
+        if not isinstance(image, str) or suffix not in (".nii.gz", ".nii"):
             raise ManifestError(f"{dataset}: {where}: expected a NIfTI image path (.nii.gz or .nii), "
                                 f"got {image!r}")
         path = Path(os.path.normpath(root / image))
@@ -138,7 +139,7 @@ def _msd_channels(modality: object, dataset: Path, registry: ModalityRegistry) -
             and sorted(modality) == [str(i) for i in range(len(modality))]
             and all(isinstance(v, str) for v in modality.values())):
         raise ManifestError(f"{dataset}: expected \"modality\": {{\"0\": name, \"1\": name, ...}}, got {modality!r}")
-    names = []
+    names: list[str] = []
     for channel in range(len(modality)):
         given = modality[str(channel)]
         alias = MSD_MODALITY_NAMES.get(given.lower())
@@ -182,7 +183,7 @@ def _folder_study(folder: Path, registry: ModalityRegistry, seed: int, val_fract
                          report_file=extras.get("report.txt"), labels=labels)
 
 
-def _labels_lines(text: str) -> str | tuple[str, ...]:
+def _labels_lines(text: str) -> str | tuple[str, ...] | None:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError("no label (one class name per line); remove the file for an unlabelled study")

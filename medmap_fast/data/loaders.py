@@ -98,14 +98,20 @@ def assemble_batch(volumes: torch.Tensor, items: Sequence[StudyItem]) -> Batch:
         "study_ids": [it.study_id for it in items],
         "reports": [it.report for it in items],
     }
-    if items[0].target is not None:
-        batch["labels"] = torch.stack([it.target for it in items])
+    targets = [it.target for it in items if it.target is not None]
+    if 0 < len(targets) < len(items):
+        fail("items", "a target for every study or for none", f"targets for {len(targets)} of {len(items)} studies")
+    if targets:
+        batch["labels"] = torch.stack(targets)
     return batch
 
 
 def collate_studies(items: Sequence[StudyItem]) -> Batch:
     """Items with their volumes -> the batch dict."""
-    return assemble_batch(torch.cat([it.volume for it in items]).unsqueeze(1), items)
+    volumes = [it.volume for it in items if it.volume is not None]
+    if len(volumes) < len(items):
+        fail("items", "studies with their volumes", f"{len(items) - len(volumes)} of {len(items)} without")
+    return assemble_batch(torch.cat(volumes).unsqueeze(1), items)
 
 
 class StudyLoader:

@@ -97,7 +97,7 @@ def image_suffix(name: str) -> str | None:
 
 def canonical_modality(name: object, registry: ModalityRegistry) -> str:
     """The registry's spelling of modality ``name`` (case-insensitive); ValueError listing the known ones."""
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         raise ValueError(f"unknown modality {name!r}; known: {', '.join(registry.names)}")
     return registry[name].name
 
@@ -214,7 +214,7 @@ def study_from_row(row: dict[str, Any], folder: Path, registry: ModalityRegistry
     report, report_file = row.get("report"), row.get("report_file")
     if not (report is None or isinstance(report, str)):
         raise ValueError(f"report: expected a string or null, got {report!r}")
-    if not (report_file is None or isinstance(report_file, str) and report_file.strip()):
+    if not (report_file is None or (isinstance(report_file, str) and report_file.strip())):
         raise ValueError(f"report_file: expected a path (a non-empty string) or null, got {report_file!r}")
     if report is not None and report_file is not None:
         raise ValueError("give report or report_file, not both")
@@ -330,7 +330,7 @@ def _csv_row(cells: list[str], header: list[tuple[str, bool]]) -> dict[str, Any]
     if len(cells) != len(header):
         raise ValueError(f"expected {len(header)} cells as in the header, got {len(cells)}")
     row: dict[str, Any] = {"images": {}}
-    for (key, is_modality), cell in zip(header, cells):
+    for (key, is_modality), cell in zip(header, cells, strict=True):
         cell = cell.strip()
         if is_modality:
             if cell:
@@ -360,10 +360,14 @@ def _csv_spacing(cell: str) -> list[float] | None:
 
 
 def _spacing(value: object, where: str) -> tuple[float, float, float]:
-    numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    if not (numbers and len(value) == 3 and all(math.isfinite(v) and v > 0 for v in value)):
+    if not (isinstance(value, list) and len(value) == 3 and all(_positive_number(v) for v in value)):
         raise ValueError(f"{where}: expected three positive numbers [sx, sy, sz] in mm, got {value!r}")
-    return tuple(float(v) for v in value)
+    sx, sy, sz = value
+    return float(sx), float(sy), float(sz)
+
+
+def _positive_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _images(images: object, folder: Path, registry: ModalityRegistry,

@@ -212,7 +212,8 @@ def target_grid(shape: Sequence[int], affine: np.ndarray,
     with the volume's axis directions and outer voxel corners; ``spacing=None`` (or equal) returns the volume's own."""
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     if spacing is None or np.allclose(zooms, spacing, rtol=0, atol=1e-6):
-        return tuple(int(s) for s in shape), affine  # type: ignore[return-value]
+        x, y, z = (int(s) for s in shape)
+        return (x, y, z), affine
     step = np.asarray(spacing, dtype=np.float64)
     size = np.maximum(1, np.round(np.asarray(shape) * zooms / step)).astype(int)
     directions = affine[:3, :3] / zooms
@@ -220,7 +221,8 @@ def target_grid(shape: Sequence[int], affine: np.ndarray,
     grid = np.eye(4)
     grid[:3, :3] = directions * step
     grid[:3, 3] = corner + directions @ (step / 2)
-    return tuple(int(s) for s in size), grid  # type: ignore[return-value]
+    x, y, z = (int(s) for s in size)
+    return (x, y, z), grid
 
 
 def grid_coverage(shape: Sequence[int], vox2vox: np.ndarray, source_shape: Sequence[int]) -> float:
@@ -281,12 +283,13 @@ def foreground_mask(volumes: np.ndarray, threshold: float = 0.1, smooth: float =
 
 def bounding_box(mask: np.ndarray, margin: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(start, stop) voxel indices of the mask's bounding box widened by ``margin`` voxels, inside the grid."""
-    start, stop = [], []
-    for axis in range(3):
+
+    def extent(axis: int) -> tuple[int, int]:
         hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        start.append(max(int(hits[0]) - margin, 0))
-        stop.append(min(int(hits[-1]) + 1 + margin, mask.shape[axis]))
-    return tuple(start), tuple(stop)  # type: ignore[return-value]
+        return max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])
+
+    (x0, x1), (y0, y1), (z0, z1) = (extent(axis) for axis in range(3))
+    return (x0, y0, z0), (x1, y1, z1)
 
 
 def _normalise(name: str, path: Path, volume: np.ndarray, mask: np.ndarray,
@@ -309,12 +312,12 @@ def prepare_arrays(study: ManifestStudy, settings: PrepareSettings) -> tuple[np.
     if not study.images:
         raise StudyError("no images")
     volumes, sources = [], []
-    shape, grid = None, None
+    frame = None  # (shape, affine) of the grid: the first image's field of view at settings.spacing
     for name, src in study.images.items():
         data, affine, info = _read_array(name, src)
         data, affine = _canonical(data, affine)
-        if grid is None:
-            shape, grid = target_grid(data.shape, affine, settings.spacing)
+        frame = frame or target_grid(data.shape, affine, settings.spacing)
+        shape, grid = frame
         volumes.append(_onto_grid(name, src.path, data, affine, shape, grid, settings.min_overlap))
         sources.append({"modality": name, "path": str(src.path), "channel": src.channel,
                         "given_spacing": None if src.spacing is None else list(map(float, src.spacing)), **info})
@@ -324,10 +327,10 @@ def prepare_arrays(study: ManifestStudy, settings: PrepareSettings) -> tuple[np.
     if not mask.any():
         raise StudyError(f"empty foreground mask (no voxel above {settings.threshold} of its modality's range)")
     start, stop = bounding_box(mask, settings.margin)
-    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
     mask = mask[box]
     out, stats = [], []
-    for (name, src), volume in zip(study.images.items(), stack):
+    for (name, src), volume in zip(study.images.items(), stack, strict=True):
         z, stat = _normalise(name, src.path, volume[box], mask, settings.clip)
         out.append(z)
         stats.append(stat)
@@ -376,11 +379,12 @@ def _unchanged(old: dict[str, Any], study: ManifestStudy, sizes: list[int], sett
         return False
     current = [{"modality": n, "channel": s.channel, "size": size,
                 "given_spacing": None if s.spacing is None else list(map(float, s.spacing))}
-               for (n, s), size in zip(study.images.items(), sizes)]
+               for (n, s), size in zip(study.images.items(), sizes, strict=True)]
     try:
         if [_identity(s) for s in old["sources"]] != [_identity(s) for s in current]:
             return False
-        return all(s["sha256"] == _sha256(src.path) for s, src in zip(old["sources"], study.images.values()))
+        return all(s["sha256"] == _sha256(src.path)
+                   for s, src in zip(old["sources"], study.images.values(), strict=True))
     except (KeyError, TypeError, OSError):
         return False
 
@@ -410,12 +414,12 @@ def prepare_study(study: ManifestStudy, out: Path, settings: PrepareSettings) ->
         if old is not None and _unchanged(old, study, sizes, settings):
             paths = [str(src.path) for src in study.images.values()]
             if [s["path"] for s in old["sources"]] != paths:  # same files, moved: keep the sidecar's paths true
-                for source, path in zip(old["sources"], paths):
+                for source, path in zip(old["sources"], paths, strict=True):
                     source["path"] = path
                 atomic_write_bytes(sidecar_path, json.dumps(old, indent=1).encode("utf-8"))
             return _Outcome("reused", _entry(study, report, old, array_path))
         array, meta = prepare_arrays(study, settings)
-        for source, src, size in zip(meta["sources"], study.images.values(), sizes):
+        for source, src, size in zip(meta["sources"], study.images.values(), sizes, strict=True):
             source.update(size=size, sha256=_sha256(src.path))
         meta = {"format": FORMAT_VERSION, "study_id": study.study_id, **meta, "settings": settings.to_json()}
         _write(array, meta, array_path, sidecar_path)
@@ -443,18 +447,20 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 def _settings(spacing: float | Sequence[float] | None, min_overlap: float, threshold: float, smooth: float,
               margin: int, clip: float) -> PrepareSettings:
+    mm = None
     if spacing is not None:
-        spacing = (spacing,) * 3 if isinstance(spacing, (int, float)) else tuple(spacing)
-        if len(spacing) != 3 or not all(isinstance(s, (int, float)) and s > 0 for s in spacing):
-            fail("spacing", "a positive number of mm, three of them, or None", repr(spacing))
-        spacing = tuple(float(s) for s in spacing)
+        given = (spacing,) * 3 if isinstance(spacing, (int, float)) else tuple(spacing)
+        if len(given) != 3 or not all(isinstance(s, (int, float)) and s > 0 for s in given):
+            fail("spacing", "a positive number of mm, three of them, or None", repr(given))
+        sx, sy, sz = given
+        mm = float(sx), float(sy), float(sz)
     if not 0 < min_overlap <= 1:
         fail("min_overlap", "a fraction in (0, 1]", repr(min_overlap))
     if not 0 < threshold < 1:
         fail("threshold", "a fraction in (0, 1)", repr(threshold))
     if not smooth >= 0 or not clip > 0 or not (isinstance(margin, int) and margin >= 0):
         fail("smooth, margin, clip", "smooth >= 0, an integer margin >= 0, clip > 0", f"{smooth}, {margin}, {clip}")
-    return PrepareSettings(spacing, float(min_overlap), float(threshold), float(smooth), margin, float(clip))
+    return PrepareSettings(mm, float(min_overlap), float(threshold), float(smooth), margin, float(clip))
 
 
 def _studies(manifest: str | os.PathLike | Sequence[ManifestStudy]) -> list[ManifestStudy]:
@@ -489,20 +495,21 @@ def prepare(manifest: str | os.PathLike | Sequence[ManifestStudy], out: str | os
     workers = (os.cpu_count() or 1) if workers is None else workers
     if not isinstance(workers, int) or workers < 0:
         fail("workers", "None or an integer >= 0", repr(workers))
-    outcomes: list[_Outcome | None] = [None] * len(studies)
+    done: dict[int, _Outcome] = {}  # study index -> outcome
     with tqdm(total=len(studies), unit="study", desc="prepare", disable=not progress) as bar:
         if workers <= 1 or len(studies) <= 1:
             for i, study in enumerate(studies):
-                outcomes[i] = prepare_study(study, out, settings)
+                done[i] = prepare_study(study, out, settings)
                 bar.update()
         else:
             with ProcessPoolExecutor(min(workers, len(studies)), mp_context=_pool_context()) as pool:
                 futures = {pool.submit(prepare_study, s, out, settings): i for i, s in enumerate(studies)}
                 for future in as_completed(futures):
-                    outcomes[futures[future]] = future.result()
+                    done[futures[future]] = future.result()
                     bar.update()
+    outcomes = [done[i] for i in range(len(studies))]
     errors = tuple({"study_id": s.study_id, "line": s.line, "reason": o.reason}
-                   for s, o in zip(studies, outcomes) if o.status == "failed")
+                   for s, o in zip(studies, outcomes, strict=True) if o.status == "failed")
     write_index(out, (o.entry for o in outcomes if o.entry is not None))
     write_errors(out, errors)
     count = {k: sum(o.status == k for o in outcomes) for k in ("prepared", "reused", "failed")}

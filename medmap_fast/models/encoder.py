@@ -18,7 +18,7 @@ import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -79,7 +79,8 @@ class MedMAPEncoder(nn.Module):
             fail("sharing", f"one of {SHARING}", repr(sharing))
         for name in ("num_modalities", "modality_gate"):
             if name in swin_kwargs:
-                fail(name, "not to be given (MedMAPEncoder sets it from modalities and sharing)", repr(swin_kwargs[name]))
+                fail(name, "not to be given (MedMAPEncoder sets it from modalities and sharing)",
+                     repr(swin_kwargs[name]))
         self.modalities = modalities if isinstance(modalities, ModalityRegistry) else ModalityRegistry(modalities)
         self.sharing = sharing
         self.swin_kwargs = {**SWIN_DEFAULTS, **swin_kwargs}
@@ -88,7 +89,7 @@ class MedMAPEncoder(nn.Module):
             self.trunk = SwinViT3D(**self.swin_kwargs, num_modalities=m, modality_gate=True)
         else:
             self.trunks = nn.ModuleList(SwinViT3D(**self.swin_kwargs) for _ in range(m))
-        first = self.trunk if sharing == "gated" else self.trunks[0]
+        first = self.slot_trunks()[0]
         # normalised as the trunk stores them (e.g. window 7 -> (7, 7, 7))
         self.swin_kwargs = {k: first.config.get(k, v) for k, v in self.swin_kwargs.items()}
         self.in_chans, self.patch_size, self.num_features = first.in_chans, first.patch_size, first.num_features
@@ -125,22 +126,28 @@ class MedMAPEncoder(nn.Module):
         """One trunk pass per modality present; stage maps gathered back into input order."""
         order = torch.argsort(ids, stable=True)
         counts = torch.bincount(ids, minlength=len(self.modalities)).tolist()
-        groups, start = [], 0
+        groups, start, trunks = [], 0, self.slot_trunks()
         for m, count in enumerate(counts):
             if count:
-                groups.append(self.trunks[m].stage_maps(volumes[order[start : start + count]]))
+                groups.append(trunks[m].stage_maps(volumes[order[start : start + count]]))
                 start += count
         if len(groups) == 1:  # one modality: the stable sort left the input order unchanged
             return groups[0]
         inverse = torch.argsort(order)
-        return [torch.cat(stage)[inverse] for stage in zip(*groups)]
+        return [torch.cat(stage)[inverse] for stage in zip(*groups, strict=True)]
 
     def from_monai(self, source: nn.Module | Mapping[str, torch.Tensor]) -> MedMAPEncoder:
         """Copy MONAI Swin weights (SwinTransformer, SwinUNETR or state_dict) into every modality slot (gates reset to
         zero), so that every modality's outputs equal MONAI's. Returns ``self``."""
-        for trunk in [self.trunk] if self.sharing == "gated" else self.trunks:
+        for trunk in self.slot_trunks():
             trunk.load_monai(source)
         return self
+
+    def slot_trunks(self) -> list[SwinViT3D]:
+        """The trunks: the shared one (``gated``), or one per modality in registry order (``separate``)."""
+        if self.sharing == "gated":
+            return [self.trunk]
+        return [cast(SwinViT3D, trunk) for trunk in self.trunks]  # a ModuleList's items are typed nn.Module
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def get_config(self) -> dict[str, Any]:
@@ -191,7 +198,7 @@ class MedMAPEncoder(nn.Module):
 
     def settings(self) -> dict[str, Any]:
         """Every setting, defaults included: modality names, sharing and the full :class:`SwinViT3D` configuration."""
-        first = self.trunk if self.sharing == "gated" else self.trunks[0]
+        first = self.slot_trunks()[0]
         swin = {k: v for k, v in first.config.items() if k not in ("num_modalities", "modality_gate")}
         return {"modalities": self.modalities.names, "sharing": self.sharing, **swin}
 
@@ -201,6 +208,13 @@ class MedMAPEncoder(nn.Module):
         ours, theirs = self.settings(), other.settings()
         return [f"{key}: {ours[key]!r} vs {theirs.get(key)!r}" for key in ours
                 if key not in RUNTIME_SETTINGS and not _same_setting(key, ours[key], theirs.get(key))]
+
+
+def saved_encoder_dir(directory: str | os.PathLike) -> Path:
+    """Where a saved model keeps its encoder: ``directory/encoder`` (a run's ``model/`` folder), else ``directory``
+    itself (an encoder's own folder, or a ``medmap-fast export`` folder)."""
+    directory = Path(directory)
+    return directory / "encoder" if (directory / "encoder").is_dir() else directory
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -104,7 +104,9 @@ class GatedCrossAttention(nn.Module):
         self.pair_bias = nn.Parameter(torch.zeros(num_heads, num_modalities, num_modalities))
         self.gate = ModalityGate(num_modalities, dim, num_heads)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, modality: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, modality: torch.Tensor, padding: torch.Tensor
+    ) -> torch.Tensor:
         """x, context [S, L, dim] (queries, keys); modality [S, L]; padding [S, L] -> [S, L, dim]."""
         s, n, dim = x.shape
         q = self.q(x).view(s, n, self.num_heads, -1)

@@ -1,7 +1,7 @@
 """Head-wise modality gate shared by the Swin blocks and the Cross-Cognition Transformer.
 
-For a token x of modality m the gate of head h is ``2 * sigmoid(x . Wg[m, :, h] + bg[m, h])``; ``Wg`` and ``bg`` start at
-zero so every gate is exactly 1 at initialisation and a pre-trained trunk's outputs are unchanged.
+For a token x of modality m the gate of head h is ``2 * sigmoid(x . Wg[m, :, h] + bg[m, h])``; ``Wg`` and ``bg``
+start at zero so every gate is exactly 1 at initialisation and a pre-trained trunk's outputs are unchanged.
 """
 
 from __future__ import annotations

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import numbers
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from medmap_fast.fileio import atomic_path, load_safetensors, read_json_object, save_safetensors
 from medmap_fast.losses import AsymmetricContrastiveLoss, FocalLoss, LabelPromptAlignmentLoss
-from medmap_fast.models.encoder import MedMAPEncoder, check_state_dict
+from medmap_fast.models.encoder import MedMAPEncoder, check_state_dict, saved_encoder_dir
 from medmap_fast.models.fusion import CrossCognitionTransformer, CrossModalSemanticAggregation, pack_by_study
 from medmap_fast.validation import check_float_tensor, check_index, check_json_fields, describe, fail
 
@@ -51,14 +51,16 @@ class MedMAPPretrainModel(nn.Module):
         encoder: the vision encoder (its pooled last-stage features are projected).
         text_dim: width E_text of the report embeddings (384 for the MiniLM-L6 default).
         embed_dim: width of the joint space.
-        lam, logit_scale_init, logit_scale_max, local_loss: see :class:`AsymmetricContrastiveLoss`.
+        lam, local_loss and ``loss_kwargs`` (logit_scale_init, logit_scale_max, learnable_scale): see
+            :class:`AsymmetricContrastiveLoss`.
     """
 
     def __init__(self, encoder: MedMAPEncoder, text_dim: int, embed_dim: int = 256, lam: float = 0.5,
-                 local_loss: bool = False, **loss_kwargs: float) -> None:
+                 local_loss: bool = False, **loss_kwargs: Any) -> None:
         super().__init__()
         self.encoder = encoder
-        self.config = {"text_dim": text_dim, "embed_dim": embed_dim, "lam": lam, "local_loss": local_loss, **loss_kwargs}
+        self.config = {"text_dim": text_dim, "embed_dim": embed_dim, "lam": lam, "local_loss": local_loss,
+                       **loss_kwargs}
         self.vision_proj = nn.Linear(token_dim(encoder), embed_dim)
         self.text_proj = nn.Linear(text_dim, embed_dim)
         self.loss_fn = AsymmetricContrastiveLoss(lam=lam, local_loss=local_loss, **loss_kwargs)
@@ -104,7 +106,7 @@ class MedMAPPretrainModel(nn.Module):
         if config.pop("format", None) != PRETRAIN_FORMAT:
             raise ValueError(f"{path}: expected a {PRETRAIN_FORMAT} configuration")
         check_json_fields(path, config, PRETRAIN_JSON_KINDS)
-        encoder = MedMAPEncoder.from_pretrained(directory / "encoder")
+        encoder = MedMAPEncoder.from_pretrained(saved_encoder_dir(directory))
         try:
             model = cls(encoder, **config)
         except (TypeError, ValueError) as err:
@@ -248,8 +250,7 @@ class MedMAPClassifier(nn.Module):
         ``encoder/``), or an encoder (or its saved folder). An encoder of another architecture is an error naming
         the settings that differ; training-time settings (dropout, drop path, checkpointing) may differ."""
         if isinstance(source, (str, Path)):
-            folder = Path(source)
-            source = MedMAPEncoder.from_pretrained(folder / "encoder" if (folder / "encoder").is_dir() else folder)
+            source = MedMAPEncoder.from_pretrained(saved_encoder_dir(source))
         if isinstance(source, MedMAPPretrainModel):
             source = source.encoder
         differences = self.encoder.architecture_differences(source)

@@ -20,7 +20,8 @@ _RENAMES = ((".mlp.fc1.", ".mlp.linear1."), (".mlp.fc2.", ".mlp.linear2."))
 _PER_MODALITY = ("patch_embed.proj.weight", "patch_embed.proj.bias")
 
 
-def _trunk(source: nn.Module) -> nn.Module:
+def _trunk(source: nn.Module) -> Any:
+    """The Swin trunk of a MONAI module, read by attribute (Any: MONAI is not imported here)."""
     return source.swinViT if hasattr(source, "swinViT") else source
 
 
@@ -29,11 +30,13 @@ def monai_state_dict(source: nn.Module | Mapping[str, Any]) -> dict[str, torch.T
     if isinstance(source, nn.Module):
         return dict(_trunk(source).state_dict())
     if not isinstance(source, Mapping):
-        raise TypeError(f"source: expected a MONAI SwinTransformer/SwinUNETR or a state_dict, got {type(source).__name__}")
+        raise TypeError("source: expected a MONAI SwinTransformer/SwinUNETR or a state_dict, "
+                        f"got {type(source).__name__}")
+    tensors: Mapping[str, Any] = source
     for wrapper in ("state_dict", "model"):
-        if isinstance(source.get(wrapper), Mapping):
-            source = source[wrapper]
-    state = {k.removeprefix("module."): v for k, v in source.items()}
+        if isinstance(tensors.get(wrapper), Mapping):
+            tensors = tensors[wrapper]
+    state = {k.removeprefix("module."): v for k, v in tensors.items()}
     if any(k.startswith("swinViT.") for k in state):  # a SwinUNETR: keep the trunk, drop the decoder
         state = {k.removeprefix("swinViT."): v for k, v in state.items() if k.startswith("swinViT.")}
     for old, new in _RENAMES:
@@ -48,7 +51,8 @@ def monai_config(source: nn.Module | Mapping[str, Any], state: Mapping[str, torc
     return _state_config(state)
 
 
-def _module_config(m: nn.Module) -> dict[str, Any]:
+def _module_config(m: Any) -> dict[str, Any]:
+    """SwinViT3D arguments read from a MONAI SwinTransformer's attributes."""
     if any(getattr(m, "_per_stage_hyena", ())):
         return {"use_hyena": True}  # SwinViT3D raises NotImplementedError naming it
     stages = [getattr(m, f"layers{i + 1}")[0] for i in range(m.num_layers)]
@@ -81,7 +85,8 @@ def _state_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         raise ValueError("state_dict: expected MONAI Swin keys such as 'patch_embed.proj.weight', "
                          f"got keys {sorted(state)[:5]}...")
     embed_dim, in_chans, *patch = state["patch_embed.proj.weight"].shape
-    depths, heads = [], []
+    depths: list[int] = []
+    heads: list[int] = []
     while f"layers{len(depths) + 1}.0.blocks.0.norm1.weight" in state:
         prefix = f"layers{len(depths) + 1}.0.blocks."
         depths.append(len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)}))

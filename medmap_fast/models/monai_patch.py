@@ -80,16 +80,14 @@ class MonaiPatchEmbed(PatchEmbed3D):
 
 
 class MonaiWindowAttention(WindowAttention3D):
-    """MONAI's ``WindowAttention`` weights (qkv, proj, relative-position table, scale) behind the fused op."""
+    """MONAI's ``WindowAttention`` weights (qkv, proj, relative-position table, scale) behind the fused op; its
+    ``attn_drop`` (p and train/eval mode) drives the op's attention dropout."""
 
     def __init__(self, attn: nn.Module, where: str) -> None:
         _check_layout(where, attn, _swin_unetr().WindowAttention,
                       {"qkv": nn.Linear, "attn_drop": nn.Dropout, "proj": nn.Linear, "proj_drop": nn.Dropout,
                        "softmax": nn.Softmax},
                       params=("relative_position_bias_table",), buffers=("relative_position_index",))
-        if attn.attn_drop.p:
-            raise NotImplementedError(f"patch_monai: {where} has attn_drop_rate={attn.attn_drop.p}; the fused "
-                                      "window attention has no attention dropout")
         nn.Module.__init__(self)  # adopt MONAI's parameters, in MONAI's registration (= state_dict key) order
         self.dim, self.num_heads, self.scale = attn.dim, attn.num_heads, attn.scale
         self.window_size = tuple(attn.window_size)
@@ -101,8 +99,8 @@ class MonaiWindowAttention(WindowAttention3D):
 class MonaiSwinBlock(SwinBlock3D):
     """MONAI's ``SwinTransformerBlock`` as a :class:`SwinBlock3D` holding its modules: norm1 -> qkv -> fused
     shifted-window attention -> proj on the un-partitioned tokens, then the MLP; MONAI's residuals, drop path and
-    checkpointing. ``dim``, ``num_heads``, ``mlp_ratio`` and ``attn.attn_drop`` (p = 0) stay for code reading them
-    (e.g. :meth:`SwinViT3D.from_monai`)."""
+    checkpointing. ``dim``, ``num_heads``, ``mlp_ratio`` and ``attn.attn_drop`` stay for code reading them (e.g.
+    :meth:`SwinViT3D.from_monai`)."""
 
     def __init__(self, block: nn.Module, where: str) -> None:
         _check_3d(where, block.window_size)
@@ -169,11 +167,12 @@ def patch_monai(model: nn.Module) -> nn.Module:
 
     The modules keep MONAI's own Parameter objects (an optimizer built before patching still trains them) and
     ``state_dict`` keys, so checkpoints load either way; outputs and gradients equal MONAI's within float rounding.
-    Train-mode dropout (``drop_rate`` > 0) draws its masks in another element order; drop path (per sample) draws
-    the same ones. Patching a patched model changes nothing. Run MONAI's ``load_from`` (its self-supervised
-    checkpoint loader) before patching; ``load_state_dict`` works either side.
+    Train-mode dropout (``drop_rate`` > 0, and ``attn_drop_rate`` > 0 inside the fused op) draws its masks in
+    another element order (on the Triton path from a Philox stream that torch's generator seeds); drop path (per
+    sample) draws the same ones. Patching a patched model changes nothing. Run MONAI's ``load_from`` (its
+    self-supervised checkpoint loader) before patching; ``load_state_dict`` works either side.
 
-    Raises ImportError without MONAI; NotImplementedError for ``spatial_dims=2`` Swins and ``attn_drop_rate`` > 0;
+    Raises ImportError without MONAI; NotImplementedError for ``spatial_dims=2`` Swins;
     TypeError naming the module for anything that is not MONAI 1.6.1's layout (a subclass, other children, a bare
     ``WindowAttention``) or a model without a MONAI Swin. Nothing is changed when it raises.
 

@@ -83,7 +83,7 @@ class SwinViT3D(nn.Module):
     """3D Swin-ViT trunk, a drop-in for MONAI's ``SwinTransformer`` (same arguments, keys and outputs).
 
     Args (MONAI's): in_chans, embed_dim, window_size, patch_size, depths, num_heads, mlp_ratio, qkv_bias,
-        drop_rate, attn_drop_rate (must be 0: the attention op has no dropout), drop_path_rate, norm_layer,
+        drop_rate, attn_drop_rate (attention dropout in training, inside the fused op), drop_path_rate, norm_layer,
         patch_norm, use_checkpoint (activation checkpointing of both halves of every block), spatial_dims (3 only),
         downsample ("merging" = MONAI's v0.9 ``PatchMerging``, "mergingv2", or a module class with MONAI's
         ``PatchMerging`` API), use_v2 (a residual conv block before each stage), use_flash_attention (accepted for
@@ -140,8 +140,9 @@ class SwinViT3D(nn.Module):
                 raise NotImplementedError(f"{name}={value!r}: MONAI's Hyena blocks are not implemented in medmap-fast")
         if spatial_dims != 3:
             raise NotImplementedError(f"spatial_dims={spatial_dims}: medmap-fast's Swin is 3D only")
-        if attn_drop_rate:
-            raise NotImplementedError(f"attn_drop_rate={attn_drop_rate}: the fused window attention has no dropout")
+        if not isinstance(attn_drop_rate, (int, float)) or not 0.0 <= attn_drop_rate < 1.0:
+            fail("attn_drop_rate", "a probability in [0, 1) (1 would drop every attention weight)",
+                 repr(attn_drop_rate))
         if len(depths) != len(num_heads):
             fail("num_heads", f"one entry per stage ({len(depths)} depths)", repr(tuple(num_heads)))
         if num_modalities is not None and (not isinstance(num_modalities, int) or num_modalities < 1):
@@ -173,8 +174,8 @@ class SwinViT3D(nn.Module):
             dim = embed_dim * 2**i
             stage = SwinStage(
                 dim, depth, heads, self.window_size, dpr[sum(depths[:i]) : sum(depths[: i + 1])], downsample,
-                norm_layer, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, use_checkpoint=use_checkpoint,
-                num_modalities=num_modalities if modality_gate else None,
+                norm_layer, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                use_checkpoint=use_checkpoint, num_modalities=num_modalities if modality_gate else None,
             )
             setattr(self, f"layers{i + 1}", nn.ModuleList([stage]))  # MONAI's keys: layers1.0.blocks...
         for i in range(self.num_layers if use_v2 else 0):  # registered after the stages, in MONAI's key order

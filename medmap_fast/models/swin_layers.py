@@ -67,10 +67,12 @@ class WindowAttention3D(nn.Module):
     """qkv Linear -> shifted-window attention op -> output projection, on normalised tokens [B, D, H, W, C].
 
     ``relative_position_index`` is kept as a buffer only so MONAI checkpoints keep their keys; the op rebuilds the
-    index from ``window_size`` (the configured window, which is also the table's window).
+    index from ``window_size`` (the configured window, which is also the table's window). ``attn_drop`` is MONAI's
+    attention dropout: its p goes to the op while the module trains (in eval mode the op gets 0).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: Triple, qkv_bias: bool = True, drop: float = 0.0) -> None:
+    def __init__(self, dim: int, num_heads: int, window_size: Triple, qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"num_heads: expected a divisor of the stage width {dim}, got {num_heads}")
@@ -80,6 +82,7 @@ class WindowAttention3D(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window_size, window_size).clone())
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)  # MONAI's child (no parameters, so no state_dict keys)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
@@ -93,6 +96,7 @@ class WindowAttention3D(nn.Module):
         out = window_attention(
             qkv, self.num_heads, window, shift, self.relative_position_bias_table,
             table_window=self.window_size, pad_kv=pad_kv, gate_logits=gate_logits, scale=self.scale,
+            dropout_p=self.attn_drop.p if self.attn_drop.training else 0.0,  # nn.Dropout's own rule, as MONAI's
         )
         return self.proj_drop(self.proj(out))
 
@@ -113,6 +117,7 @@ class SwinBlock3D(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop: float = 0.0,
+        attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         use_checkpoint: bool = False,
@@ -121,7 +126,7 @@ class SwinBlock3D(nn.Module):
         super().__init__()
         self.window_size, self.shift_size, self.use_checkpoint = window_size, shift_size, use_checkpoint
         self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention3D(dim, num_heads, window_size, qkv_bias, drop)
+        self.attn = WindowAttention3D(dim, num_heads, window_size, qkv_bias, drop, attn_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)

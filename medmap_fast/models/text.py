@@ -33,7 +33,8 @@ _HEADER = len(_MAGIC) + 32
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Text towers whose attention is causal: their first token has seen only itself, so it cannot pool a text.
 _CAUSAL_TEXT_MODELS = ("clip_text_model",)
-# A folder needs one of these for AutoTokenizer to load a real vocabulary (without them it silently builds an empty one).
+# A folder needs one of these for AutoTokenizer to load a real vocabulary (without them it silently builds an empty
+# one).
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
                     "sentencepiece.bpe.model")
 
@@ -42,7 +43,7 @@ def default_cache_dir() -> Path:
     """``$MEDMAP_FAST_CACHE/text-embeddings``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/medmap-fast/...``."""
     root = os.environ.get("MEDMAP_FAST_CACHE")
     if root is None:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medmap-fast"
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medmap-fast" / "text-embeddings"
     return Path(root) / "text-embeddings"
 
 
@@ -308,7 +309,7 @@ class TextEncoder:
             else:
                 found[text] = cached
         if missing:
-            found.update(zip(missing, self._embed(missing, progress)))
+            found.update(zip(missing, self._embed(missing, progress), strict=True))
             if self.cache_dir is not None:
                 self._write_cache({text: found[text] for text in missing})
         if not texts:

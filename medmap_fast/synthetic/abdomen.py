@@ -17,11 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
-from .geometry import Grid, NoiseField, capsule_sdf, ellipsoid_sdf, smooth_union, soft
+from .geometry import Grid, NoiseField, Vec3, capsule_sdf, ellipsoid_sdf, smooth_union, soft
 from .render import Scene
 
 ABDOMEN_FOV_MM = 380.0
@@ -76,7 +77,7 @@ class AbdomenParams:
 
 def to_contrasts(channels: torch.Tensor, names: Sequence[str] = LIVER_CONTRASTS) -> torch.Tensor:
     """Rendered :data:`CHANNELS` [8, ...] -> the named liver contrasts [len(names), ...]."""
-    c = dict(zip(CHANNELS, channels))
+    c = dict(zip(CHANNELS, channels, strict=True))
     derived = {
         "T1_in_phase": c["IP_water"] + c["IP_fat"],
         "T1_opposed_phase": (c["OP_water"] - c["OP_fat"]).abs(),
@@ -150,7 +151,7 @@ class Abdomen:
         sc.add("visceral_fat", visceral, t["fat"])
         inf = float("inf")
 
-        def shape(name: str, sdf: Callable[[torch.Tensor], torch.Tensor], lo: Sequence[float], hi: Sequence[float],
+        def shape(name: str, sdf: Callable[[torch.Tensor], torch.Tensor], lo: Vec3, hi: Vec3,
                   tissue: Sequence[float], clip: torch.Tensor | None = None) -> None:
             box = grid.box(lo, hi)
             if box is not None:
@@ -174,10 +175,11 @@ class Abdomen:
         muscle_wall = soft(body + self.fat_mm, vox)
         for side in (1, -1):
             para = (40.0 * side, -86)
-            lo, hi = (para[0] - 25, -104, -inf), (para[0] + 25, -68, inf)
-            shape("paraspinal", lambda c: _tube(c, para, 1.0, (25, 18)), lo, hi, t["muscle"], muscle_wall)
+            lo, hi = np.array([para[0] - 25, -104, -inf]), np.array([para[0] + 25, -68, inf])
+            shape("paraspinal", partial(_tube, center_xy=para, radius=1.0, stretch=(25, 18)), lo, hi, t["muscle"],
+                  muscle_wall)
         self._spine(shape)
-        for side, zc in zip((1, -1), self.kidney_z):
+        for side, zc in zip((1, -1), self.kidney_z, strict=True):
             self._kidney(shape, np.array([66.0 * side, -50, zc]), side)
         shape("aorta", lambda c: _tube(c, (-18, -38), 11), (-30, -50, -inf), (-6, -26, inf), t["aorta"])
         spleen = self.spleen()
@@ -187,12 +189,10 @@ class Abdomen:
         self._stomach(shape)
         for start, end, radius, gas in self.bowel:
             lo, hi = np.minimum(start, end) - radius, np.maximum(start, end) + radius
-            shape("bowel", lambda c: capsule_sdf(c, start, end, radius), lo, hi, t["bowel"], visceral)
+            shape("bowel", partial(capsule_sdf, a=start, b=end, radius=radius), lo, hi, t["bowel"], visceral)
             if gas:  # gas rises to the anterior (non-dependent) side of the lumen
                 level = (start[1] + end[1]) / 2 + radius * 0.2
-                gas_sdf = lambda c: torch.maximum(  # noqa: E731
-                    capsule_sdf(c, start, end, radius - 3), level - c[..., 1]
-                )
+                gas_sdf = partial(_gas_sdf, start=start, end=end, radius=radius - 3, level=level)
                 shape("bowel_gas", gas_sdf, lo, hi, t["air"], visceral)
         self._liver(sc, grid, visceral)
         return sc
@@ -276,10 +276,16 @@ class Abdomen:
         shape("renal_sinus", lambda c: ellipsoid_sdf(c, sinus, radii * [0.35, 0.35, 0.5], rot), lo, hi, TISSUES["fat"])
 
 
-def _bounds(center: Sequence[float], radii: Sequence[float], margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def _bounds(center: Vec3, radii: Vec3, margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """World bounding box of a (possibly rotated) ellipsoid: the sphere of its largest radius, plus ``margin``."""
     r = max(radii) + margin
     return np.asarray(center, dtype=float) - r, np.asarray(center, dtype=float) + r
+
+
+def _gas_sdf(coords: torch.Tensor, start: Vec3, end: Vec3, radius: float, level: float) -> torch.Tensor:
+    """Signed distance (mm) to the gas of a bowel loop: its lumen (the capsule start-end of ``radius``) above y =
+    ``level``."""
+    return torch.maximum(capsule_sdf(coords, start, end, radius), level - coords[..., 1])
 
 
 def _tube(

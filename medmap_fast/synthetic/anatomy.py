@@ -79,14 +79,14 @@ class BrainAtlas:
 
 
 def _load_1mm() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The MNI152 maps at 1 mm, in [0, 1], and the affine of their shared grid (the T1's)."""
     import nibabel as nib
 
-    arrays, affine = {}, None
-    for name, path in mni_paths().items():
-        img = nib.as_closest_canonical(nib.load(path))
-        arrays[name] = np.asarray(img.dataobj, dtype=np.float32) / 255.0
-        affine = img.affine
-    return arrays, affine
+    images = {name: nib.as_closest_canonical(nib.load(path)) for name, path in mni_paths().items()}
+    affine = images["t1"].affine
+    if affine is None:
+        raise ValueError(f"{mni_paths()['t1']}: expected a NIfTI image with an affine")
+    return {name: np.asarray(img.dataobj, dtype=np.float32) / 255.0 for name, img in images.items()}, affine
 
 
 def _pool2(a: np.ndarray) -> np.ndarray:

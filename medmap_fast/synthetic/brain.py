@@ -83,7 +83,8 @@ class BrainFinding:
 
 
 def render_brain(label: str, rng: np.random.Generator, grid: Grid) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Images [6, D, H, W] in :data:`~medmap_fast.synthetic.anatomy.BRAIN_CONTRASTS` order and the finding's attributes."""
+    """Images [6, D, H, W] in :data:`~medmap_fast.synthetic.anatomy.BRAIN_CONTRASTS` order and the finding's
+    attributes."""
     atlas = brain_atlas()
     finding = _FINDINGS[label](rng, atlas)
     noise = NoiseField(rng, 4, 8.0, atlas.center, 280.0)
@@ -256,5 +257,5 @@ def _atrophy(rng: np.random.Generator, atlas: BrainAtlas) -> BrainFinding:
 
 
 _FINDINGS: dict[str, Callable[[np.random.Generator, BrainAtlas], BrainFinding]] = dict(
-    zip(BRAIN_CLASSES, (_normal, _tumour, _infarct, _haemorrhage, _demyelination, _atrophy))
+    zip(BRAIN_CLASSES, (_normal, _tumour, _infarct, _haemorrhage, _demyelination, _atrophy), strict=True)
 )

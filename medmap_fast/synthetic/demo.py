@@ -115,10 +115,10 @@ def organ_frame(organ: str) -> tuple[float, tuple[float, float, float]]:
     return (BRAIN_FOV_MM, tuple(brain_atlas().center)) if organ == "brain" else (ABDOMEN_FOV_MM, ABDOMEN_CENTER_MM)
 
 
-def scanner_grid(organ: str, size: Size3) -> Grid:
+def scanner_grid(organ: str, size: int | Size3) -> Grid:
     """The unposed grid of a demo study of ``organ``: the scanner frame its images are written in (the random pose
     of :func:`generate_study` moves the anatomy inside it, which an image header does not know)."""
-    return Grid.centered(size, *organ_frame(organ))
+    return Grid.centered(as_size3(size), *organ_frame(organ))
 
 
 def _generate(index: int, seed: int, config: DemoConfig) -> Study:
@@ -138,7 +138,7 @@ def _generate(index: int, seed: int, config: DemoConfig) -> Study:
 
     render = render_brain if organ == "brain" else render_liver
     images, attributes = render(label, rng, grid)
-    modalities = tuple(n for n, p in zip(names, present) if p)
+    modalities = tuple(n for n, p in zip(names, present, strict=True) if p)
     images = images[torch.from_numpy(np.flatnonzero(present))]
     # The report is drawn before the noise, whose number of draws depends on the output size.
     report = write_report(label, attributes, modalities, rng)
@@ -146,7 +146,7 @@ def _generate(index: int, seed: int, config: DemoConfig) -> Study:
     sigma = config.noise * rng.uniform(0.7, 1.3, size=len(modalities)) * [_NOISIER.get(m, 1.0) for m in modalities]
     images = rician(rng, images, torch.tensor(sigma, dtype=torch.float32))
     attributes.update(
-        organ=organ, label=label, missing_modalities=[n for n, p in zip(names, present) if not p],
+        organ=organ, label=label, missing_modalities=[n for n, p in zip(names, present, strict=True) if not p],
         pose={"rotation_deg": round(float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1)))), 2),
               "scale": round(float(scale), 4), "shift_mm": [round(float(v), 2) for v in shift]},
     )

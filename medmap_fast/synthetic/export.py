@@ -33,10 +33,11 @@ import nibabel as nib
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from .demo import CLASSES, DemoConfig, DemoDataset, generate_study, scanner_grid
 from medmap_fast.data.manifest import ImageSource, ManifestStudy, write_manifest
 from medmap_fast.fileio import atomic_write_bytes
 from medmap_fast.validation import fail
+
+from .demo import CLASSES, DemoConfig, DemoDataset, generate_study, scanner_grid
 
 MANIFEST_FILE = "manifest.jsonl"
 SETTINGS_FILE = "settings.json"
@@ -52,14 +53,15 @@ def stratified_split(labels: Sequence[int], test_fraction: float, seed: int) -> 
     """Indices (train, test), ``round(test_fraction * n)`` of them test, spread over the classes in proportion to
     their sizes (largest remainders get the leftover places) and chosen at random within each class."""
     rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    classes, counts = np.unique(labels, return_counts=True)
+    label_array = np.asarray(labels)
+    classes, counts = np.unique(label_array, return_counts=True)
     exact = test_fraction * counts
     take = np.floor(exact).astype(int)
     leftover = int(round(test_fraction * len(labels))) - int(take.sum())
     by_remainder = np.lexsort((rng.random(len(classes)), -(exact - take)))  # random order among equal remainders
     take[by_remainder[:leftover]] += 1
-    test = [i for c, k in zip(classes, take) for i in rng.permutation(np.flatnonzero(labels == c))[:k].tolist()]
+    test = [i for c, k in zip(classes, take, strict=True)
+            for i in rng.permutation(np.flatnonzero(label_array == c))[:k].tolist()]
     if not test or len(test) == len(labels):
         fail("test_fraction", f"a split leaving studies on both sides of {len(labels)} studies", repr(test_fraction))
     test_set = set(test)
@@ -130,7 +132,7 @@ def write_study(folder: Path, index: int, seed: int, config: DemoConfig) -> dict
         raise ValueError(f"{folder}: expected the folder of study {study.study_id!r}")
     affine = scanner_grid(study.organ, config.size).affine
     _remove_study_files(folder, keep=study.modalities)  # no record until every image of these settings is there
-    for name, volume in zip(study.modalities, study.volume.numpy()):
+    for name, volume in zip(study.modalities, study.volume.numpy(), strict=True):
         atomic_write_bytes(folder / f"{name}{IMAGE_SUFFIX}", nifti_bytes(volume, affine))
     record = {"key": _study_key(index, seed, config), "study_id": study.study_id, "label": CLASSES[study.label],
               "report": study.report, "modalities": list(study.modalities), "attributes": study.attributes}
@@ -157,7 +159,7 @@ def _manifest_studies(folders: Sequence[Path], records: Sequence[dict[str, Any]]
     """The manifest's studies: one per record, its images in the study's folder."""
     return [ManifestStudy(study_id=r["study_id"], split=split, report=r["report"], labels=r["label"],
                           images={m: ImageSource(folder / f"{m}{IMAGE_SUFFIX}") for m in r["modalities"]})
-            for folder, r, split in zip(folders, records, splits)]
+            for folder, r, split in zip(folders, records, splits, strict=True)]
 
 
 def _remove_stale_studies(out_dir: Path, keep: set[str]) -> None:
@@ -217,10 +219,10 @@ def write_demo_studies(out_dir: str | os.PathLike, num_studies: int, seed: int =
 
         loader = tqdm(loader, desc="writing demo studies", unit="study", total=num_studies,
                       initial=num_studies - len(todo), dynamic_ncols=True, mininterval=2.0)
-    for index, record in zip(todo, loader):
-        records[index] = record
+    written = dict(zip(todo, loader, strict=True))
+    studies = [written[i] if record is None else record for i, record in enumerate(records)]
 
     _remove_stale_studies(out_dir, {folder.name for folder in folders})
-    write_manifest(_manifest_studies(folders, records, splits), manifest)  # paths relative: the folder can move
+    write_manifest(_manifest_studies(folders, studies, splits), manifest)  # paths relative: the folder can move
     atomic_write_bytes(settings_path, (json.dumps(settings, indent=1) + "\n").encode("utf-8"))
     return manifest

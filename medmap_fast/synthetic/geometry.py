@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 Size3 = tuple[int, int, int]
+Vec3 = Sequence[float] | np.ndarray  # a point, offset or set of radii in mm: 3 floats, or a float array [3]
 
 
 def as_size3(size: int | Sequence[int]) -> Size3:
@@ -22,7 +23,7 @@ def as_size3(size: int | Sequence[int]) -> Size3:
     sizes = (size,) * 3 if isinstance(size, int) else tuple(size)
     if len(sizes) != 3 or not all(isinstance(s, int) and s >= 4 for s in sizes):
         raise ValueError(f"size: expected an int >= 4 or three of them, got {size!r}")
-    return sizes  # type: ignore[return-value]
+    return sizes
 
 
 Box = tuple[slice, slice, slice]
@@ -36,19 +37,19 @@ class Grid:
     """
 
     def __init__(self, shape: Size3, spacing: float, affine: np.ndarray) -> None:
-        self.shape, self.spacing, self.affine = tuple(shape), float(spacing), np.asarray(affine, dtype=np.float64)
+        self.shape, self.spacing, self.affine = shape, float(spacing), np.asarray(affine, dtype=np.float64)
         self._affine32 = torch.from_numpy(self.affine.astype(np.float32))
         self._inverse = np.linalg.inv(self.affine[:3, :3])
 
     @classmethod
-    def centered(cls, size: Size3, fov_mm: float, center_mm: Sequence[float]) -> Grid:
+    def centered(cls, size: Size3, fov_mm: float, center_mm: Vec3) -> Grid:
         """An axis-aligned grid whose longest axis spans ``fov_mm``, centred on ``center_mm``."""
         spacing = fov_mm / max(size)
         affine = np.diag([spacing, spacing, spacing, 1.0])
         affine[:3, 3] = np.asarray(center_mm, dtype=np.float64) - spacing * (np.asarray(size) - 1) / 2
         return cls(size, spacing, affine)
 
-    def posed(self, matrix: np.ndarray, center: Sequence[float], shift: Sequence[float]) -> Grid:
+    def posed(self, matrix: np.ndarray, center: Vec3, shift: Vec3) -> Grid:
         """The grid seeing anatomy moved by ``p -> center + matrix @ (p - center) + shift``."""
         pose = np.eye(4)
         pose[:3, :3] = matrix
@@ -57,23 +58,24 @@ class Grid:
 
     def coords(self, box: Box | None = None) -> torch.Tensor:
         """Anatomy coordinates (mm) [d, h, w, 3] of the voxels in ``box`` (the whole grid by default)."""
-        box = box or tuple(slice(0, n) for n in self.shape)
+        slices = box or tuple(slice(0, n) for n in self.shape)
         a = self._affine32
         # origin + i * column_0 + j * column_1 + k * column_2, as three broadcast adds (no [N, 3] @ [3, 3] matmul).
-        i, j, k = (torch.arange(b.start, b.stop, dtype=torch.float32)[:, None] * a[:3, n] for n, b in enumerate(box))
+        i, j, k = (torch.arange(b.start, b.stop, dtype=torch.float32)[:, None] * a[:3, n] for n, b in enumerate(slices))
         return (a[:3, 3] + i)[:, None, None] + j[None, :, None] + k[None, None, :]
 
-    def box(self, lo_mm: Sequence[float], hi_mm: Sequence[float], margin_vox: int = 2) -> Box | None:
+    def box(self, lo_mm: Vec3, hi_mm: Vec3, margin_vox: int = 2) -> Box | None:
         """Index box covering the world box [lo, hi] (infinite bounds allowed), or None when it misses the grid."""
         lo = np.clip(np.asarray(lo_mm, dtype=np.float64), -1e5, 1e5)
         hi = np.clip(np.asarray(hi_mm, dtype=np.float64), -1e5, 1e5)
-        corners = np.stack(np.meshgrid(*zip(lo, hi), indexing="ij"), -1).reshape(-1, 3)
+        corners = np.stack(np.meshgrid(*zip(lo, hi, strict=True), indexing="ij"), -1).reshape(-1, 3)
         index = (corners - self.affine[:3, 3]) @ self._inverse.T
         start = np.maximum(np.floor(index.min(0)).astype(int) - margin_vox, 0)
         stop = np.minimum(np.ceil(index.max(0)).astype(int) + 1 + margin_vox, self.shape)
         if np.any(stop <= start):
             return None
-        return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))  # type: ignore[return-value]
+        x, y, z = (slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+        return x, y, z
 
 
 def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -85,7 +87,7 @@ def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * (k @ k)
 
 
-def radial_expand(coords: torch.Tensor, center: Sequence[float], strength: float, sigma_mm: float) -> torch.Tensor:
+def radial_expand(coords: torch.Tensor, center: Vec3, strength: float, sigma_mm: float) -> torch.Tensor:
     """Coordinates to sample anatomy at so that it looks pushed away from ``center`` (mass effect, dilated ventricles).
 
     A point p samples ``c + (p - c) * (1 - strength * exp(-|p - c|^2 / (2 sigma^2)))``: content near ``c`` is
@@ -105,9 +107,9 @@ class NoiseField:
     """
 
     def __init__(
-        self, rng: np.random.Generator, channels: int, scale_mm: float, center: Sequence[float], box_mm: float
+        self, rng: np.random.Generator, channels: int, scale_mm: float, center: Vec3, box_mm: float
     ) -> None:
-        n = int(math.ceil(box_mm / scale_mm)) + 3
+        n = math.ceil(box_mm / scale_mm) + 3
         self.lattice = torch.from_numpy(rng.standard_normal((1, channels, n, n, n), dtype=np.float32))
         self.center = torch.tensor(center, dtype=torch.float32)
         self.half = (n - 1) * scale_mm / 2
@@ -128,7 +130,7 @@ def soft(sdf_mm: torch.Tensor, voxel_mm: float) -> torch.Tensor:
 
 
 def ellipsoid_sdf(
-    coords: torch.Tensor, center: Sequence[float], radii: Sequence[float], rotation: np.ndarray | None = None
+    coords: torch.Tensor, center: Vec3, radii: Vec3, rotation: np.ndarray | None = None
 ) -> torch.Tensor:
     """Approximate signed distance (mm, negative inside) to an ellipsoid; ``rotation`` maps local axes to world."""
     q = coords - torch.tensor(center, dtype=coords.dtype)
@@ -141,7 +143,7 @@ def ellipsoid_sdf(
     return torch.where(k > 1e-6, (k - 1) * k / grad, -float(min(radii)))
 
 
-def capsule_sdf(coords: torch.Tensor, a: Sequence[float], b: Sequence[float], radius: float) -> torch.Tensor:
+def capsule_sdf(coords: torch.Tensor, a: Vec3, b: Vec3, radius: float) -> torch.Tensor:
     """Signed distance (mm) to the capsule of ``radius`` around the segment a-b (vessels, bowel loops)."""
     pa = coords - torch.tensor(a, dtype=coords.dtype)
     ba = torch.tensor(b, dtype=coords.dtype) - torch.tensor(a, dtype=coords.dtype)
@@ -155,7 +157,7 @@ def smooth_union(a: torch.Tensor, b: torch.Tensor, k_mm: float) -> torch.Tensor:
     return b + (a - b) * h - k_mm * h * (1 - h)
 
 
-def rotation_to(direction: Sequence[float]) -> np.ndarray:
+def rotation_to(direction: Vec3) -> np.ndarray:
     """A rotation [3, 3] whose third column (the local z axis, the long axis of an ellipsoid) is ``direction``."""
     z = np.asarray(direction, dtype=np.float64)
     z = z / np.linalg.norm(z)
@@ -167,8 +169,8 @@ def rotation_to(direction: Sequence[float]) -> np.ndarray:
 
 def blob(
     grid: Grid,
-    center: Sequence[float],
-    radii: Sequence[float],
+    center: Vec3,
+    radii: Vec3,
     rotation: np.ndarray | None = None,
     rough: tuple[NoiseField, int, float] | None = None,
     grow_mm: float = 0.0,

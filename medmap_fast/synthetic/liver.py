@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .abdomen import TISSUES, Abdomen, AbdomenParams, to_contrasts, row
-from .geometry import Grid, NoiseField, blob, random_rotation, soft
+from .abdomen import TISSUES, Abdomen, AbdomenParams, row, to_contrasts
+from .geometry import Box, Grid, NoiseField, blob, random_rotation, soft
 from .render import Scene
 
 LIVER_CLASSES = (
@@ -56,7 +56,8 @@ class LiverFinding:
 
 
 def render_liver(label: str, rng: np.random.Generator, grid: Grid) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Images [6, D, H, W] in :data:`~medmap_fast.synthetic.abdomen.LIVER_CONTRASTS` order and the finding's attributes."""
+    """Images [6, D, H, W] in :data:`~medmap_fast.synthetic.abdomen.LIVER_CONTRASTS` order and the finding's
+    attributes."""
     # The anatomy has its own generator, drawn first, so a given study has the same body whatever its class.
     anatomy_rng = np.random.default_rng(int(rng.integers(2**63)))
     finding = _FINDINGS[label](rng)
@@ -105,7 +106,7 @@ def _normal(rng: np.random.Generator) -> LiverFinding:
 
 
 Occupancy = Callable[[float], torch.Tensor]
-Painter = Callable[[Scene, tuple[slice, ...], Occupancy, float, torch.Tensor], None]
+Painter = Callable[[Scene, Box, Occupancy, float, torch.Tensor], None]
 
 
 def _focal(attributes: dict[str, Any], lesions: list[tuple[float, np.ndarray]], paint: Painter,
@@ -120,7 +121,7 @@ def _focal(attributes: dict[str, Any], lesions: list[tuple[float, np.ndarray]], 
     def draw(scene: Scene, grid: Grid, abdomen: Abdomen, noise: NoiseField, g: np.random.Generator) -> None:
         centers = _placed(g, abdomen, lesions)
         finding.attributes.update(_describe(centers, lesions, abdomen))
-        for center, (r, radii) in zip(centers, lesions):
+        for center, (r, radii) in zip(centers, lesions, strict=True):
             rough = (noise, 0, roughness * r) if roughness else None
             shape = blob(grid, center, radii, random_rotation(g, 180), rough, grow_mm=grow_mm)
             if shape is None:
@@ -142,7 +143,7 @@ def _hcc(rng: np.random.Generator) -> LiverFinding:
     lesions = _lesions(rng, 1 if rng.uniform() < 0.8 else 2, 10, 30)
     fatty = bool(rng.uniform() < 0.3)
 
-    def paint(scene: Scene, box: tuple[slice, ...], occupancy: Occupancy, r: float, noise: torch.Tensor) -> None:
+    def paint(scene: Scene, box: Box, occupancy: Occupancy, r: float, noise: torch.Tensor) -> None:
         scene.add("capsule", occupancy(-2.5), CAPSULE, box)
         scene.add("hcc", occupancy(0.0), FATTY_HCC if fatty else HCC, box)
 
@@ -151,14 +152,14 @@ def _hcc(rng: np.random.Generator) -> LiverFinding:
 
 
 def _cyst(rng: np.random.Generator) -> LiverFinding:
-    def paint(scene: Scene, box: tuple[slice, ...], occupancy: Occupancy, r: float, noise: torch.Tensor) -> None:
+    def paint(scene: Scene, box: Box, occupancy: Occupancy, r: float, noise: torch.Tensor) -> None:
         scene.add("cyst", occupancy(0.0), CYST, box)
 
     return _focal({"finding": "hepatic_cyst"}, _lesions(rng, int(rng.integers(1, 5)), 7, 25), paint)
 
 
 def _haemangioma(rng: np.random.Generator) -> LiverFinding:
-    def paint(scene: Scene, box: tuple[slice, ...], occupancy: Occupancy, r: float, noise: torch.Tensor) -> None:
+    def paint(scene: Scene, box: Box, occupancy: Occupancy, r: float, noise: torch.Tensor) -> None:
         nodules = torch.sigmoid(noise * 4)  # discontinuous peripheral nodules enhance first
         scene.add("haemangioma", occupancy(0.0), HAEMANGIOMA_RIM, box)
         scene.add("haemangioma_nodules", (occupancy(0.0) - occupancy(0.3 * r)) * nodules, HAEMANGIOMA_NODULES, box)
@@ -214,5 +215,5 @@ def _cirrhosis(rng: np.random.Generator) -> LiverFinding:
 
 
 _FINDINGS: dict[str, Callable[[np.random.Generator], LiverFinding]] = dict(
-    zip(LIVER_CLASSES, (_normal, _hcc, _cyst, _haemangioma, _steatosis, _iron, _cirrhosis))
+    zip(LIVER_CLASSES, (_normal, _hcc, _cyst, _haemangioma, _steatosis, _iron, _cirrhosis), strict=True)
 )

@@ -29,7 +29,8 @@ class Scene:
         self.names: list[str] = []
         self._layers: list[tuple[Box, torch.Tensor, torch.Tensor, bool]] = []
         self._modifiers: list[tuple[Box, torch.Tensor, torch.Tensor]] = []
-        self._full: Box = tuple(slice(0, n) for n in self.shape)  # type: ignore[assignment]
+        d, h, w = self.shape
+        self._full: Box = (slice(0, d), slice(0, h), slice(0, w))
 
     def add(
         self,
@@ -67,7 +68,7 @@ class Scene:
     def fraction(self, name: str) -> torch.Tensor:
         """Total visible fraction [D, H, W] of every compartment called ``name``."""
         total = torch.zeros(self.shape)
-        for (box, *_), vis, n in zip(self._layers, self.visible(), self.names):
+        for (box, *_), vis, n in zip(self._layers, self.visible(), self.names, strict=True):
             if n == name:
                 total[box] += vis
         return total
@@ -76,7 +77,7 @@ class Scene:
         """Signal [C, D, H, W] of the named channels (all by default)."""
         idx = torch.tensor([self.channels.index(c) for c in (channels or self.channels)])
         image = torch.zeros(len(idx), *self.shape)
-        for (box, _, row, _), vis in zip(self._layers, self.visible()):
+        for (box, _, row, _), vis in zip(self._layers, self.visible(), strict=True):
             image[(slice(None), *box)] += row[idx].view(-1, 1, 1, 1) * vis
         for box, mask, factors in self._modifiers:
             image[(slice(None), *box)] *= 1.0 + mask * (factors[idx] - 1.0).view(-1, 1, 1, 1)

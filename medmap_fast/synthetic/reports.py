@@ -244,7 +244,7 @@ def _they(a: dict[str, Any]) -> str:
 
 
 def _lesion_list(a: dict[str, Any], noun: str) -> str:
-    parts = [f"{d} mm in segment {s}" for d, s in zip(a["diameters_mm"], a["segments"])]
+    parts = [f"{d} mm in segment {s}" for d, s in zip(a["diameters_mm"], a["segments"], strict=True)]
     return f"{_plural(a['count'], noun)} ({_join(parts)})"
 
 
@@ -329,5 +329,5 @@ def _cirrhosis(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> t
 _WRITERS: dict[str, Writer] = dict(zip(
     BRAIN_CLASSES + LIVER_CLASSES,
     (_normal_brain, _tumour, _infarct, _haemorrhage, _demyelination, _atrophy,
-     _normal_liver, _hcc, _cyst, _haemangioma, _steatosis, _iron, _cirrhosis),
+     _normal_liver, _hcc, _cyst, _haemangioma, _steatosis, _iron, _cirrhosis), strict=True,
 ))

@@ -45,9 +45,11 @@ class Study:
             fail(f"{name}.modalities", "distinct modality names", str(self.modalities))
         if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
             fail(f"{name}.spacing", "three positive voxel sizes in mm", str(self.spacing))
-        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
+        x, y, z = self.spacing
+        self.spacing = (float(x), float(y), float(z))
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """Spatial shape (D, H, W)."""
-        return tuple(self.volume.shape[1:])  # type: ignore[return-value]
+        _, d, h, w = self.volume.shape
+        return d, h, w

@@ -21,7 +21,7 @@ import torch
 from medmap_fast.data.cache import SPLITS, CacheEntry, LabelSpace, read_index
 from medmap_fast.data.loaders import make_loader
 from medmap_fast.models.text import TextEncoder
-from medmap_fast.train.config import augment_config
+from medmap_fast.train.config import DataConfig, RunConfig
 from medmap_fast.train.distributed import DistributedContext
 from medmap_fast.train.loop import Batch
 from medmap_fast.validation import fail
@@ -35,6 +35,12 @@ class CacheData:
     path: Path
     splits: dict[str, list[CacheEntry]]
     labels: LabelSpace | None
+
+    def label_space(self, purpose: str = "labels") -> LabelSpace:
+        """The labels' class space; an error naming the cache when no study is labelled."""
+        if self.labels is None:
+            fail(f"{self.path}", f"studies with labels {purpose}", "no labels in index.jsonl")
+        return self.labels
 
     def split(self, name: str, need: str | None = None, ctx: DistributedContext | None = None) -> list[CacheEntry]:
         """The studies of split ``name``; ``need="report"`` or ``"labels"`` leaves out those without one and says so
@@ -51,17 +57,17 @@ class CacheData:
         return entries
 
 
-def open_cache(data: dict[str, Any]) -> CacheData:
+def open_cache(data: DataConfig) -> CacheData:
     """The cache of the ``data`` config section (``data.path``; ``data.classes`` fixes the class order)."""
-    if not data.get("path"):
-        fail("data.path", "the folder written by `medmap-fast prepare` (--data CACHE)", repr(data.get("path")))
-    path = Path(data["path"])
+    if not data.path:
+        fail("data.path", "the folder written by `medmap-fast prepare` (--data CACHE)", repr(data.path))
+    path = Path(data.path)
     entries = read_index(path)
     splits: dict[str, list[CacheEntry]] = {s: [] for s in SPLITS}
     for e in entries:
         splits[e.split].append(e)
     labelled = [e.labels for e in entries if e.labels is not None]
-    labels = LabelSpace(labelled, data.get("classes")) if labelled else None
+    labels = LabelSpace(labelled, data.classes) if labelled else None
     return CacheData(path, splits, labels)
 
 
@@ -127,16 +133,19 @@ class StageBatches:
             yield batch
 
 
-def stage_batches(entries: Sequence[CacheEntry], cache: CacheData, config: dict[str, Any], stage: str | None,
+def stage_batches(entries: Sequence[CacheEntry], cache: CacheData, config: RunConfig, stage: str | None,
                   ctx: DistributedContext, modality_names: Sequence[str], batch_size: int, num_workers: int = 0,
-                  reports: TextTable | None = None, max_volumes: int | None = None, seed: int = 0) -> StageBatches:
+                  reports: TextTable | None = None, max_volumes: int | None = None, seed: int = 0,
+                  size_of: str | None = None) -> StageBatches:
     """The batches of ``entries`` for training stage ``stage`` (shuffled, augmented, sharded over the ranks) or,
-    with ``stage=None``, for evaluation (in order, every study once, on this process)."""
+    with ``stage=None``, for evaluation (in order, every study once, on this process, centre crops at the crop size
+    of stage ``size_of``: the stage whose model is evaluated; None: ``data.size``)."""
     training = stage is not None
+    augment = config.augment(stage if training else size_of, training)
     loader = make_loader(
-        entries, cache.path, modality_names=modality_names, labels=cache.labels, augment=augment_config(config, stage),
+        entries, cache.path, modality_names=modality_names, labels=cache.labels, augment=augment,
         batch_size=batch_size, shuffle=training, seed=seed, rank=ctx.rank if training else 0,
         world_size=ctx.world_size if training else 1, num_workers=num_workers, device=ctx.device,
-        kind=config["data"]["loader"],
+        kind=config.data.loader,
     )
     return StageBatches(loader, reports, max_volumes)

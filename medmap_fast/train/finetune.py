@@ -18,15 +18,14 @@ from torch import nn
 from medmap_fast.data.cache import CacheEntry, LabelSpace
 from medmap_fast.fileio import atomic_path, read_json_object
 from medmap_fast.modalities import ModalityRegistry
-from medmap_fast.models.encoder import MedMAPEncoder
+from medmap_fast.models.encoder import MedMAPEncoder, saved_encoder_dir
 from medmap_fast.models.medmap import MedMAPClassifier, MedMAPPretrainModel, load_head_weights, save_head_weights
 from medmap_fast.models.text import TextEncoder
-from medmap_fast.train.config import train_config
+from medmap_fast.train.config import RunConfig, as_dict
 from medmap_fast.train.data import CacheData, stage_batches
 from medmap_fast.train.distributed import DistributedContext, unwrap
 from medmap_fast.train.loop import Batch, fit, seed_everything, to_device
 from medmap_fast.train.pretrain import build_encoder
-from medmap_fast.validation import fail
 
 MODEL_DIR = "model"
 WEIGHTS_FILE, CONFIG_FILE = "classifier.safetensors", "classifier.json"
@@ -48,18 +47,18 @@ def finetune_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[st
     return loss, {"accuracy": float((predicted == labels).float().mean())}
 
 
-def build_classifier(config: dict[str, Any], labels: LabelSpace, text_encoder: TextEncoder,
+def build_classifier(config: RunConfig, labels: LabelSpace, text_encoder: TextEncoder,
                      encoder: MedMAPEncoder | None = None) -> MedMAPClassifier:
     """A classifier for ``labels``' task over ``encoder`` (default: a new one from the config) with the configured
     modality prompts."""
     encoder = encoder if encoder is not None else build_encoder(config)
-    prompts = text_encoder.encode(modality_prompts(encoder.modalities, config["text"]["prompt_template"]))
-    return MedMAPClassifier(encoder, labels.num_outputs, prompts, task=labels.task, **config["finetune"]["model"])
+    prompts = text_encoder.encode(modality_prompts(encoder.modalities, config.text.prompt_template))
+    return MedMAPClassifier(encoder, labels.num_outputs, prompts, task=labels.task, **as_dict(config.finetune.model))
 
 
 def finetune(
     cache: CacheData,
-    config: dict[str, Any],
+    config: RunConfig,
     text_encoder: TextEncoder,
     ctx: DistributedContext,
     init: str | Path | MedMAPPretrainModel | None = None,
@@ -74,34 +73,33 @@ def finetune(
     With ``run_dir``, checkpoints go there and rank 0 saves the classifier under ``run_dir/model``
     (:func:`load_classifier` reads it back).
     """
-    train = train_config(config, "finetune")
+    train = config.finetune.train
     seed_everything(train.seed)
-    if cache.labels is None:
-        fail(f"{cache.path}", "studies with labels for fine-tuning", "no labels in index.jsonl")
-    model = build_classifier(config, cache.labels, text_encoder)
+    labels = cache.label_space("for fine-tuning")
+    model = build_classifier(config, labels, text_encoder)
     if init is not None:
         model.load_pretrained_encoder(init)
     batches = stage_batches(cache.split("train", "labels", ctx), cache, config, "finetune", ctx,
                             model.encoder.modalities.names, train.batch_size, train.num_workers,
-                            max_volumes=config["finetune"]["max_volumes"], seed=train.seed)
-    run_config = {"encoder": config["encoder"], "finetune": config["finetune"], "text": config["text"],
-                  "data": config["data"], "init": str(init) if isinstance(init, (str, Path)) else type(init).__name__}
+                            max_volumes=config.finetune.max_volumes, seed=train.seed)
+    run_config = {**config.sections("encoder", "finetune", "text", "data"),
+                  "init": str(init) if isinstance(init, (str, Path)) else type(init).__name__}
     history = fit(model, batches, finetune_step, train, ctx, run_dir, desc="stage 2 (fine-tuning)",
                   resume=resume, progress=progress, on_epoch_end=on_epoch_end, run_config=run_config,
                   find_unused_parameters=model.encoder.sharing == "separate")
     if run_dir is not None and ctx.is_main:
-        save_classifier(model, Path(run_dir) / MODEL_DIR, config, cache.labels.class_names)
+        save_classifier(model, Path(run_dir) / MODEL_DIR, config, labels.class_names)
     return model, history
 
 
 @torch.no_grad()
-def predict(model: MedMAPClassifier, entries: Sequence[CacheEntry], cache: CacheData, config: dict[str, Any],
+def predict(model: MedMAPClassifier, entries: Sequence[CacheEntry], cache: CacheData, config: RunConfig,
             ctx: DistributedContext) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [S, K] (binary: [S] of "present"; multilabel: independent sigmoids), labels [S] or [S, K])
     of every study of ``entries``, in order, with all its volumes (centre crop)."""
     model.eval().to(ctx.device)
     batches = stage_batches(entries, cache, config, None, ctx, model.encoder.modalities.names,
-                            config["evaluate"]["batch_size"])
+                            config.evaluate.batch_size, size_of="finetune")
     probs, labels = [], []
     for batch in batches.epoch(0):
         batch = to_device(batch, ctx.device)
@@ -112,14 +110,15 @@ def predict(model: MedMAPClassifier, entries: Sequence[CacheEntry], cache: Cache
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
-def save_classifier(model: MedMAPClassifier, directory: str | Path, config: dict[str, Any],
+def save_classifier(model: MedMAPClassifier, directory: str | Path, config: RunConfig,
                     class_names: Sequence[str]) -> None:
     """``encoder/`` (the encoder's format), ``classifier.safetensors`` (everything else, prompt embeddings included)
     and ``classifier.json`` (the run config and class names), each written atomically."""
     directory = Path(directory)
     model.encoder.save_pretrained(directory / "encoder")
     save_head_weights(model, directory / WEIGHTS_FILE)
-    meta = {"num_classes": model.num_classes, "task": model.task, "class_names": list(class_names), "config": config,
+    meta = {"num_classes": model.num_classes, "task": model.task, "class_names": list(class_names),
+            "config": config.to_dict(),
             "prompt_shape": list(model.csa.prompt_embeddings.shape),
             "label_shape": list(model.label_embeddings.shape) if hasattr(model, "label_embeddings") else None}
     with atomic_path(directory / CONFIG_FILE, durable=True) as tmp:
@@ -131,7 +130,7 @@ def load_classifier(directory: str | Path) -> tuple[MedMAPClassifier, dict[str, 
     directory = Path(directory)
     path = directory / CONFIG_FILE
     meta = read_json_object(path, "medmap-fast finetune")
-    encoder = MedMAPEncoder.from_pretrained(directory / "encoder")  # its own files, its own errors
+    encoder = MedMAPEncoder.from_pretrained(saved_encoder_dir(directory))  # its own files, its own errors
     try:
         kwargs = dict(meta["config"]["finetune"]["model"])
         if meta["label_shape"] is not None:

@@ -1,5 +1,7 @@
 """The training loop shared by both stages: AdamW, linear warm-up + cosine decay, AMP, gradient accumulation,
-seeding, progress bar with ETA, DDP, and checkpoints that resume a killed run exactly where it stopped.
+seeding, progress bar with volumes/s and ETA, the run log (:mod:`~medmap_fast.train.runlog`: metrics.csv and
+TensorBoard), the non-finite step guard (:mod:`~medmap_fast.train.guard`), DDP, and checkpoints that resume a killed
+run exactly where it stopped.
 
 A stage provides a :class:`BatchSource` (the cache loaders of :mod:`medmap_fast.data.loaders`, wrapped by
 :class:`medmap_fast.train.data.StageBatches`) and a ``step_loss(model, batch) -> (loss, logs)``; :func:`fit` does
@@ -22,8 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from medmap_fast.models.encoder import MedMAPEncoder
+from medmap_fast.models.swin_layers import SwinBlock3D
 from medmap_fast.train.checkpoint import CHECKPOINT_NAME, TrainState, load_checkpoint, save_checkpoint
-from medmap_fast.train.distributed import DistributedContext, mean_over_ranks, unwrap, wrap_model
+from medmap_fast.train.distributed import DistributedContext, unwrap, wrap_model
+from medmap_fast.train.guard import NonFiniteGuard
+from medmap_fast.train.runlog import RunLog, StepMeter
 from medmap_fast.validation import fail
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -40,7 +46,10 @@ class TrainConfig:
     then it follows a cosine to ``lr * min_lr_ratio``. ``lr_scale`` multiplies the LR of parameters whose name
     starts with a prefix (e.g. ``{"encoder.": 0.5}`` for a gentler encoder update when fine-tuning). amp: "auto"
     (bf16 autocast on CUDA, off on CPU), "bf16" or "off". checkpoint_every: also checkpoint every n optimiser steps
-    (0 = only at the end of each epoch).
+    (0 = only at the end of each epoch). max_nonfinite_steps: an update whose loss or gradients hold NaN/Inf is
+    skipped; this many skipped in a row stop the run (:mod:`medmap_fast.train.guard`). compile: ``torch.compile``
+    the model's encoders in place before training (:func:`apply_train_options`); activation_checkpointing: every Swin
+    block recomputes its activations in the backward instead of keeping them (MONAI's ``use_checkpoint``).
     """
 
     epochs: int = 10
@@ -58,12 +67,18 @@ class TrainConfig:
     num_workers: int = 0
     log_every: int = 10
     checkpoint_every: int = 0
+    max_nonfinite_steps: int = 5
+    compile: bool = False
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 fail(name, "an int >= 1", repr(value))
+        for name in ("compile", "activation_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "true or false", repr(getattr(self, name)))
         if self.amp not in AMP_MODES:
             fail("amp", f"one of {AMP_MODES}", repr(self.amp))
         if not 0.0 <= self.warmup_fraction < 1.0:
@@ -125,6 +140,48 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float,
     return [{"params": ps, "lr": lr * scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
 
 
+def adamw(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """The optimiser of a run: AdamW over :func:`param_groups` (fused on CUDA)."""
+    return torch.optim.AdamW(param_groups(model, config.weight_decay, config.lr, config.lr_scale), lr=config.lr,
+                             betas=config.betas, fused=device.type == "cuda")
+
+
+def apply_train_options(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """``config``'s model-side options, in place; returns ``model``. ``activation_checkpointing`` turns checkpointing
+    on in every Swin block (whatever the encoder's ``use_checkpoint`` said): both halves of a block recompute in the
+    backward, as MONAI's ``use_checkpoint`` does. ``compile`` compiles every :class:`MedMAPEncoder` of the model (the
+    whole model where it holds none) with ``nn.Module.compile``, which keeps the parameter names, so checkpoints and
+    saved models are an eager run's; compiled code skips the encoder's NaN / id-range checks."""
+    if config.activation_checkpointing:
+        blocks = [m for m in model.modules() if isinstance(m, SwinBlock3D)]
+        if not blocks:
+            fail("activation_checkpointing", "a model with Swin blocks to checkpoint",
+                 f"a {type(model).__name__} without any")
+        for block in blocks:
+            block.use_checkpoint = True
+    if config.compile:
+        on_cpu = any(p.device.type == "cpu" for p in model.parameters())
+        if on_cpu and (missing := cpu_compiler_missing()):
+            fail("compile", "a C++ compiler for torch.compile on the CPU (Inductor builds C++ kernels there)", missing)
+        encoders: list[nn.Module] = [m for m in model.modules() if isinstance(m, MedMAPEncoder)]
+        for module in encoders or [model]:
+            module.compile()
+    return model
+
+
+def cpu_compiler_missing() -> str | None:
+    """Why Inductor cannot compile CPU code here (it searches ``torch._inductor.config.cpp.cxx``), or None."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return f"no working C++ compiler among {inductor_config.cpp.cxx}"
+    return None
+
+
 def autocast(device: torch.device, amp: str) -> Any:
     """bf16 autocast on CUDA for amp "auto"/"bf16"; a no-op otherwise (CPU trains in fp32)."""
     if device.type == "cuda" and amp in ("auto", "bf16"):
@@ -153,7 +210,11 @@ def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True,
-                mininterval=2.0)
+                mininterval=2.0, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps "
+                                            "[{elapsed}, ETA {remaining}{postfix}]")
+
+
+_POSTFIX = (("loss", "loss", ".4f"), ("lr", "lr", ".2e"), ("volumes_per_s", "vol/s", ".1f"))
 
 
 def fit(
@@ -170,19 +231,21 @@ def fit(
     on_epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None,
     run_config: dict[str, Any] | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place; returns the log: one dict per logged optimiser step (``step``, ``epoch``, ``lr``,
-    ``loss`` and the stage's logs averaged since the previous entry) and one per epoch (``epoch_end`` = 1, plus
-    whatever ``on_epoch_end(model, epoch)`` returns, e.g. validation metrics).
+    """Train ``model`` in place; returns the log (the rows of :mod:`medmap_fast.train.runlog`): one dict per logged
+    optimiser step (``step``, ``epoch``, ``lr``, ``loss`` and the stage's logs averaged since the previous row,
+    throughput and skipped updates) and one per epoch (``epoch_end`` = 1, plus whatever ``on_epoch_end(model,
+    epoch)`` returns, e.g. validation metrics).
 
     With ``run_dir``, rank 0 writes ``checkpoint.pt`` there at the end of every epoch (and every
-    ``checkpoint_every`` steps); if one exists and ``resume`` is true, training continues from it (same
-    configuration required: ``run_config`` plus ``config``). The model is moved to ``ctx.device``.
+    ``checkpoint_every`` steps), and the log as ``metrics.csv`` and TensorBoard event files; if a checkpoint exists
+    and ``resume`` is true, training continues from it (same configuration required: ``run_config`` plus
+    ``config``). An update whose loss or gradients are not finite is skipped (:mod:`medmap_fast.train.guard`).
+    The model is moved to ``ctx.device``.
     """
     seed_everything(config.seed)
-    model.to(ctx.device)
+    apply_train_options(model.to(ctx.device), config)
     ddp = wrap_model(model, ctx, find_unused_parameters)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.lr, config.lr_scale),
-                                  lr=config.lr, betas=config.betas, fused=ctx.device.type == "cuda")
+    optimizer = adamw(model, config, ctx.device)
     micro_per_epoch = len(batches)
     steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
@@ -199,52 +262,69 @@ def fit(
         if ckpt is not None and ctx.is_main:
             save_checkpoint(ckpt, model, optimizer, scheduler, state, full_config)
 
-    bar = _progress(total_steps, state.step, desc, progress and ctx.is_main)
-    sums: dict[str, float] = {}
-    count = 0
-    started = time.perf_counter()
+    tried = state.epoch * steps_per_epoch + math.ceil(state.batches_in_epoch / config.grad_accum)
+    bar = _progress(total_steps, tried, desc, progress and ctx.is_main)
+    guard = NonFiniteGuard(config.max_nonfinite_steps, ctx)
+    meter = StepMeter(ctx.device)
+    window: list[dict[str, float]] = []  # the logs of the micro-batches of the current optimiser step
+    # A resumed run's elapsed time continues from its log.
+    started = time.perf_counter() - next((h["elapsed_s"] for h in reversed(state.history) if "elapsed_s" in h), 0.0)
     model.train()
-    for epoch in range(state.epoch, config.epochs):
-        micro = state.batches_in_epoch
-        for batch in batches.epoch(epoch, micro):
-            window_start = micro - micro % config.grad_accum
-            window = min(config.grad_accum, micro_per_epoch - window_start)
-            last_in_window = micro + 1 == window_start + window
-            sync = ddp.no_sync() if ctx.is_distributed and not last_in_window else nullcontext()
-            with sync:
-                with autocast(ctx.device, config.amp):
-                    loss, logs = step_loss(ddp, to_device(batch, ctx.device))
-                (loss / window).backward()
-            for key, value in {"loss": float(loss.detach()), **logs}.items():
-                sums[key] = sums.get(key, 0.0) + value
-            count += 1
-            micro += 1
-            if not last_in_window:
-                continue
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step, state.batches_in_epoch = state.step + 1, micro
-            bar.update(1)
-            if state.step % config.log_every == 0 or micro == micro_per_epoch:
-                logs = mean_over_ranks({k: v / count for k, v in sums.items()}, ctx)
-                entry = {"step": state.step, "epoch": epoch + micro / micro_per_epoch,
-                         "lr": scheduler.get_last_lr()[0], "elapsed_s": time.perf_counter() - started, **logs}
-                state.history.append(entry)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{entry['lr']:.2e}")
-                sums, count = {}, 0
-            if config.checkpoint_every and state.step % config.checkpoint_every == 0 and micro < micro_per_epoch:
+    with RunLog(run_dir, state.history, state.step, enabled=ctx.is_main) as runlog:
+        for epoch in range(state.epoch, config.epochs):
+            micro = state.batches_in_epoch
+            for batch in meter.timed(batches.epoch(epoch, micro)):
+                window_start = micro - micro % config.grad_accum
+                size = min(config.grad_accum, micro_per_epoch - window_start)
+                last_in_window = micro + 1 == window_start + size
+                sync = ddp.no_sync() if ctx.is_distributed and not last_in_window else nullcontext()
+                with sync:
+                    with autocast(ctx.device, config.amp):
+                        loss, logs = step_loss(ddp, to_device(batch, ctx.device))
+                    (loss / size).backward()
+                window.append({"loss": float(loss.detach()), **logs})
+                micro += 1
+                if not last_in_window:
+                    continue
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                problem = guard.problem([w["loss"] for w in window], grad_norm, model)
+                if problem is None:
+                    if config.grad_clip:
+                        torch.nn.utils.clip_grads_with_norm_(model.parameters(), config.grad_clip, grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    state.step += 1
+                    guard.passed()
+                else:  # no update: weights, optimiser and schedule stay as they were
+                    guard.skip(problem, f"{desc}, the update after optimiser step {state.step} (epoch {epoch + 1}, "
+                                        f"micro-batch {micro} of {micro_per_epoch})")
+                optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch = micro
+                meter.step(window, None if problem else float(grad_norm))
+                window = []
+                bar.update(1)
+                if (problem is None and state.step % config.log_every == 0) or micro == micro_per_epoch \
+                        or guard.exhausted:
+                    row = {"step": state.step, "epoch": epoch + micro / micro_per_epoch,
+                           "lr": scheduler.get_last_lr()[0], **meter.read(ctx),
+                           "elapsed_s": time.perf_counter() - started}
+                    runlog.log(row)
+                    bar.set_postfix({label: f"{row[k]:{fmt}}" for k, label, fmt in _POSTFIX if k in row})
+                guard.check()
+                if problem is None and config.checkpoint_every and state.step % config.checkpoint_every == 0 \
+                        and micro < micro_per_epoch:
+                    with meter.paused():
+                        checkpoint()
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            with meter.paused():
+                if on_epoch_end is not None:
+                    model.eval()
+                    with torch.no_grad():
+                        runlog.log({"step": state.step, "epoch": epoch + 1, "epoch_end": 1,
+                                    **on_epoch_end(unwrap(ddp), epoch)})
+                    model.train()
                 checkpoint()
-        state.epoch, state.batches_in_epoch = epoch + 1, 0
-        if on_epoch_end is not None:
-            model.eval()
-            with torch.no_grad():
-                state.history.append({"step": state.step, "epoch": epoch + 1, "epoch_end": 1,
-                                      **on_epoch_end(unwrap(ddp), epoch)})
-            model.train()
-        checkpoint()
+                runlog.flush()
     bar.close()
     model.eval()
     return state.history

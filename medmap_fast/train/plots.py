@@ -1,4 +1,5 @@
-"""PNG figures of a run: loss curves, one-vs-rest ROC curves, the confusion matrix, and slices of studies.
+"""PNG figures of a run: loss and learning-rate curves (from the runs' ``metrics.csv``), one-vs-rest ROC curves,
+the confusion matrix, and slices of studies.
 
 matplotlib (the ``demo`` extra) is imported lazily with the non-interactive Agg backend, so training never needs it.
 """
@@ -14,6 +15,7 @@ import numpy as np
 
 from medmap_fast.fileio import atomic_path
 from medmap_fast.train.evaluate import roc_auc, roc_curve
+from medmap_fast.train.runlog import read_metrics
 
 
 def _pyplot() -> Any:
@@ -34,25 +36,34 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
-def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
-    """One panel per run (e.g. "stage 1", "stage 2"): training loss against optimiser step (and any per-epoch
-    validation metrics of the run's log on a second axis)."""
+def plot_loss_curves(runs: Mapping[str, str | Path], path: str | Path) -> Path:
+    """One column per run (e.g. "stage 1", "stage 2": its run folder or ``metrics.csv``), drawn from the run's
+    log: training loss against optimiser step (per-epoch evaluation metrics on a second axis, updates skipped as
+    non-finite marked), and the learning rate under it."""
+    logs = {name: read_metrics(run) for name, run in runs.items()}  # a missing log fails before any drawing
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(histories), figsize=(5.2 * len(histories), 3.6), squeeze=False)
-    for ax, (name, history) in zip(axes[0], histories.items()):
-        steps = [h for h in history if "loss" in h and not h.get("epoch_end")]
-        ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], color="tab:blue", label="train loss")
-        ax.set(title=name, xlabel="optimiser step", ylabel="loss")
-        epochs = [h for h in history if h.get("epoch_end")]
-        keys = sorted({k for h in epochs for k in h} - {"step", "epoch", "epoch_end"})
+    fig, axes = plt.subplots(2, len(logs), figsize=(5.2 * len(logs), 5.4), squeeze=False, sharex="col",
+                             gridspec_kw={"height_ratios": [2, 1]})
+    for ax, lr_ax, (name, rows) in zip(axes[0], axes[1], logs.items()):
+        steps = [r for r in rows if not r.get("epoch_end")]
+        losses = [r for r in steps if "loss" in r]
+        ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], color="tab:blue", label="train loss")
+        for i, r in enumerate(r for r in steps if r.get("nonfinite_steps")):
+            ax.axvline(r["step"], color="tab:red", lw=0.8, ls=":", label="skipped (non-finite)" if i == 0 else None)
+        ax.set(title=name, ylabel="loss")
+        epochs = [r for r in rows if r.get("epoch_end")]
+        keys = sorted({k for r in epochs for k in r} - {"step", "epoch", "epoch_end"})
         if keys:
             twin = ax.twinx()
             for key in keys:
-                twin.plot([h["step"] for h in epochs], [h.get(key, np.nan) for h in epochs], marker="o", ls="--",
+                twin.plot([r["step"] for r in epochs], [r.get(key, np.nan) for r in epochs], marker="o", ls="--",
                           label=key)
             twin.set(ylabel="validation", ylim=(0, 1.02))
             twin.legend(loc="center right", fontsize=7)
         ax.legend(loc="upper right", fontsize=7)
+        lr_ax.plot([r["step"] for r in steps if "lr" in r], [r["lr"] for r in steps if "lr" in r], color="tab:green")
+        lr_ax.set(xlabel="optimiser step", ylabel="learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     fig.tight_layout()
     return _save(fig, path)
 

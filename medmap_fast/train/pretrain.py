@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from torch import nn
 from medmap_fast.data.cache import CacheEntry
 from medmap_fast.models.encoder import MedMAPEncoder
 from medmap_fast.models.medmap import MedMAPPretrainModel
-from medmap_fast.train.config import train_config
+from medmap_fast.train.config import RunConfig, as_dict
 from medmap_fast.train.data import CacheData, TextTable, stage_batches
 from medmap_fast.train.distributed import DistributedContext
 from medmap_fast.train.evaluate import recall_at_k
@@ -27,9 +26,9 @@ from medmap_fast.train.loop import Batch, fit, seed_everything, to_device
 MODEL_DIR = "model"
 
 
-def build_encoder(config: dict[str, Any]) -> MedMAPEncoder:
+def build_encoder(config: RunConfig) -> MedMAPEncoder:
     """The encoder of the ``encoder`` config section."""
-    return MedMAPEncoder(**config["encoder"])
+    return MedMAPEncoder(**as_dict(config.encoder))
 
 
 def pretrain_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -40,7 +39,7 @@ def pretrain_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[st
 
 def pretrain(
     cache: CacheData,
-    config: dict[str, Any],
+    config: RunConfig,
     reports: TextTable,
     ctx: DistributedContext,
     run_dir: str | Path | None = None,
@@ -53,40 +52,48 @@ def pretrain(
     With ``run_dir``, checkpoints go there (a killed run resumes) and rank 0 saves the model under
     ``run_dir/model``.
     """
-    train = train_config(config, "pretrain")
+    train = config.pretrain.train
     seed_everything(train.seed)
-    model = MedMAPPretrainModel(build_encoder(config), text_dim=reports.dim, **config["pretrain"]["model"])
+    model = MedMAPPretrainModel(build_encoder(config), text_dim=reports.dim, **as_dict(config.pretrain.model))
     batches = stage_batches(cache.split("train", "report", ctx), cache, config, "pretrain", ctx,
                             model.encoder.modalities.names, train.batch_size, train.num_workers, reports,
-                            config["pretrain"]["max_volumes"], train.seed)
+                            config.pretrain.max_volumes, train.seed)
     history = fit(model, batches, pretrain_step, train, ctx, run_dir, desc="stage 1 (pre-training)",
                   resume=resume, progress=progress, find_unused_parameters=model.encoder.sharing == "separate",
-                  run_config={"encoder": config["encoder"], "pretrain": config["pretrain"], "text": config["text"], "data": config["data"]})
+                  run_config=config.sections("encoder", "pretrain", "text", "data"))
     if run_dir is not None and ctx.is_main:
         model.save_pretrained(Path(run_dir) / MODEL_DIR)
     return model, history
 
 
+def pool_studies(volume_emb: torch.Tensor, study_index: torch.Tensor, num_studies: int) -> torch.Tensor:
+    """Volume embeddings [V, E] -> one L2-normalised embedding per study [S, E]: the renormalised mean of its
+    volumes' normalised embeddings (stage 1's study embedding)."""
+    v = F.normalize(volume_emb.float(), dim=-1)
+    sums = torch.zeros(num_studies, v.shape[1], device=v.device).index_add_(0, study_index, v)
+    return F.normalize(sums, dim=-1)
+
+
 @torch.no_grad()
 def embed_studies(model: MedMAPPretrainModel, entries: Sequence[CacheEntry], cache: CacheData,
-                  config: dict[str, Any], batch_size: int, ctx: DistributedContext) -> torch.Tensor:
-    """One L2-normalised embedding per study [S, E], in ``entries`` order: the renormalised mean of its volumes'
-    normalised embeddings (every volume, centre crop)."""
+                  config: RunConfig, batch_size: int, ctx: DistributedContext) -> torch.Tensor:
+    """One L2-normalised embedding per study [S, E], in ``entries`` order (:func:`pool_studies` of every volume,
+    centre crop)."""
     device = ctx.device
     model.eval().to(device)
-    batches = stage_batches(entries, cache, config, None, ctx, model.encoder.modalities.names, batch_size)
+    batches = stage_batches(entries, cache, config, None, ctx, model.encoder.modalities.names, batch_size,
+                            size_of="pretrain")
     out = []
     for batch in batches.epoch(0):
         batch = to_device(batch, device)
-        v = F.normalize(model.embed_volumes(batch["volumes"], batch["modality_ids"]).float(), dim=-1)
-        sums = torch.zeros(batch["num_studies"], v.shape[1], device=device).index_add_(0, batch["study_index"], v)
-        out.append(F.normalize(sums, dim=-1).cpu())
+        v = model.embed_volumes(batch["volumes"], batch["modality_ids"])
+        out.append(pool_studies(v, batch["study_index"], batch["num_studies"]).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def retrieval_metrics(model: MedMAPPretrainModel, entries: Sequence[CacheEntry], cache: CacheData,
-                      config: dict[str, Any], reports: TextTable, ctx: DistributedContext) -> dict[str, float]:
+                      config: RunConfig, reports: TextTable, ctx: DistributedContext) -> dict[str, float]:
     """Zero-shot report retrieval on held-out studies, in both directions.
 
     Candidates are the distinct report texts of ``studies`` (identical reports are one candidate, correct for every
@@ -94,7 +101,7 @@ def retrieval_metrics(model: MedMAPPretrainModel, entries: Sequence[CacheEntry],
     ``report_to_study_r1/_r5``: a report finds one of its studies. ``chance_r1/_r5``: the expected study-to-report
     recall of a random ranking.
     """
-    study_emb = embed_studies(model, entries, cache, config, config["evaluate"]["batch_size"], ctx)
+    study_emb = embed_studies(model, entries, cache, config, config.evaluate.batch_size, ctx)
     texts = list(dict.fromkeys(e.report for e in entries))
     report_emb = F.normalize(model.embed_reports(reports.lookup(texts).to(ctx.device)).float(), dim=-1).cpu()
     owner = torch.tensor([texts.index(e.report) for e in entries])

@@ -1,4 +1,5 @@
-"""``report.md`` of a demo run: what was trained on what, the held-out results, the ablation, and the figures."""
+"""``report.md`` of a demo run: what was trained on what, the held-out results, the ablation, training as its
+run logs recorded it, and the figures."""
 
 from __future__ import annotations
 
@@ -66,6 +67,18 @@ def _ablation_text(pre: dict[str, Any], rand: dict[str, Any], test_studies: int)
     return [head, "", verdict]
 
 
+def _training_table(training: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per training run, from the summaries of their ``metrics.csv`` (:func:`runlog.summarize`)."""
+    lines = ["| run | optimiser steps | final loss | volumes/s (median) | waiting for data | peak GPU memory | "
+             "skipped (non-finite) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, t in training.items():
+        share = "n/a" if t["data_fraction"] is None else f"{t['data_fraction']:.0%} of step time"
+        memory = "n/a" if t["gpu_mem_gb"] is None else f"{t['gpu_mem_gb']:.2f} GiB"
+        lines.append(f"| {name} | {t['steps']} | {_fmt(t['final_loss'])} | {_fmt(t['volumes_per_s'], 1)} | {share} | "
+                     f"{memory} | {t['nonfinite_steps']} |")
+    return lines
+
+
 def write_report(path: str | Path, metrics: dict[str, Any], figures: dict[str, str]) -> None:
     """Write the markdown report of a demo run (``metrics`` as in metrics.json, ``figures`` name -> file name)."""
     test, pre, data, cfg = metrics["test"], metrics["pretrain"], metrics["data"], metrics["config"]
@@ -117,7 +130,12 @@ def write_report(path: str | Path, metrics: dict[str, Any], figures: dict[str, s
         lines += ["## Ablation: does pre-training help?", "",
                   *_ablation_text(test, metrics["ablation"]["random_init"]["test"],
                                  metrics["data"]["test_studies"]), ""]
-    lines += ["## Figures", "", f"![loss curves]({figures.get('loss_curves', '')})", ""]
+    if metrics.get("training"):
+        lines += ["## Training", "", *_training_table(metrics["training"]), "",
+                  "From each run folder's `metrics.csv`, which holds one row per logged optimiser step (loss and "
+                  "its terms, learning rate, gradient norm, volumes/s, data and step time, skipped steps) and the "
+                  "same values as TensorBoard event files (`tensorboard --logdir RUN`).", ""]
+    lines += ["## Figures", "", f"![loss and learning-rate curves]({figures.get('loss_curves', '')})", ""]
     lines += [f"![{name}]({file})" for name, file in figures.items() if name.startswith("studies_")]
     timings = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in metrics.get("timings_s", {}).items())
     lines += ["", f"Timings: {timings}.", ""]
