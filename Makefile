@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lock clean
+.PHONY: install lint test demo bench lock clean
 
 install: $(STAMP)
 
@@ -25,7 +25,13 @@ $(STAMP): pyproject.toml requirements/dev-cpu.txt $(LOCK)
 	$(call install_dev_set,$(PY),-c $(LOCK))
 	touch $(STAMP)
 
-test: install
+# ruff (lint + format check) and mypy over the package (their settings: pyproject.toml); `make test` runs them first
+lint: install
+	$(VENV)/bin/ruff check medmap_fast kernels
+	$(VENV)/bin/ruff format --check medmap_fast kernels
+	$(VENV)/bin/mypy
+
+test: install lint
 	$(PY) -m pytest tests/ -q -ra --durations=15
 
 demo: install

@@ -53,7 +53,9 @@ def peak_mib(fn: Callable[[], object]) -> float:
 def cpu_peak_mib(fn: Callable[[], object]) -> float:
     """Memory one call allocates on the CPU at its peak beyond what was allocated before it, MiB: the running sum of
     the allocations and frees the c10 CPU allocator reports to the profiler, in time order (torch has no CPU
-    counterpart of ``torch.cuda.max_memory_allocated``)."""
+    counterpart of ``torch.cuda.max_memory_allocated``). A block allocated before the call and freed during it is not
+    subtracted (the profiler does not know its size): a training step that drops the previous step's gradients
+    counts up to one set of gradients more than ``torch.cuda.max_memory_allocated`` would."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -1,5 +1,6 @@
-"""One prepared GPU check: bf16/fp16 correctness (flash-attention rule) and timings of every kernel and of the
-whole encoder against their baselines, written as a markdown table for bench/RESULTS.md.
+"""One prepared GPU check: bf16/fp16 correctness (flash-attention rule) and timings of every kernel, of the whole
+encoder and of a training step of each stage against their baselines, written as a markdown table for
+bench/RESULTS.md.
 
 Usage on a CUDA machine:  python bench/gpu_check.py --out results_dir
 Each bench module contributes ``gpu_rows() -> list[dict]``; a module that fails is reported in the table with its
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-MODULES = ("bench_patch_embed_3d", "bench_window_attention", "bench_gated_attention", "bench_swin_gpu")
+# the train-step bench last: its compiled rows compile the encoder once per stage before they are timed
+MODULES = ("bench_patch_embed_3d", "bench_window_attention", "bench_gated_attention", "bench_swin_gpu",
+           "bench_train_step")
 COLUMNS = ("op", "case", "dtype", "pass", "ms", "baseline", "baseline_ms", "speedup", "peak_mib",
            "baseline_peak_mib", "metric", "value", "max_err", "ref_err", "ok", "note")
 

@@ -25,7 +25,8 @@ def _checked(name: str, source: str) -> str:
 
 
 _current: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "medmap_fast_backend", default=_checked(os.environ.get(_ENV_VAR, "auto"), _ENV_VAR)  # noqa: B039 (a str)
+    "medmap_fast_backend",
+    default=_checked(os.environ.get(_ENV_VAR, "auto"), _ENV_VAR),  # noqa: B039 (a str)
 )
 
 
@@ -74,7 +75,10 @@ def use_triton(x: torch.Tensor, op: str) -> bool:
     if not runnable:
         raise RuntimeError(
             f"{op}: backend 'triton' was requested for a tensor on {x.device}, but "
-            + ("the 'triton' package is not installed" if not triton_available()
-               else "Triton needs a CUDA tensor (or TRITON_INTERPRET=1 set before medmap_fast is imported)")
+            + (
+                "the 'triton' package is not installed"
+                if not triton_available()
+                else "Triton needs a CUDA tensor (or TRITON_INTERPRET=1 set before medmap_fast is imported)"
+            )
         )
     return True

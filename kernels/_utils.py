@@ -74,12 +74,19 @@ def flash_errors(
     """The flash-attention rule per tensor: ``got`` (the kernel's) and ``eager`` (the PyTorch reference in the same
     dtype) against ``exact`` (the reference in fp64), matched by position with ``names``."""
     if not len(names) == len(got) == len(eager) == len(exact):
-        raise ValueError(f"flash_errors: {len(names)} names, {len(got)} kernel, {len(eager)} eager and "
-                         f"{len(exact)} exact tensors")
+        raise ValueError(
+            f"flash_errors: {len(names)} names, {len(got)} kernel, {len(eager)} eager and {len(exact)} exact tensors"
+        )
     results = []
     for name, a, e, w in zip(names, got, eager, exact, strict=True):
         w = w.double()
-        results.append(FlashError(name, (a.double() - w).abs().max().item(), (e.double() - w).abs().max().item(),
-                                  w.abs().max().item(), bool(torch.isfinite(a).all())))
+        results.append(
+            FlashError(
+                name,
+                (a.double() - w).abs().max().item(),
+                (e.double() - w).abs().max().item(),
+                w.abs().max().item(),
+                bool(torch.isfinite(a).all()),
+            )
+        )
     return results
-

@@ -58,8 +58,11 @@ def gated_attention_reference(
         pad = torch.zeros(missing.shape, dtype=q.dtype, device=q.device).masked_fill(missing, float("-inf"))
         mask = pad[:, None, None, :] if mask is None else mask + pad[:, None, None, :]
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=None if mask is None else mask.to(q.dtype), scale=scale,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=None if mask is None else mask.to(q.dtype),
+        scale=scale,
     ).transpose(1, 2)  # [B, Lq, H, Dh]
     if empty is not None:
         out = out.masked_fill(empty[:, None, None, None], 0.0)
@@ -80,8 +83,9 @@ if triton is not None:
 @_jit
 def _load_rows(base, rows, row_ok, stride_l, offs_d, DH):
     """[len(rows), BLOCK_D] tile of one (batch, head) slice; rows past the end and head-dim padding read as 0."""
-    return tl.load(base + rows[:, None] * stride_l + offs_d[None, :],
-                   mask=row_ok[:, None] & (offs_d[None, :] < DH), other=0.0)
+    return tl.load(
+        base + rows[:, None] * stride_l + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < DH), other=0.0
+    )
 
 
 @_jit
@@ -110,8 +114,29 @@ def _ids(IDS, b, s_b, s_l, idx, ok, HAS_BIAS: tl.constexpr):
 
 
 @_jit
-def _key_tile(K, V, KPM, KM, b, h, cols, offs_d, LK, DH, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, skp_b, skm_b, skm_l,
-              HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _key_tile(
+    K,
+    V,
+    KPM,
+    KM,
+    b,
+    h,
+    cols,
+    offs_d,
+    LK,
+    DH,
+    sk_b,
+    sk_l,
+    sk_h,
+    sv_b,
+    sv_l,
+    sv_h,
+    skp_b,
+    skm_b,
+    skm_l,
+    HAS_KPM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """One key tile: k, v [BLOCK_N, BLOCK_D], the additive key mask [BLOCK_N] and the key modality ids [BLOCK_N]."""
     col_ok = cols < LK
     k = _load_rows(K + b * sk_b + h * sk_h, cols, col_ok, sk_l, offs_d, DH)
@@ -130,14 +155,24 @@ def _bias_table(BIAS, h, sb_h, sb_q, MQ, MK, BLOCK_MQ: tl.constexpr, BLOCK_MK: t
     """pair_bias[h] in log2 units as a zero-padded [BLOCK_MQ, BLOCK_MK] fp32 tile."""
     mq = tl.arange(0, BLOCK_MQ)
     mk = tl.arange(0, BLOCK_MK)
-    table = tl.load(BIAS + h * sb_h + mq[:, None] * sb_q + mk[None, :],
-                    mask=(mq[:, None] < MQ) & (mk[None, :] < MK), other=0.0)
+    table = tl.load(
+        BIAS + h * sb_h + mq[:, None] * sb_q + mk[None, :], mask=(mq[:, None] < MQ) & (mk[None, :] < MK), other=0.0
+    )
     return table.to(tl.float32) * _LOG2E
 
 
 @_jit
-def _logits(q, k, kadd, qk_scale, bias_left, bias_right, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-            BIAS_PRECISION: tl.constexpr):
+def _logits(
+    q,
+    k,
+    kadd,
+    qk_scale,
+    bias_left,
+    bias_right,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BIAS_PRECISION: tl.constexpr,
+):
     """[BLOCK_M, BLOCK_N] logits in log2 units: scale * q k^T + key mask (0 or -inf) + pair bias.
 
     The bias tile is bias_left @ bias_right^T: a one-hot side times the table rows (or columns) that the program
@@ -152,14 +187,55 @@ def _logits(q, k, kadd, qk_scale, bias_left, bias_right, HAS_BIAS: tl.constexpr,
 
 @_jit
 def _fwd_kernel(
-    Q, K, V, KPM, BIAS, QM, KM, GATE,
-    sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, skp_b, sb_h, sb_q,
-    sqm_b, sqm_l, skm_b, skm_l, sg_b, sg_l, sg_h,
-    H, LQ, LK, DH, MQ, MK, qk_scale,
-    OUT, LSE, so_b, so_l, so_h,
-    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_MQ: tl.constexpr, BLOCK_MK: tl.constexpr, BIAS_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    KPM,
+    BIAS,
+    QM,
+    KM,
+    GATE,
+    sq_b,
+    sq_l,
+    sq_h,
+    sk_b,
+    sk_l,
+    sk_h,
+    sv_b,
+    sv_l,
+    sv_h,
+    skp_b,
+    sb_h,
+    sb_q,
+    sqm_b,
+    sqm_l,
+    skm_b,
+    skm_l,
+    sg_b,
+    sg_l,
+    sg_h,
+    H,
+    LQ,
+    LK,
+    DH,
+    MQ,
+    MK,
+    qk_scale,
+    OUT,
+    LSE,
+    so_b,
+    so_l,
+    so_h,
+    HAS_KPM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_MQ: tl.constexpr,
+    BLOCK_MK: tl.constexpr,
+    BIAS_PRECISION: tl.constexpr,
 ):
     """One (batch*head, query block): online softmax over all key blocks; writes out and the log2-sum-exp."""
     pid_bh = tl.program_id(0)
@@ -171,15 +247,39 @@ def _fwd_kernel(
     q = _load_rows(Q + b * sq_b + h * sq_h, rows, row_ok, sq_l, offs_d, DH)
     bias_q = tl.zeros([BLOCK_M, BLOCK_MK], tl.float32)
     if HAS_BIAS:  # pair_bias[h, qm[i], :] for every query row
-        bias_q = tl.dot(_onehot(_ids(QM, b, sqm_b, sqm_l, rows, row_ok, HAS_BIAS), BLOCK_MQ),
-                        _bias_table(BIAS, h, sb_h, sb_q, MQ, MK, BLOCK_MQ, BLOCK_MK), input_precision=BIAS_PRECISION)
+        bias_q = tl.dot(
+            _onehot(_ids(QM, b, sqm_b, sqm_l, rows, row_ok, HAS_BIAS), BLOCK_MQ),
+            _bias_table(BIAS, h, sb_h, sb_q, MQ, MK, BLOCK_MQ, BLOCK_MK),
+            input_precision=BIAS_PRECISION,
+        )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, LK, BLOCK_N):
         cols = start + offs_n
-        k, v, kadd, km = _key_tile(K, V, KPM, KM, b, h, cols, offs_d, LK, DH, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
-                                   skp_b, skm_b, skm_l, HAS_KPM, HAS_BIAS)
+        k, v, kadd, km = _key_tile(
+            K,
+            V,
+            KPM,
+            KM,
+            b,
+            h,
+            cols,
+            offs_d,
+            LK,
+            DH,
+            sk_b,
+            sk_l,
+            sk_h,
+            sv_b,
+            sv_l,
+            sv_h,
+            skp_b,
+            skm_b,
+            skm_l,
+            HAS_KPM,
+            HAS_BIAS,
+        )
         s = _logits(q, k, kadd, qk_scale, bias_q, _onehot(km, BLOCK_MK), HAS_BIAS, PRECISION, BIAS_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: keep exp2 away from -inf - -inf
@@ -192,22 +292,77 @@ def _fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_GATE:
         out = out * (2.0 * _gate(GATE, b, h, rows, row_ok, sg_b, sg_l, sg_h))[:, None]
-    tl.store(OUT + b * so_b + h * so_h + rows[:, None] * so_l + offs_d[None, :], out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < DH))
+    tl.store(
+        OUT + b * so_b + h * so_h + rows[:, None] * so_l + offs_d[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < DH),
+    )
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + pid_bh * LQ + rows, lse, mask=row_ok)
 
 
 @_jit
 def _bwd_dq_kernel(
-    Q, K, V, KPM, BIAS, QM, KM, GATE,
-    sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, skp_b, sb_h, sb_q,
-    sqm_b, sqm_l, skm_b, skm_l, sg_b, sg_l, sg_h,
-    H, LQ, LK, DH, MQ, MK, qk_scale,
-    OUT, DOUT, LSE, DELTA, DQ, DGATE, so_b, so_l, so_h, sdo_b, sdo_l, sdo_h, sdq_b, sdq_l, sdq_h, sm_scale,
-    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_MQ: tl.constexpr, BLOCK_MK: tl.constexpr, BIAS_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    KPM,
+    BIAS,
+    QM,
+    KM,
+    GATE,
+    sq_b,
+    sq_l,
+    sq_h,
+    sk_b,
+    sk_l,
+    sk_h,
+    sv_b,
+    sv_l,
+    sv_h,
+    skp_b,
+    sb_h,
+    sb_q,
+    sqm_b,
+    sqm_l,
+    skm_b,
+    skm_l,
+    sg_b,
+    sg_l,
+    sg_h,
+    H,
+    LQ,
+    LK,
+    DH,
+    MQ,
+    MK,
+    qk_scale,
+    OUT,
+    DOUT,
+    LSE,
+    DELTA,
+    DQ,
+    DGATE,
+    so_b,
+    so_l,
+    so_h,
+    sdo_b,
+    sdo_l,
+    sdo_h,
+    sdq_b,
+    sdq_l,
+    sdq_h,
+    sm_scale,
+    HAS_KPM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_MQ: tl.constexpr,
+    BLOCK_MK: tl.constexpr,
+    BIAS_PRECISION: tl.constexpr,
 ):
     """One (batch*head, query block): delta = rowsum(dout * out) and d(gate) for its rows, then dq over all keys."""
     pid_bh = tl.program_id(0)
@@ -225,40 +380,117 @@ def _bwd_dq_kernel(
     tl.store(DELTA + pid_bh * LQ + rows, delta, mask=row_ok)
     if HAS_GATE:
         sig = _gate(GATE, b, h, rows, row_ok, sg_b, sg_l, sg_h)
-        tl.store(DGATE + b * sg_b + h * sg_h + rows * sg_l, (delta * (1.0 - sig)).to(DGATE.dtype.element_ty),
-                 mask=row_ok)
+        tl.store(
+            DGATE + b * sg_b + h * sg_h + rows * sg_l, (delta * (1.0 - sig)).to(DGATE.dtype.element_ty), mask=row_ok
+        )
         do = do * (2.0 * sig)[:, None]
     do = do.to(Q.dtype.element_ty)
     lse = tl.load(LSE + pid_bh * LQ + rows, mask=row_ok, other=float("inf"))
     bias_q = tl.zeros([BLOCK_M, BLOCK_MK], tl.float32)
     if HAS_BIAS:  # pair_bias[h, qm[i], :] for every query row
-        bias_q = tl.dot(_onehot(_ids(QM, b, sqm_b, sqm_l, rows, row_ok, HAS_BIAS), BLOCK_MQ),
-                        _bias_table(BIAS, h, sb_h, sb_q, MQ, MK, BLOCK_MQ, BLOCK_MK), input_precision=BIAS_PRECISION)
+        bias_q = tl.dot(
+            _onehot(_ids(QM, b, sqm_b, sqm_l, rows, row_ok, HAS_BIAS), BLOCK_MQ),
+            _bias_table(BIAS, h, sb_h, sb_q, MQ, MK, BLOCK_MQ, BLOCK_MK),
+            input_precision=BIAS_PRECISION,
+        )
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, LK, BLOCK_N):
         cols = start + offs_n
-        k, v, kadd, km = _key_tile(K, V, KPM, KM, b, h, cols, offs_d, LK, DH, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
-                                   skp_b, skm_b, skm_l, HAS_KPM, HAS_BIAS)
+        k, v, kadd, km = _key_tile(
+            K,
+            V,
+            KPM,
+            KM,
+            b,
+            h,
+            cols,
+            offs_d,
+            LK,
+            DH,
+            sk_b,
+            sk_l,
+            sk_h,
+            sv_b,
+            sv_l,
+            sv_h,
+            skp_b,
+            skm_b,
+            skm_l,
+            HAS_KPM,
+            HAS_BIAS,
+        )
         s = _logits(q, k, kadd, qk_scale, bias_q, _onehot(km, BLOCK_MK), HAS_BIAS, PRECISION, BIAS_PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_l + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < DH))
+    tl.store(
+        DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_l + offs_d[None, :],
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < DH),
+    )
 
 
 @_jit
 def _bwd_dkdv_kernel(
-    Q, K, V, KPM, BIAS, QM, KM, GATE,
-    sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, skp_b, sb_h, sb_q,
-    sqm_b, sqm_l, skm_b, skm_l, sg_b, sg_l, sg_h,
-    H, LQ, LK, DH, MQ, MK, qk_scale,
-    DOUT, LSE, DELTA, DK, DV, DBIAS, sdo_b, sdo_l, sdo_h, sdk_b, sdk_l, sdk_h, sm_scale,
-    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    Q,
+    K,
+    V,
+    KPM,
+    BIAS,
+    QM,
+    KM,
+    GATE,
+    sq_b,
+    sq_l,
+    sq_h,
+    sk_b,
+    sk_l,
+    sk_h,
+    sv_b,
+    sv_l,
+    sv_h,
+    skp_b,
+    sb_h,
+    sb_q,
+    sqm_b,
+    sqm_l,
+    skm_b,
+    skm_l,
+    sg_b,
+    sg_l,
+    sg_h,
+    H,
+    LQ,
+    LK,
+    DH,
+    MQ,
+    MK,
+    qk_scale,
+    DOUT,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DBIAS,
+    sdo_b,
+    sdo_l,
+    sdo_h,
+    sdk_b,
+    sdk_l,
+    sdk_h,
+    sm_scale,
+    HAS_KPM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_MQ: tl.constexpr, BLOCK_MK: tl.constexpr, BIAS_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_MQ: tl.constexpr,
+    BLOCK_MK: tl.constexpr,
+    BIAS_PRECISION: tl.constexpr,
 ):
     """One (batch*head, key block): dk, dv over all query blocks, and this program's share of d(pair_bias).
 
@@ -272,13 +504,37 @@ def _bwd_dkdv_kernel(
     col_ok = cols < LK
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k, v, kadd, km = _key_tile(K, V, KPM, KM, b, h, cols, offs_d, LK, DH, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
-                               skp_b, skm_b, skm_l, HAS_KPM, HAS_BIAS)
+    k, v, kadd, km = _key_tile(
+        K,
+        V,
+        KPM,
+        KM,
+        b,
+        h,
+        cols,
+        offs_d,
+        LK,
+        DH,
+        sk_b,
+        sk_l,
+        sk_h,
+        sv_b,
+        sv_l,
+        sv_h,
+        skp_b,
+        skm_b,
+        skm_l,
+        HAS_KPM,
+        HAS_BIAS,
+    )
     onehot_k = _onehot(km, BLOCK_MK)  # [BLOCK_N, BLOCK_MK]
     bias_k = tl.zeros([BLOCK_N, BLOCK_MQ], tl.float32)
     if HAS_BIAS:  # pair_bias[h, :, km[j]] for every key
-        bias_k = tl.dot(onehot_k, tl.trans(_bias_table(BIAS, h, sb_h, sb_q, MQ, MK, BLOCK_MQ, BLOCK_MK)),
-                        input_precision=BIAS_PRECISION)
+        bias_k = tl.dot(
+            onehot_k,
+            tl.trans(_bias_table(BIAS, h, sb_h, sb_q, MQ, MK, BLOCK_MQ, BLOCK_MK)),
+            input_precision=BIAS_PRECISION,
+        )
     dbias = tl.zeros([BLOCK_MQ, BLOCK_MK], tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -288,7 +544,7 @@ def _bwd_dkdv_kernel(
         q = _load_rows(Q + b * sq_b + h * sq_h, rows, row_ok, sq_l, offs_d, DH)
         do = _load_rows(DOUT + b * sdo_b + h * sdo_h, rows, row_ok, sdo_l, offs_d, DH)
         if HAS_GATE:
-            do = (do.to(tl.float32) * (2.0 * _gate(GATE, b, h, rows, row_ok, sg_b, sg_l, sg_h))[:, None])
+            do = do.to(tl.float32) * (2.0 * _gate(GATE, b, h, rows, row_ok, sg_b, sg_l, sg_h))[:, None]
         do = do.to(Q.dtype.element_ty)
         lse = tl.load(LSE + pid_bh * LQ + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + pid_bh * LQ + rows, mask=row_ok, other=0.0)
@@ -336,12 +592,16 @@ def _config(q: torch.Tensor, pair_bias: torch.Tensor | None) -> dict:
     mq, mk = (1, 1) if pair_bias is None else pair_bias.shape[1:]
     fp32_precision = "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     return dict(
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(dh)),
-        BLOCK_MQ=max(16, triton.next_power_of_2(mq)), BLOCK_MK=max(16, triton.next_power_of_2(mk)),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(dh)),
+        BLOCK_MQ=max(16, triton.next_power_of_2(mq)),
+        BLOCK_MK=max(16, triton.next_power_of_2(mk)),
         PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
         # one-hot products with the bias table and with ds: tf32 rounding (2**-11) is below fp16/bf16 logit error
         BIAS_PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
-        num_warps=4 if dh <= 32 else 8, num_stages=2,  # 8 warps keep Dh = 64 free of register spills (sm_90)
+        num_warps=4 if dh <= 32 else 8,
+        num_stages=2,  # 8 warps keep Dh = 64 free of register spills (sm_90)
     )
 
 
@@ -351,28 +611,65 @@ def _strides(x: torch.Tensor | None, n: int) -> tuple[int, ...]:
 
 # The op's tensors as the kernels read them: q, k, v, then key padding (uint8), pair bias, query and key modality
 # ids and gate logits, each None when absent.
-KernelArgs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                   torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+KernelArgs = tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor | None,
+    torch.Tensor | None,
+    torch.Tensor | None,
+    torch.Tensor | None,
+    torch.Tensor | None,
+]
 
 
 def _common_args(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
-    pair_bias: torch.Tensor | None, q_modality: torch.Tensor | None, k_modality: torch.Tensor | None,
-    gate_logits: torch.Tensor | None, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    pair_bias: torch.Tensor | None,
+    q_modality: torch.Tensor | None,
+    k_modality: torch.Tensor | None,
+    gate_logits: torch.Tensor | None,
+    scale: float,
 ) -> list[object]:
     """The leading arguments of every kernel (tensors, their strides, sizes and the log2-unit scale)."""
     _, lq, h, dh = q.shape
     return [
-        q, k, v, key_padding, pair_bias, q_modality, k_modality, gate_logits,
-        *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *_strides(key_padding, 1), *_strides(pair_bias, 2),
-        *_strides(q_modality, 2), *_strides(k_modality, 2), *_strides(gate_logits, 3),
-        h, lq, k.shape[1], dh, *((1, 1) if pair_bias is None else pair_bias.shape[1:]), scale * 1.4426950408889634,
+        q,
+        k,
+        v,
+        key_padding,
+        pair_bias,
+        q_modality,
+        k_modality,
+        gate_logits,
+        *_strides(q, 3),
+        *_strides(k, 3),
+        *_strides(v, 3),
+        *_strides(key_padding, 1),
+        *_strides(pair_bias, 2),
+        *_strides(q_modality, 2),
+        *_strides(k_modality, 2),
+        *_strides(gate_logits, 3),
+        h,
+        lq,
+        k.shape[1],
+        dh,
+        *((1, 1) if pair_bias is None else pair_bias.shape[1:]),
+        scale * 1.4426950408889634,
     ]
 
 
 def _kernel_args(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-    pair_bias: torch.Tensor | None, q_modality: torch.Tensor | None, k_modality: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    pair_bias: torch.Tensor | None,
+    q_modality: torch.Tensor | None,
+    k_modality: torch.Tensor | None,
     gate_logits: torch.Tensor | None,
 ) -> KernelArgs:
     """The op's arguments as the kernels read them, without conversion launches (the op is host-bound at CCT sizes):
@@ -392,15 +689,22 @@ def _interpreted_bf16(q: torch.Tensor) -> bool:
 
 
 def gated_attention_triton_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-    pair_bias: torch.Tensor | None, q_modality: torch.Tensor | None, k_modality: torch.Tensor | None,
-    gate_logits: torch.Tensor | None, scale: float | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    pair_bias: torch.Tensor | None,
+    q_modality: torch.Tensor | None,
+    k_modality: torch.Tensor | None,
+    gate_logits: torch.Tensor | None,
+    scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash-style forward with the reference's arguments (validated by the public op; Dh <= 128, not float64):
     out [B, Lq, H, Dh] in q's dtype and the log2-unit log-sum-exp [B*H, Lq] fp32 that the backward reads."""
     if _interpreted_bf16(q):
-        out, lse = gated_attention_triton_forward(q.float(), k.float(), v.float(), key_padding_mask, pair_bias,
-                                                  q_modality, k_modality, gate_logits, scale)
+        out, lse = gated_attention_triton_forward(
+            q.float(), k.float(), v.float(), key_padding_mask, pair_bias, q_modality, k_modality, gate_logits, scale
+        )
         return out.to(q.dtype), lse
     args = _kernel_args(q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits)
     q, pair_bias = args[0], args[4]
@@ -410,22 +714,51 @@ def gated_attention_triton_forward(
     lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
     with on_device(q):
         _fwd_kernel[(b * h, triton.cdiv(lq, cfg["BLOCK_M"]))](
-            *_common_args(*args, _scale(q, scale)), out, lse, *_strides(out, 3), HAS_KPM=args[3] is not None,
-            HAS_BIAS=pair_bias is not None, HAS_GATE=args[7] is not None, **cfg)
+            *_common_args(*args, _scale(q, scale)),
+            out,
+            lse,
+            *_strides(out, 3),
+            HAS_KPM=args[3] is not None,
+            HAS_BIAS=pair_bias is not None,
+            HAS_GATE=args[7] is not None,
+            **cfg,
+        )
     return out, lse
 
 
 def gated_attention_triton_backward(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-    pair_bias: torch.Tensor | None, q_modality: torch.Tensor | None, k_modality: torch.Tensor | None,
-    gate_logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float | None, bias_grad: bool,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    pair_bias: torch.Tensor | None,
+    q_modality: torch.Tensor | None,
+    k_modality: torch.Tensor | None,
+    gate_logits: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float | None,
+    bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """dq, dk, dv, d(pair_bias) (None unless ``bias_grad``) and d(gate_logits) (None without a gate) from the
     forward's ``out`` and ``lse``: the probabilities are recomputed tile by tile."""
     if _interpreted_bf16(q):
         dq, dk, dv, dbias, dgate = gated_attention_triton_backward(
-            dout.float(), q.float(), k.float(), v.float(), key_padding_mask, pair_bias, q_modality, k_modality,
-            gate_logits, out.float(), lse, scale, bias_grad)
+            dout.float(),
+            q.float(),
+            k.float(),
+            v.float(),
+            key_padding_mask,
+            pair_bias,
+            q_modality,
+            k_modality,
+            gate_logits,
+            out.float(),
+            lse,
+            scale,
+            bias_grad,
+        )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _like(dbias, pair_bias), _like(dgate, gate_logits)
     args = _kernel_args(q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits)
     q, k, pair_bias, gate_logits = args[0], args[1], args[4], args[7]
@@ -447,11 +780,35 @@ def gated_attention_triton_backward(
     dbias = torch.empty(b * h, n_blocks, mq, mk, dtype=torch.float32, device=q.device) if bias_grad else None
     with on_device(q):
         _bwd_dq_kernel[(b * h, triton.cdiv(lq, cfg["BLOCK_M"]))](
-            *common, out, dout, lse, delta, dq, dgate, *_strides(out, 3), *_strides(dout, 3), *_strides(dq, 3),
-            scale, **flags, **cfg)
+            *common,
+            out,
+            dout,
+            lse,
+            delta,
+            dq,
+            dgate,
+            *_strides(out, 3),
+            *_strides(dout, 3),
+            *_strides(dq, 3),
+            scale,
+            **flags,
+            **cfg,
+        )
         _bwd_dkdv_kernel[(b * h, n_blocks)](
-            *common, dout, lse, delta, dk, dv, dbias, *_strides(dout, 3), *_strides(dk, 3), scale,
-            **flags, BIAS_GRAD=bias_grad, **cfg)
+            *common,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            dbias,
+            *_strides(dout, 3),
+            *_strides(dk, 3),
+            scale,
+            **flags,
+            BIAS_GRAD=bias_grad,
+            **cfg,
+        )
     if dbias is not None and pair_bias is not None:  # (bias_grad) deterministic reduction of the partial sums
         dbias = dbias.view(b, h, n_blocks, mq, mk).sum(dim=(0, 2)).to(pair_bias.dtype)
     return dq, dk, dv, dbias, dgate

@@ -20,6 +20,7 @@ autocast off, in those dtypes, on every backend.
 from __future__ import annotations
 
 import contextlib
+from typing import TypeVar
 
 import torch
 
@@ -29,24 +30,31 @@ from . import ops
 from ._backend import use_triton
 from .gated_attn import MAX_HEAD_DIM, gated_attention_reference
 from .patch_embed import patch_embed_3d_reference
-from .window_attn import draw_dropout_seed, rounded_dropout_p, window_attention_reference
+from .window_attn import draw_dropout_seed, rounded_dropout_p, triple, window_attention_reference
 from .window_attn_cpu import window_attention_cpu
 
 Triple = tuple[int, int, int]
 
 
-def _autocast(
-    device_type: str, *tensors: torch.Tensor | None
-) -> tuple[tuple[torch.Tensor | None, ...], contextlib.AbstractContextManager]:
-    """``tensors`` as torch.autocast hands them to a lower-precision op on ``device_type`` (floating tensors other
-    than float64 in the autocast dtype when autocast is on there; unchanged otherwise, None stays None), and the
-    context to run the op in: autocast off, so that every backend computes in those dtypes."""
+# A tensor argument, required or optional: _cast returns the same kind. Constrained, not bound: a bound TypeVar would
+# not accept the new tensor t.to(dtype) as its result.
+_MaybeTensor = TypeVar("_MaybeTensor", torch.Tensor, torch.Tensor | None)
+
+
+def _autocast(device_type: str) -> tuple[torch.dtype | None, contextlib.AbstractContextManager]:
+    """The dtype torch.autocast hands a lower-precision op on ``device_type`` (None when autocast is off there; see
+    :func:`_cast`), and the context to run the op in: autocast off, so that every backend computes in that dtype."""
     if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
-        return tensors, contextlib.nullcontext()
-    dtype = torch.get_autocast_dtype(device_type)
-    cast = tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
-    return cast, torch.autocast(device_type, enabled=False)
+        return None, contextlib.nullcontext()
+    return torch.get_autocast_dtype(device_type), torch.autocast(device_type, enabled=False)
+
+
+def _cast(t: _MaybeTensor, dtype: torch.dtype | None) -> _MaybeTensor:
+    """``t`` as torch.autocast hands it to a lower-precision op: a floating tensor other than float64 in ``dtype``;
+    unchanged otherwise (and when ``dtype`` is None); None stays None."""
+    if dtype is None or t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
 
 
 def _check_float(name: str, t: object, expected: str, ndims: tuple[int, ...]) -> None:
@@ -60,10 +68,13 @@ def _check_float(name: str, t: object, expected: str, ndims: tuple[int, ...]) ->
 
 def _triple(value: object, name: str) -> Triple:
     """Three non-negative ints (a window, shift or table size) as a tuple."""
-    ints = isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    if not (ints and len(value) == 3 and min(value) >= 0):
+    if not (
+        isinstance(value, (tuple, list))
+        and len(value) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
         fail(name, "3 non-negative ints", repr(value))
-    return tuple(value)  # type: ignore[return-value]
+    return triple(value)
 
 
 def patch_embed_3d(
@@ -102,7 +113,8 @@ def patch_embed_3d(
             fail("modality_ids", f"a [V] tensor choosing one of the {m} weights", "None")
         modality_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     modality_ids = check_index(modality_ids, "modality_ids", x.shape[0], m, what="modality ids", values=False)
-    (x, weight, bias), autocast_off = _autocast(x.device.type, x, weight, bias)
+    dtype, autocast_off = _autocast(x.device.type)
+    x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             fail(name, f"the dtype of x, {x.dtype}", describe(t))
@@ -110,11 +122,21 @@ def patch_embed_3d(
     triton = use_triton(x, "patch_embed_3d") and torch.float64 not in (x.dtype, weight.dtype)
     with autocast_off:
         if not triton:
-            return patch_embed_3d_reference(x, weight, bias, modality_ids, layer_norm=layer_norm, ln_weight=ln_weight,
-                                            ln_bias=ln_bias, eps=eps, out_dtype=out_dtype)
+            return patch_embed_3d_reference(
+                x,
+                weight,
+                bias,
+                modality_ids,
+                layer_norm=layer_norm,
+                ln_weight=ln_weight,
+                ln_bias=ln_bias,
+                eps=eps,
+                out_dtype=out_dtype,
+            )
         ln_weight, ln_bias = (ln_weight, ln_bias) if layer_norm else (None, None)
-        return ops.patch_embed_3d(x, weight, bias, modality_ids, ln_weight, ln_bias, layer_norm, eps,
-                                  out_dtype or x.dtype)
+        return ops.patch_embed_3d(
+            x, weight, bias, modality_ids, ln_weight, ln_bias, layer_norm, eps, out_dtype or x.dtype
+        )
 
 
 def window_attention(
@@ -145,15 +167,18 @@ def window_attention(
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         fail("dropout_p", "a probability in [0, 1) (1 would drop every attention weight)", repr(dropout_p))
     dropout_p = rounded_dropout_p(dropout_p)
-    expected = (f"a float tensor [B, D, H, W, 3C] with every size >= 1 and 3C divisible by 3 * num_heads = "
-                f"{3 * num_heads}")
+    expected = (
+        f"a float tensor [B, D, H, W, 3C] with every size >= 1 and 3C divisible by 3 * num_heads = {3 * num_heads}"
+    )
     _check_float("qkv", qkv, expected, (5,))
     if 0 in qkv.shape or qkv.shape[-1] % (3 * num_heads):
         fail("qkv", expected, describe(qkv))
     b, d, h, w, c3 = qkv.shape
     window_size, shift_size = _triple(window_size, "window_size"), _triple(shift_size, "shift_size")
     table_window = _triple(table_window or window_size, "table_window")
-    if any(s >= k for s, k in zip(shift_size, window_size)) or any(k > t for k, t in zip(window_size, table_window)):
+    if any(s >= k for s, k in zip(shift_size, window_size, strict=True)) or any(
+        k > t for k, t in zip(window_size, table_window, strict=True)
+    ):
         fail("window_size/shift_size", f"shift < window <= table_window {table_window}", f"{window_size}/{shift_size}")
     if bias_table is not None:
         rows = (2 * table_window[0] - 1) * (2 * table_window[1] - 1) * (2 * table_window[2] - 1)
@@ -166,22 +191,45 @@ def window_attention(
         _check_float("gate_logits", gate_logits, f"a float tensor {(b, d, h, w, num_heads)}", (5,))
         if tuple(gate_logits.shape) != (b, d, h, w, num_heads):
             fail("gate_logits", f"a float tensor {(b, d, h, w, num_heads)}", describe(gate_logits))
-    (qkv, gate_logits), autocast_off = _autocast(qkv.device.type, qkv, gate_logits)
+    dtype, autocast_off = _autocast(qkv.device.type)
+    qkv, gate_logits = _cast(qkv, dtype), _cast(gate_logits, dtype)
     with autocast_off:
         if use_triton(qkv, "window_attention"):
             seed = draw_dropout_seed(qkv.device) if dropout_p else None
-            return ops.window_attention(qkv, bias_table, pad_kv, gate_logits, seed, num_heads, list(window_size),
-                                        list(shift_size), list(table_window), scale, dropout_p)[0]
+            return ops.window_attention(
+                qkv,
+                bias_table,
+                pad_kv,
+                gate_logits,
+                seed,
+                num_heads,
+                list(window_size),
+                list(shift_size),
+                list(table_window),
+                scale,
+                dropout_p,
+            )[0]
         fn = window_attention_cpu if qkv.device.type == "cpu" else window_attention_reference
-        return fn(qkv, num_heads, window_size, shift_size, bias_table, table_window=table_window, pad_kv=pad_kv,
-                  gate_logits=gate_logits, scale=scale, dropout_p=dropout_p)
+        return fn(
+            qkv,
+            num_heads,
+            window_size,
+            shift_size,
+            bias_table,
+            table_window=table_window,
+            pad_kv=pad_kv,
+            gate_logits=gate_logits,
+            scale=scale,
+            dropout_p=dropout_p,
+        )
 
 
 def _modality_ids(ids: object, name: str, batch: int, length: int, upper: int) -> torch.Tensor:
     """Modality ids [batch, length] (a [length] tensor is shared by the batch), each in [0, upper) (not checked
     here: see the module docstring)."""
-    expected = (f"integer modality ids [{batch}, {length}] (or [{length}] shared by the batch) with values in "
-                f"[0, {upper})")
+    expected = (
+        f"integer modality ids [{batch}, {length}] (or [{length}] shared by the batch) with values in [0, {upper})"
+    )
     if not isinstance(ids, torch.Tensor):
         fail(name, expected, type(ids).__name__)
     if not is_integer_dtype(ids.dtype):
@@ -190,8 +238,9 @@ def _modality_ids(ids: object, name: str, batch: int, length: int, upper: int) -
         ids = ids.expand(batch, length)
     if tuple(ids.shape) != (batch, length):
         fail(name, expected, describe(ids))
-    return check_index(ids.reshape(-1), name, batch * length, upper, length_of="token", what="modality ids",
-                       values=False).view(batch, length)
+    return check_index(
+        ids.reshape(-1), name, batch * length, upper, length_of="token", what="modality ids", values=False
+    ).view(batch, length)
 
 
 def gated_attention(
@@ -215,14 +264,27 @@ def gated_attention(
     missing gets zeros (see ``gated_attention.py``).
     """
     if not isinstance(q, torch.Tensor) or q.ndim != 4 or 0 in q.shape or not q.is_floating_point():
-        fail("q", "a float tensor [B, Lq, H, Dh] with every size >= 1", describe(q) if isinstance(q, torch.Tensor)
-             else type(q).__name__)
+        fail(
+            "q",
+            "a float tensor [B, Lq, H, Dh] with every size >= 1",
+            describe(q) if isinstance(q, torch.Tensor) else type(q).__name__,
+        )
     b, lq, h, dh = q.shape
     for name, t in (("k", k), ("v", v)):
-        if (not isinstance(t, torch.Tensor) or t.ndim != 4 or t.shape[0] != b or t.shape[2:] != q.shape[2:]
-                or t.shape[1] == 0 or t.dtype != q.dtype or t.device != q.device):
-            fail(name, f"[{b}, Lk >= 1, {h}, {dh}] of dtype {q.dtype} on {q.device} (as q)",
-                 describe(t) if isinstance(t, torch.Tensor) else type(t).__name__)
+        if (
+            not isinstance(t, torch.Tensor)
+            or t.ndim != 4
+            or t.shape[0] != b
+            or t.shape[2:] != q.shape[2:]
+            or t.shape[1] == 0
+            or t.dtype != q.dtype
+            or t.device != q.device
+        ):
+            fail(
+                name,
+                f"[{b}, Lk >= 1, {h}, {dh}] of dtype {q.dtype} on {q.device} (as q)",
+                describe(t) if isinstance(t, torch.Tensor) else type(t).__name__,
+            )
     lk = k.shape[1]
     if v.shape[1] != lk:
         fail("v", f"as many tokens as k ({lk})", describe(v))
@@ -230,8 +292,11 @@ def gated_attention(
         expected = f"a bool tensor [{b}, {lk}] on {q.device} (True = missing key)"
         if not isinstance(key_padding_mask, torch.Tensor):
             fail("key_padding_mask", expected, type(key_padding_mask).__name__)
-        if (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, lk)
-                or key_padding_mask.device != q.device):
+        if (
+            key_padding_mask.dtype != torch.bool
+            or tuple(key_padding_mask.shape) != (b, lk)
+            or key_padding_mask.device != q.device
+        ):
             fail("key_padding_mask", expected, describe(key_padding_mask))
     if pair_bias is not None:
         _check_float("pair_bias", pair_bias, f"a float tensor [{h}, Mq, Mk] (one table per head)", (3,))
@@ -245,7 +310,8 @@ def gated_attention(
         _check_float("gate_logits", gate_logits, f"a float tensor [{b}, {lq}, {h}]", (3,))
         if tuple(gate_logits.shape) != (b, lq, h):
             fail("gate_logits", f"a float tensor [{b}, {lq}, {h}]", describe(gate_logits))
-    (q, k, v, gate_logits), autocast_off = _autocast(q.device.type, q, k, v, gate_logits)
+    dtype, autocast_off = _autocast(q.device.type)
+    q, k, v, gate_logits = _cast(q, dtype), _cast(k, dtype), _cast(v, dtype), _cast(gate_logits, dtype)
     # float64 runs the reference on every backend: the kernels accumulate in fp32
     triton = use_triton(q, "gated_attention") and q.dtype != torch.float64
     if triton and dh > MAX_HEAD_DIM:

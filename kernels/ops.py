@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -33,27 +32,34 @@ def _dense(t: Tensor) -> Tensor:
     return t if t.is_contiguous() and t.storage_offset() == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
-def _grads_out(grads: Sequence[Tensor | None], needs: Sequence[bool], inputs: Sequence[Tensor | None],
-               like: Tensor) -> list[Tensor]:
+def _grads_out(
+    grads: Sequence[Tensor | None], needs: Sequence[bool], inputs: Sequence[Tensor | None], like: Tensor
+) -> list[Tensor]:
     """A backward op's result: the wanted gradients, dense as the fake says (zeros for an input the output does not
     depend on), an empty tensor in every other slot."""
-    return [(torch.zeros_like(t, memory_format=torch.contiguous_format) if g is None else _dense(g)) if need
-            else like.new_empty(0) for g, need, t in zip(grads, needs, inputs)]
+    return [
+        (torch.zeros_like(t, memory_format=torch.contiguous_format) if g is None else _dense(g))
+        if need and t is not None
+        else like.new_empty(0)
+        for g, need, t in zip(grads, needs, inputs, strict=True)
+    ]
 
 
 def _fake_grads(needs: Sequence[bool], inputs: Sequence[Tensor | None], like: Tensor) -> list[Tensor]:
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) if need else like.new_empty(0)
-            for need, t in zip(needs, inputs)]
+    return [
+        torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else like.new_empty(0)
+        for need, t in zip(needs, inputs, strict=True)
+    ]
 
 
 def _grads_in(grads: Sequence[Tensor], needs: Sequence[bool]) -> list[Tensor | None]:
     """A backward op's result as autograd wants it: None for the gradients that were not asked for."""
-    return [g if need else None for g, need in zip(grads, needs)]
+    return [g if need else None for g, need in zip(grads, needs, strict=True)]
 
 
 def _needs(wanted: Sequence[bool], inputs: Sequence[Tensor | None]) -> list[bool]:
     """Which gradients a backward computes: those autograd asks for, of the inputs that are present."""
-    return [bool(w) and t is not None for w, t in zip(wanted, inputs)]
+    return [bool(w) and t is not None for w, t in zip(wanted, inputs, strict=True)]
 
 
 # ---- patch_embed_3d ------------------------------------------------------------------------------------------------
@@ -61,29 +67,44 @@ def _needs(wanted: Sequence[bool], inputs: Sequence[Tensor | None]) -> list[bool
 
 @torch.library.custom_op("medmap_fast::patch_embed_3d", mutates_args=())
 def patch_embed_3d(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], modality_ids: Tensor, ln_weight: Optional[Tensor],
-    ln_bias: Optional[Tensor], layer_norm: bool, eps: float, out_dtype: torch.dtype,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    modality_ids: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    layer_norm: bool,
+    eps: float,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     """x [V, Cin, D, H, W], weight [M, C, Cin, pd, ph, pw], bias [M, C], modality_ids [V] integer ->
     [V, D', H', W', C] (see ``patch_embed.py``); ln_weight/ln_bias None unless ``layer_norm``."""
-    return patch_embed_3d_triton_forward(x, weight, bias, modality_ids, ln_weight, ln_bias, layer_norm, eps,
-                                         out_dtype)
+    return patch_embed_3d_triton_forward(x, weight, bias, modality_ids, ln_weight, ln_bias, layer_norm, eps, out_dtype)
 
 
 @patch_embed_3d.register_fake
 def _(x, weight, bias, modality_ids, ln_weight, ln_bias, layer_norm, eps, out_dtype):
-    sizes = [padded_size(s, p) // p for s, p in zip(x.shape[2:], weight.shape[3:])]
+    sizes = [padded_size(s, p) // p for s, p in zip(x.shape[2:], weight.shape[3:], strict=True)]
     return x.new_empty(x.shape[0], *sizes, weight.shape[1], dtype=out_dtype)
 
 
 @torch.library.custom_op("medmap_fast::patch_embed_3d_backward", mutates_args=())
 def patch_embed_3d_backward(
-    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], modality_ids: Tensor, ln_weight: Optional[Tensor],
-    ln_bias: Optional[Tensor], layer_norm: bool, eps: float, needs: list[bool],
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    modality_ids: Tensor,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    layer_norm: bool,
+    eps: float,
+    needs: list[bool],
 ) -> list[Tensor]:
     """[dx, dweight, dbias, dln_weight, dln_bias]; ``needs`` says which are wanted (the others are empty)."""
-    grads = patch_embed_3d_triton_backward(dy, x, weight, bias, modality_ids, ln_weight, ln_bias, layer_norm, eps,
-                                           needs[0], any(needs[1:]))
+    grads = patch_embed_3d_triton_backward(
+        dy, x, weight, bias, modality_ids, ln_weight, ln_bias, layer_norm, eps, needs[0], any(needs[1:])
+    )
     return _grads_out(grads, needs, (x, weight, bias, ln_weight, ln_bias), dy)
 
 
@@ -104,8 +125,10 @@ def _patch_embed_backward(ctx, dy):
     needs = _needs((w[0], w[1], w[2], w[4], w[5]), (x, weight, bias, ln_weight, ln_bias))
     if not any(needs):
         return (None,) * 9
-    dx, dw, db, dln_w, dln_b = _grads_in(patch_embed_3d_backward(
-        dy, x, weight, bias, modality_ids, ln_weight, ln_bias, ctx.layer_norm, ctx.eps, needs), needs)
+    dx, dw, db, dln_w, dln_b = _grads_in(
+        patch_embed_3d_backward(dy, x, weight, bias, modality_ids, ln_weight, ln_bias, ctx.layer_norm, ctx.eps, needs),
+        needs,
+    )
     return dx, dw, db, None, dln_w, dln_b, None, None, None
 
 
@@ -116,50 +139,104 @@ patch_embed_3d.register_autograd(_patch_embed_backward, setup_context=_patch_emb
 
 
 def _window_args(num_heads, window_size, shift_size, table_window, scale, dropout_p) -> dict:
-    return dict(num_heads=num_heads, window_size=tuple(window_size), shift_size=tuple(shift_size),
-                table_window=tuple(table_window), scale=scale, dropout_p=dropout_p)
+    return dict(
+        num_heads=num_heads,
+        window_size=tuple(window_size),
+        shift_size=tuple(shift_size),
+        table_window=tuple(table_window),
+        scale=scale,
+        dropout_p=dropout_p,
+    )
 
 
 @torch.library.custom_op("medmap_fast::window_attention", mutates_args=())
 def window_attention(
-    qkv: Tensor, bias_table: Optional[Tensor], pad_kv: Optional[Tensor], gate_logits: Optional[Tensor],
-    seed: Optional[Tensor], num_heads: int, window_size: list[int], shift_size: list[int], table_window: list[int],
-    scale: Optional[float], dropout_p: float,
+    qkv: Tensor,
+    bias_table: Tensor | None,
+    pad_kv: Tensor | None,
+    gate_logits: Tensor | None,
+    seed: Tensor | None,
+    num_heads: int,
+    window_size: list[int],
+    shift_size: list[int],
+    table_window: list[int],
+    scale: float | None,
+    dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     """qkv [B, D, H, W, 3C] -> (out [B, D, H, W, C], lse [B*nW, heads, NP] fp32, the log-sum-exp its backward reads)
     (see ``window_attn.py``); attention dropout with probability ``dropout_p`` > 0 draws its mask from ``seed``
     (int64 [1]; a pure function of it, so the op stays functional)."""
-    return window_attention_triton_forward(qkv, bias_table, pad_kv, gate_logits, seed,
-                                           **_window_args(num_heads, window_size, shift_size, table_window, scale,
-                                                          dropout_p))
+    return window_attention_triton_forward(
+        qkv,
+        bias_table,
+        pad_kv,
+        gate_logits,
+        seed,
+        **_window_args(num_heads, window_size, shift_size, table_window, scale, dropout_p),
+    )
 
 
 @window_attention.register_fake
 def _(qkv, bias_table, pad_kv, gate_logits, seed, num_heads, window_size, shift_size, table_window, scale, dropout_p):
     b, d, h, w, c3 = qkv.shape
     dtype = qkv.dtype if gate_logits is None else torch.promote_types(qkv.dtype, gate_logits.dtype)
-    windows = b * math.prod(padded_size(s, k) // k for s, k in zip((d, h, w), window_size))
-    return (qkv.new_empty(b, d, h, w, c3 // 3, dtype=dtype),
-            qkv.new_empty(windows, num_heads, tokens_padded(math.prod(window_size)), dtype=torch.float32))
+    windows = b * math.prod(padded_size(s, k) // k for s, k in zip((d, h, w), window_size, strict=True))
+    return (
+        qkv.new_empty(b, d, h, w, c3 // 3, dtype=dtype),
+        qkv.new_empty(windows, num_heads, tokens_padded(math.prod(window_size)), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("medmap_fast::window_attention_backward", mutates_args=())
 def window_attention_backward(
-    dout: Tensor, qkv: Tensor, bias_table: Optional[Tensor], pad_kv: Optional[Tensor], gate_logits: Optional[Tensor],
-    seed: Optional[Tensor], out: Tensor, lse: Tensor, num_heads: int, window_size: list[int], shift_size: list[int],
-    table_window: list[int], scale: Optional[float], dropout_p: float, needs: list[bool],
+    dout: Tensor,
+    qkv: Tensor,
+    bias_table: Tensor | None,
+    pad_kv: Tensor | None,
+    gate_logits: Tensor | None,
+    seed: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    num_heads: int,
+    window_size: list[int],
+    shift_size: list[int],
+    table_window: list[int],
+    scale: float | None,
+    dropout_p: float,
+    needs: list[bool],
 ) -> list[Tensor]:
     """[dqkv, dbias_table, dpad_kv, dgate_logits]; ``needs`` says which are wanted (the others are empty)."""
     inputs = (qkv, bias_table, pad_kv, gate_logits)
     grads = window_attention_triton_backward(
-        dout, *inputs, seed, out, lse,
-        **_window_args(num_heads, window_size, shift_size, table_window, scale, dropout_p), needs=tuple(needs))
+        dout,
+        *inputs,
+        seed,
+        out,
+        lse,
+        **_window_args(num_heads, window_size, shift_size, table_window, scale, dropout_p),
+        needs=needs,
+    )
     return _grads_out(grads, needs, inputs, dout)
 
 
 @window_attention_backward.register_fake
-def _(dout, qkv, bias_table, pad_kv, gate_logits, seed, out, lse, num_heads, window_size, shift_size, table_window,
-      scale, dropout_p, needs):
+def _(
+    dout,
+    qkv,
+    bias_table,
+    pad_kv,
+    gate_logits,
+    seed,
+    out,
+    lse,
+    num_heads,
+    window_size,
+    shift_size,
+    table_window,
+    scale,
+    dropout_p,
+    needs,
+):
     return _fake_grads(needs, (qkv, bias_table, pad_kv, gate_logits), dout)
 
 
@@ -186,13 +263,21 @@ window_attention.register_autograd(_window_backward, setup_context=_window_setup
 
 @torch.library.custom_op("medmap_fast::gated_attention", mutates_args=())
 def gated_attention(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], pair_bias: Optional[Tensor],
-    q_modality: Optional[Tensor], k_modality: Optional[Tensor], gate_logits: Optional[Tensor], scale: Optional[float],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    pair_bias: Tensor | None,
+    q_modality: Tensor | None,
+    k_modality: Tensor | None,
+    gate_logits: Tensor | None,
+    scale: float | None,
 ) -> tuple[Tensor, Tensor]:
     """q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> (out [B, Lq, H, Dh], lse [B*H, Lq] fp32, the log-sum-exp its backward
     reads) (see ``gated_attn.py``)."""
-    out, lse = gated_attention_triton_forward(q, k, v, key_padding_mask, pair_bias, q_modality, k_modality,
-                                              gate_logits, scale)
+    out, lse = gated_attention_triton_forward(
+        q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits, scale
+    )
     return _dense(out), lse
 
 
@@ -204,13 +289,24 @@ def _(q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits,
 
 @torch.library.custom_op("medmap_fast::gated_attention_backward", mutates_args=())
 def gated_attention_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], pair_bias: Optional[Tensor],
-    q_modality: Optional[Tensor], k_modality: Optional[Tensor], gate_logits: Optional[Tensor], out: Tensor,
-    lse: Tensor, scale: Optional[float], needs: list[bool],
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    pair_bias: Tensor | None,
+    q_modality: Tensor | None,
+    k_modality: Tensor | None,
+    gate_logits: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float | None,
+    needs: list[bool],
 ) -> list[Tensor]:
     """[dq, dk, dv, dpair_bias, dgate_logits]; ``needs`` says which are wanted (the others are empty)."""
-    grads = gated_attention_triton_backward(dout, q, k, v, key_padding_mask, pair_bias, q_modality, k_modality,
-                                            gate_logits, out, lse, scale, needs[3])
+    grads = gated_attention_triton_backward(
+        dout, q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits, out, lse, scale, needs[3]
+    )
     return _grads_out(grads, needs, (q, k, v, pair_bias, gate_logits), dout)
 
 
@@ -231,9 +327,12 @@ def _gated_backward(ctx, dout, _dlse):
     needs = _needs((w[0], w[1], w[2], w[4], w[7]), (q, k, v, pair_bias, gate_logits))
     if not any(needs):
         return (None,) * 9
-    dq, dk, dv, dpair, dgate = _grads_in(gated_attention_backward(
-        dout, q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits, out, lse, ctx.scale, needs),
-        needs)
+    dq, dk, dv, dpair, dgate = _grads_in(
+        gated_attention_backward(
+            dout, q, k, v, key_padding_mask, pair_bias, q_modality, k_modality, gate_logits, out, lse, ctx.scale, needs
+        ),
+        needs,
+    )
     return dq, dk, dv, None, dpair, None, None, dgate, None
 
 

@@ -91,8 +91,22 @@ def _tile_positions(tile, NP, HN, WN, BLOCK_P: tl.constexpr):
 
 @_jit
 def _patch_offsets(
-    dn, hn, wn, p_mask, offs_k, K: tl.constexpr, D, H, W, s_c, s_d, s_h, s_w,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    dn,
+    hn,
+    wn,
+    p_mask,
+    offs_k,
+    K: tl.constexpr,
+    D,
+    H,
+    W,
+    s_c,
+    s_d,
+    s_h,
+    s_w,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
 ):
     """Element offsets [BLOCK_P, BLOCK_K] of patch entry k (Conv3d weight order cin, di, hi, wi) of each position in
     a volume with strides s_*, and the mask of the entries inside the volume (the others are the zero padding)."""
@@ -116,9 +130,31 @@ def _weight_tile(w_mod, offs_k, offs_c, K: tl.constexpr, c_mask):
 
 @_jit
 def _linear_tile(
-    x_vol, w_mod, b_mod, dn, hn, wn, p_mask, offs_c, c_mask, K: tl.constexpr, D, H, W, s_c, s_d, s_h, s_w,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_vol,
+    w_mod,
+    b_mod,
+    dn,
+    hn,
+    wn,
+    p_mask,
+    offs_c,
+    c_mask,
+    K: tl.constexpr,
+    D,
+    H,
+    W,
+    s_c,
+    s_d,
+    s_h,
+    s_w,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """patches @ W[m]^T + b[m] for one tile: [BLOCK_P, BLOCK_C] fp32, zero in the columns >= C."""
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
@@ -145,11 +181,38 @@ def _layer_norm_rows(acc, c_mask, C: tl.constexpr, eps):
 # K = Cin * pd * ph * pw and C are constexpr: they are fixed per model, and the loops over K then have static bounds
 @_jit
 def _patch_embed_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, ids_ptr, lnw_ptr, lnb_ptr, y_ptr,
-    K: tl.constexpr, C: tl.constexpr, D, H, W, DN, HN, WN, sx_v, sx_c, sx_d, sx_h, sx_w, eps,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, HAS_BIAS: tl.constexpr, LAYER_NORM: tl.constexpr,
-    HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    ids_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    y_ptr,
+    K: tl.constexpr,
+    C: tl.constexpr,
+    D,
+    H,
+    W,
+    DN,
+    HN,
+    WN,
+    sx_v,
+    sx_c,
+    sx_d,
+    sx_h,
+    sx_w,
+    eps,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    LAYER_NORM: tl.constexpr,
+    HAS_LNW: tl.constexpr,
+    HAS_LNB: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(NP, BLOCK_P), V): one tile of output positions of volume v -> y[v, tile, :C]."""
     v = tl.program_id(1).to(tl.int64)
@@ -159,8 +222,31 @@ def _patch_embed_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     out = _linear_tile(
-        x_ptr + v * sx_v, w_ptr + m * C * K, b_ptr + m * C, dn, hn, wn, p_mask, offs_c, c_mask, K, D, H, W,
-        sx_c, sx_d, sx_h, sx_w, PD, PH, PW, HAS_BIAS, BLOCK_P, BLOCK_K, BLOCK_C, DOT_PRECISION,
+        x_ptr + v * sx_v,
+        w_ptr + m * C * K,
+        b_ptr + m * C,
+        dn,
+        hn,
+        wn,
+        p_mask,
+        offs_c,
+        c_mask,
+        K,
+        D,
+        H,
+        W,
+        sx_c,
+        sx_d,
+        sx_h,
+        sx_w,
+        PD,
+        PH,
+        PW,
+        HAS_BIAS,
+        BLOCK_P,
+        BLOCK_K,
+        BLOCK_C,
+        DOT_PRECISION,
     )
     if LAYER_NORM:
         out, _ = _layer_norm_rows(out, c_mask, C, eps)
@@ -169,18 +255,54 @@ def _patch_embed_fwd_kernel(
         if HAS_LNB:
             out += tl.load(lnb_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     rows = v * NP + offs_p
-    tl.store(y_ptr + rows[:, None] * C + offs_c[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=p_mask[:, None] & c_mask[None, :])
+    tl.store(
+        y_ptr + rows[:, None] * C + offs_c[None, :],
+        out.to(y_ptr.dtype.element_ty),
+        mask=p_mask[:, None] & c_mask[None, :],
+    )
 
 
 @_jit
 def _patch_embed_bwd_kernel(
-    x_ptr, w_ptr, b_ptr, ids_ptr, lnw_ptr, dy_ptr, dx_ptr, part_ptr,
-    K: tl.constexpr, C: tl.constexpr, D, H, W, DN, HN, WN, sx_v, sx_c, sx_d, sx_h, sx_w,
-    sdx_v, sdx_c, sdx_d, sdx_h, sdx_w, eps,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, HAS_BIAS: tl.constexpr, LAYER_NORM: tl.constexpr,
-    HAS_LNW: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    ids_ptr,
+    lnw_ptr,
+    dy_ptr,
+    dx_ptr,
+    part_ptr,
+    K: tl.constexpr,
+    C: tl.constexpr,
+    D,
+    H,
+    W,
+    DN,
+    HN,
+    WN,
+    sx_v,
+    sx_c,
+    sx_d,
+    sx_h,
+    sx_w,
+    sdx_v,
+    sdx_c,
+    sdx_d,
+    sdx_h,
+    sdx_w,
+    eps,
+    PD: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    LAYER_NORM: tl.constexpr,
+    HAS_LNW: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Grid (S, V, cdiv(K, BLOCK_K)): program (s, v, kb) walks tiles s, s + S, ... of volume v; it writes dx for the
     patch entries of chunk kb and its partial sums into row (v, s) of part: dW[chunk kb] and (from kb = 0) db,
@@ -210,8 +332,31 @@ def _patch_embed_bwd_kernel(
         g = tl.load(dy_ptr + rows[:, None] * C + offs_c[None, :], mask=pc_mask, other=0.0).to(tl.float32)
         if LAYER_NORM:  # back through y = x_hat * ln_w + ln_b, x_hat = (a - mean) * rstd, a recomputed from x
             a = _linear_tile(
-                x_vol, w_mod, b_ptr + m * C, dn, hn, wn, p_mask, offs_c, c_mask, K, D, H, W,
-                sx_c, sx_d, sx_h, sx_w, PD, PH, PW, HAS_BIAS, BLOCK_P, BLOCK_K, BLOCK_C, DOT_PRECISION,
+                x_vol,
+                w_mod,
+                b_ptr + m * C,
+                dn,
+                hn,
+                wn,
+                p_mask,
+                offs_c,
+                c_mask,
+                K,
+                D,
+                H,
+                W,
+                sx_c,
+                sx_d,
+                sx_h,
+                sx_w,
+                PD,
+                PH,
+                PW,
+                HAS_BIAS,
+                BLOCK_P,
+                BLOCK_K,
+                BLOCK_C,
+                DOT_PRECISION,
             )
             x_hat, rstd = _layer_norm_rows(a, c_mask, C, eps)
             dln_w += tl.sum(g * x_hat, axis=0)
@@ -227,9 +372,7 @@ def _patch_embed_bwd_kernel(
             patches = tl.load(x_vol + off, mask=mask, other=0.0).to(tl.float32)
             dw = tl.dot(tl.trans(patches), g, dw, input_precision=DOT_PRECISION)
         if NEED_DX:
-            dx_off, _ = _patch_offsets(
-                dn, hn, wn, p_mask, offs_k, K, D, H, W, sdx_c, sdx_d, sdx_h, sdx_w, PD, PH, PW
-            )
+            dx_off, _ = _patch_offsets(dn, hn, wn, p_mask, offs_k, K, D, H, W, sdx_c, sdx_d, sdx_h, sdx_w, PD, PH, PW)
             dpatches = tl.dot(g, tl.trans(w_chunk), input_precision=DOT_PRECISION)
             tl.store(dx_ptr + v * sdx_v + dx_off, dpatches.to(dx_ptr.dtype.element_ty), mask=mask)
     if NEED_DW:
@@ -288,14 +431,30 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor) -> dict:
     pd, ph, pw = weight.shape[3:]
     d, h, w = x.shape[2:]
     return dict(
-        K=weight.shape[2] * pd * ph * pw, C=weight.shape[1], D=d, H=h, W=w,
-        DN=padded_size(d, pd) // pd, HN=padded_size(h, ph) // ph, WN=padded_size(w, pw) // pw, PD=pd, PH=ph, PW=pw,
+        K=weight.shape[2] * pd * ph * pw,
+        C=weight.shape[1],
+        D=d,
+        H=h,
+        W=w,
+        DN=padded_size(d, pd) // pd,
+        HN=padded_size(h, ph) // ph,
+        WN=padded_size(w, pw) // pw,
+        PD=pd,
+        PH=ph,
+        PW=pw,
     )
 
 
 def patch_embed_3d_triton_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, modality_ids: torch.Tensor,
-    ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, layer_norm: bool, eps: float, out_dtype: torch.dtype,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    modality_ids: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    layer_norm: bool,
+    eps: float,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """The Triton forward: arguments as :func:`patch_embed_3d_reference` (validated by the public op, not float64)
     with ``modality_ids`` a [V] integer tensor, ``ln_weight``/``ln_bias`` None unless ``layer_norm`` and
@@ -308,18 +467,40 @@ def patch_embed_3d_triton_forward(
     if y.numel():
         with on_device(x):
             _patch_embed_fwd_kernel[(triton.cdiv(num_pos, cfg.block_p), v)](
-                x, weight, _or(bias, weight), modality_ids, _or(ln_weight, weight), _or(ln_bias, weight), y,
-                eps=eps, **_strides(x, "sx"), **geo, HAS_BIAS=bias is not None, LAYER_NORM=layer_norm,
-                HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None, BLOCK_P=cfg.block_p,
-                BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, DOT_PRECISION=_dot_precision(x, weight),
+                x,
+                weight,
+                _or(bias, weight),
+                modality_ids,
+                _or(ln_weight, weight),
+                _or(ln_bias, weight),
+                y,
+                eps=eps,
+                **_strides(x, "sx"),
+                **geo,
+                HAS_BIAS=bias is not None,
+                LAYER_NORM=layer_norm,
+                HAS_LNW=ln_weight is not None,
+                HAS_LNB=ln_bias is not None,
+                BLOCK_P=cfg.block_p,
+                BLOCK_K=cfg.block_k,
+                BLOCK_C=cfg.block_c,
+                DOT_PRECISION=_dot_precision(x, weight),
                 num_warps=cfg.num_warps,
             )
     return y
 
 
 def patch_embed_3d_triton_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-    ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, layer_norm: bool, eps: float, need_dx: bool,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    layer_norm: bool,
+    eps: float,
+    need_dx: bool,
     need_params: bool,
 ) -> tuple[torch.Tensor | None, ...]:
     """dx (None unless ``need_dx``), then dW, db, d(ln_weight), d(ln_bias) (None unless ``need_params`` and the
@@ -338,11 +519,28 @@ def patch_embed_3d_triton_backward(
     if launch:
         with on_device(x):
             _patch_embed_bwd_kernel[(cfg.splits, v, triton.cdiv(k, cfg.block_k))](
-                x, weight, _or(bias, weight), ids, _or(ln_weight, weight), dy.contiguous(), _or(dx, x), part,
-                eps=eps, **_strides(x, "sx"), **_strides(_or(dx, x), "sdx"), **geo,
-                HAS_BIAS=bias is not None, LAYER_NORM=layer_norm, HAS_LNW=ln_weight is not None,
-                NEED_DX=need_dx, NEED_DW=need_params, BLOCK_P=cfg.block_p_bwd, BLOCK_K=cfg.block_k,
-                BLOCK_C=cfg.block_c, DOT_PRECISION=_dot_precision(x, weight), num_warps=cfg.num_warps_bwd,
+                x,
+                weight,
+                _or(bias, weight),
+                ids,
+                _or(ln_weight, weight),
+                dy.contiguous(),
+                _or(dx, x),
+                part,
+                eps=eps,
+                **_strides(x, "sx"),
+                **_strides(_or(dx, x), "sdx"),
+                **geo,
+                HAS_BIAS=bias is not None,
+                LAYER_NORM=layer_norm,
+                HAS_LNW=ln_weight is not None,
+                NEED_DX=need_dx,
+                NEED_DW=need_params,
+                BLOCK_P=cfg.block_p_bwd,
+                BLOCK_K=cfg.block_k,
+                BLOCK_C=cfg.block_c,
+                DOT_PRECISION=_dot_precision(x, weight),
+                num_warps=cfg.num_warps_bwd,
             )
     dw = db = dln_w = dln_b = None
     if need_params:

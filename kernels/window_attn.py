@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,7 @@ SHIFT_MASK_VALUE = -100.0
 
 
 @functools.lru_cache(maxsize=64)
-def relative_position_index(
-    window_size: tuple[int, int, int], table_window: tuple[int, int, int]
-) -> torch.Tensor:
+def relative_position_index(window_size: tuple[int, int, int], table_window: tuple[int, int, int]) -> torch.Tensor:
     """[n, n] long: row of the bias table for every (query, key) pair of an effective window of n tokens."""
     n = window_size[0] * window_size[1] * window_size[2]
     td, th, tw = table_window
@@ -61,11 +60,23 @@ def shift_regions(size: int, window: int, shift: int) -> torch.Tensor:
     return (r >= size - window).long() + (r >= size - shift).long()
 
 
+def triple(values: Sequence[int]) -> tuple[int, int, int]:
+    """Three ints (a window, shift or grid size; callers may pass a list) as the hashable tuple the cached tables
+    key on."""
+    a, b, c = values
+    return a, b, c
+
+
+def padded_grid(size: Sequence[int], window: Sequence[int]) -> tuple[int, int, int]:
+    """A 3D grid ``size`` padded at the end of each axis to a multiple of ``window`` (MONAI pads at the end)."""
+    return triple([padded_size(s, k) for s, k in zip(size, window, strict=True)])
+
+
 def _window_regions(
     padded: tuple[int, int, int], window_size: tuple[int, int, int], shift_size: tuple[int, int, int]
 ) -> torch.Tensor:
     """[nW, n] long: region id of every token of every window of the rolled grid (MONAI's compute_mask)."""
-    rd, rh, rw = (shift_regions(p, w, s) for p, w, s in zip(padded, window_size, shift_size))
+    rd, rh, rw = (shift_regions(p, w, s) for p, w, s in zip(padded, window_size, shift_size, strict=True))
     ids = rd[:, None, None] * 9 + rh[None, :, None] * 3 + rw[None, None, :]
     return partition(ids[None, ..., None], window_size)[..., 0]
 
@@ -78,7 +89,9 @@ def _region_mask(regions: torch.Tensor, value: float, dtype: torch.dtype) -> tor
 
 @functools.lru_cache(maxsize=64)
 def shift_mask(
-    padded: tuple[int, int, int], window_size: tuple[int, int, int], shift_size: tuple[int, int, int],
+    padded: tuple[int, int, int],
+    window_size: tuple[int, int, int],
+    shift_size: tuple[int, int, int],
     value: float = SHIFT_MASK_VALUE,
 ) -> torch.Tensor:
     """[nW, n, n] float32 on the CPU: 0 within a region of the rolled grid, ``value`` across regions (MONAI's
@@ -88,7 +101,9 @@ def shift_mask(
 
 @functools.lru_cache(maxsize=64)
 def _device_regions(
-    padded: tuple[int, int, int], window_size: tuple[int, int, int], shift_size: tuple[int, int, int],
+    padded: tuple[int, int, int],
+    window_size: tuple[int, int, int],
+    shift_size: tuple[int, int, int],
     device: torch.device,
 ) -> torch.Tensor:
     """:func:`_window_regions` [nW, n] kept on ``device``: each call builds its mask there from these few KiB (no
@@ -129,7 +144,7 @@ def window_qkv(
     """Pad (padded voxels: q = 0, k/v = pad_kv), roll by -shift, partition: qkv -> q, k, v [B*nW, heads, n, d]."""
     b, d, h, w, c3 = qkv.shape
     c = c3 // 3
-    padded = tuple(padded_size(s, k) for s, k in zip((d, h, w), window_size))
+    padded = padded_grid((d, h, w), window_size)
     x = qkv
     if padded != (d, h, w):
         kv = pad_kv if pad_kv is not None else qkv.new_zeros(2 * c)
@@ -139,16 +154,19 @@ def window_qkv(
         x = torch.roll(x, shifts=tuple(-s for s in shift_size), dims=(1, 2, 3))
     win = partition(x, window_size)  # [B*nW, n, 3C]
     n = win.shape[1]
-    return win.reshape(-1, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = win.reshape(-1, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 def window_merge(
-    out: torch.Tensor, size: tuple[int, int, int], window_size: tuple[int, int, int],
+    out: torch.Tensor,
+    size: tuple[int, int, int],
+    window_size: tuple[int, int, int],
     shift_size: tuple[int, int, int] = (0, 0, 0),
 ) -> torch.Tensor:
     """Inverse of :func:`window_qkv` for an attention output [B*nW, heads, n, d] -> [B, D, H, W, heads*d]."""
     bnw, heads, n, hd = out.shape
-    padded = tuple(padded_size(s, k) for s, k in zip(size, window_size))
+    padded = padded_grid(size, window_size)
     out = unpartition(out.transpose(1, 2).reshape(bnw, n, heads * hd), window_size, padded)
     if any(shift_size):
         out = torch.roll(out, shifts=tuple(shift_size), dims=(1, 2, 3))
@@ -156,7 +174,9 @@ def window_merge(
 
 
 def window_bias(
-    bias_table: torch.Tensor, window_size: tuple[int, int, int], table_window: tuple[int, int, int] | None,
+    bias_table: torch.Tensor,
+    window_size: tuple[int, int, int],
+    table_window: tuple[int, int, int] | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The relative-position bias [heads, n, n] of an effective window, gathered from its table [T, heads]."""
@@ -202,13 +222,16 @@ def window_attention_reference(
     entries scaled by 1 / (1 - p), before @ v) draws its mask inside SDPA, or takes ``dropout_mask``
     [B*nW, heads, n, n] bool (True = kept; e.g. :func:`window_dropout_mask`, the Triton kernels' mask)."""
     b, d, h, w, _ = qkv.shape
-    window_size, shift_size = tuple(window_size), tuple(shift_size)
-    padded = tuple(padded_size(s, k) for s, k in zip((d, h, w), window_size))
+    window_size, shift_size = triple(window_size), triple(shift_size)
+    padded = padded_grid((d, h, w), window_size)
     q, k, v = window_qkv(qkv, num_heads, window_size, shift_size, pad_kv)  # [B*nW, h, n, hd]
     n, head_dim = q.shape[2:]
     if dropout_mask is not None and tuple(dropout_mask.shape) != (q.shape[0], num_heads, n, n):
-        fail("dropout_mask", f"a bool tensor {(q.shape[0], num_heads, n, n)} (windows, heads, queries, keys)",
-             describe(dropout_mask))
+        fail(
+            "dropout_mask",
+            f"a bool tensor {(q.shape[0], num_heads, n, n)} (windows, heads, queries, keys)",
+            describe(dropout_mask),
+        )
     mask = None  # [h, n, n] in q's dtype (as SDPA wants it), broadcast over the windows
     if bias_table is not None:
         mask = window_bias(bias_table, window_size, table_window, q.dtype)
@@ -288,8 +311,9 @@ def _load_heads(ptrs, col, HD: tl.constexpr, DPAD: tl.constexpr, G: tl.constexpr
 def _store_head(ptrs, tile, col, rows_mask, HD: tl.constexpr, DPAD: tl.constexpr):
     """Store one head's [T, DPAD] tile at channels col .. col + HD of the rows ``ptrs`` point to, where rows_mask."""
     dd = tl.arange(0, DPAD)
-    tl.store(ptrs[:, None] + col + dd[None, :], tile.to(ptrs.dtype.element_ty),
-             mask=rows_mask[:, None] & (dd < HD)[None, :])
+    tl.store(
+        ptrs[:, None] + col + dd[None, :], tile.to(ptrs.dtype.element_ty), mask=rows_mask[:, None] & (dd < HD)[None, :]
+    )
 
 
 @_jit
@@ -352,10 +376,31 @@ def _keep(seed, threshold, bw, h, offs_m, n0, HEADS: tl.constexpr, NP: tl.conste
 
 @_jit
 def _window_attention_fwd(
-    QKV, PAD_ROW, ROWS, CLASSES, TILE, GATE, OUT, LSE, NWIN, VOXELS, qk_scale, SEED, dropout_p,
-    HEADS: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-    HAS_TILE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    QKV,
+    PAD_ROW,
+    ROWS,
+    CLASSES,
+    TILE,
+    GATE,
+    OUT,
+    LSE,
+    NWIN,
+    VOXELS,
+    qk_scale,
+    SEED,
+    dropout_p,
+    HEADS: tl.constexpr,
+    HD: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    HAS_TILE: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    DPAD: tl.constexpr,
+    PREC: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
 ):
     """One query tile of one window for G heads: online softmax over the window's key tiles; out [B, D, H, W, C],
     lse [B*nW, HEADS, NP] (log2 units, of the probabilities before dropout; not written for tiles of padding only).
@@ -376,7 +421,7 @@ def _window_attention_fwd(
             qs = qs + (_scaled(q[g], qk_scale),)
         cls = tl.load(CLASSES + win)
         m_i, l_i, acc = (), (), ()
-        for g in tl.static_range(G):
+        for _g in tl.static_range(G):
             m_i = m_i + (tl.full([BM], float("-inf"), tl.float32),)  # key tile 0 holds key 0: m_i turns finite
             l_i = l_i + (tl.zeros([BM], tl.float32),)
             acc = acc + (tl.zeros([BM, DPAD], tl.float32),)
@@ -387,8 +432,9 @@ def _window_attention_fwd(
             v = _load_heads(kv, 2 * C + h0 * HD, HD, DPAD, G)
             m_next, l_next, acc_next = (), (), ()
             for g in tl.static_range(G):
-                s = _scores(qs[g], k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n, N, NP,
-                            HAS_TILE, PREC)
+                s = _scores(
+                    qs[g], k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n, N, NP, HAS_TILE, PREC
+                )
                 m_new = tl.maximum(m_i[g], tl.max(s, 1))
                 p = tl.exp2(s - m_new[:, None])
                 alpha = tl.exp2(m_i[g] - m_new)
@@ -411,9 +457,28 @@ def _window_attention_fwd(
 
 
 @_jit
-def _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m, voxel0, bw, h, qk_scale, drop_scale,
-                HEADS: tl.constexpr, HD: tl.constexpr, NP: tl.constexpr, HAS_GATE: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, DPAD: tl.constexpr):
+def _query_head(
+    QKV,
+    PAD_ROW,
+    GATE,
+    DOUT,
+    LSE,
+    DELTA,
+    q_ptrs,
+    rows_q,
+    offs_m,
+    voxel0,
+    bw,
+    h,
+    qk_scale,
+    drop_scale,
+    HEADS: tl.constexpr,
+    HD: tl.constexpr,
+    NP: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DPAD: tl.constexpr,
+):
     """What the backward needs of head h in a query tile: q pre-scaled and dO of the attention (gate applied;
     times 1 / (1 - p) with dropout, the scale of every kept probability, which dV and dP then carry) [BM, DPAD] in
     q's dtype, lse and delta [BM]. One head at a time keeps the registers of the others free."""
@@ -432,12 +497,40 @@ def _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m, vo
 
 @_jit
 def _window_attention_bwd(
-    QKV, PAD_ROW, ROWS, CLASSES, TILE, GATE, OUT, DOUT, LSE, DELTA, DQ, DQKV, DGATE, DPAD_PARTS,
-    NWIN, VOXELS, qk_scale, dq_scale, SEED, dropout_p,
-    HEADS: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-    HAS_TILE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, GRADS: tl.constexpr,
+    QKV,
+    PAD_ROW,
+    ROWS,
+    CLASSES,
+    TILE,
+    GATE,
+    OUT,
+    DOUT,
+    LSE,
+    DELTA,
+    DQ,
+    DQKV,
+    DGATE,
+    DPAD_PARTS,
+    NWIN,
+    VOXELS,
+    qk_scale,
+    dq_scale,
+    SEED,
+    dropout_p,
+    HEADS: tl.constexpr,
+    HD: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    HAS_TILE: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    GRADS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    DPAD: tl.constexpr,
+    PREC: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
 ):
     """One whole window for G heads. First delta = rowsum(dout * out) per query (stored for the key tiles and the
     bias kernel) and d(gate logits); then, with GRADS, per key tile (k, v, dk, dv on chip) a pass over the query
@@ -481,7 +574,7 @@ def _window_attention_bwd(
             k = _load_heads(kv, C + h0 * HD, HD, DPAD, G)
             v = _load_heads(kv, 2 * C + h0 * HD, HD, DPAD, G)
             dk, dv = (), ()
-            for g in tl.static_range(G):
+            for _g in tl.static_range(G):
                 dk = dk + (tl.zeros([BN, DPAD], tl.float32),)
                 dv = dv + (tl.zeros([BN, DPAD], tl.float32),)
             for qt in tl.range(0, NP // BM):
@@ -494,11 +587,38 @@ def _window_attention_bwd(
                     dq_mask = real[:, None] & (dd < HD)[None, :]
                     dk_next, dv_next = (), ()
                     for g in tl.static_range(G):
-                        qs, do, lse, delta = _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m,
-                                                         voxel0, bw, h0 + g, qk_scale, drop_scale, HEADS, HD, NP,
-                                                         HAS_GATE, HAS_DROPOUT, DPAD)
-                        s = _scores(qs, k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n,
-                                    N, NP, HAS_TILE, PREC)
+                        qs, do, lse, delta = _query_head(
+                            QKV,
+                            PAD_ROW,
+                            GATE,
+                            DOUT,
+                            LSE,
+                            DELTA,
+                            q_ptrs,
+                            rows_q,
+                            offs_m,
+                            voxel0,
+                            bw,
+                            h0 + g,
+                            qk_scale,
+                            drop_scale,
+                            HEADS,
+                            HD,
+                            NP,
+                            HAS_GATE,
+                            HAS_DROPOUT,
+                            DPAD,
+                        )
+                        s = _scores(
+                            qs,
+                            k[g],
+                            _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP),
+                            offs_n,
+                            N,
+                            NP,
+                            HAS_TILE,
+                            PREC,
+                        )
                         p = tl.exp2(s - lse[:, None])
                         if HAS_DROPOUT:
                             keep = _keep(seed, threshold, bw, h0 + g, offs_m, kt * BN, HEADS, NP, BN)
@@ -538,10 +658,34 @@ def _window_attention_bwd(
 
 @_jit
 def _window_attention_bwd_bias(
-    QKV, PAD_ROW, ROWS, CLASSES, TILE, GATE, DOUT, LSE, DELTA, PARTS, NWIN, VOXELS, BW, WPC, qk_scale, SEED, dropout_p,
-    HEADS: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, HAS_GATE: tl.constexpr,
+    QKV,
+    PAD_ROW,
+    ROWS,
+    CLASSES,
+    TILE,
+    GATE,
+    DOUT,
+    LSE,
+    DELTA,
+    PARTS,
+    NWIN,
+    VOXELS,
+    BW,
+    WPC,
+    qk_scale,
+    SEED,
+    dropout_p,
+    HEADS: tl.constexpr,
+    HD: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    HAS_GATE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr, PREC: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    DPAD: tl.constexpr,
+    PREC: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
 ):
     """dS of one (query tile, key tile) for G heads, summed in registers over a chunk of WPC windows and stored
     (no atomics) in PARTS [chunks, HEADS, NP, NP]; the host sums the chunks and gathers the sum into the table.
@@ -557,7 +701,7 @@ def _window_attention_bwd_bias(
     else:
         seed, threshold, drop_scale = None, None, None
     acc = ()
-    for g in tl.static_range(G):
+    for _g in tl.static_range(G):
         acc = acc + (tl.zeros([BM, BN], tl.float32),)
     for bw in tl.range(chunk * WPC, tl.minimum(chunk * WPC + WPC, BW)):
         win = bw % NWIN
@@ -571,11 +715,31 @@ def _window_attention_bwd_bias(
             cls = tl.load(CLASSES + win)
             acc_next = ()
             for g in tl.static_range(G):
-                qs, do, lse, delta = _query_head(QKV, PAD_ROW, GATE, DOUT, LSE, DELTA, q_ptrs, rows_q, offs_m, voxel0,
-                                                 bw, h0 + g, qk_scale, drop_scale, HEADS, HD, NP, HAS_GATE,
-                                                 HAS_DROPOUT, DPAD)
-                s = _scores(qs, k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n, N, NP,
-                            True, PREC)
+                qs, do, lse, delta = _query_head(
+                    QKV,
+                    PAD_ROW,
+                    GATE,
+                    DOUT,
+                    LSE,
+                    DELTA,
+                    q_ptrs,
+                    rows_q,
+                    offs_m,
+                    voxel0,
+                    bw,
+                    h0 + g,
+                    qk_scale,
+                    drop_scale,
+                    HEADS,
+                    HD,
+                    NP,
+                    HAS_GATE,
+                    HAS_DROPOUT,
+                    DPAD,
+                )
+                s = _scores(
+                    qs, k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n, N, NP, True, PREC
+                )
                 p = tl.exp2(s - lse[:, None])
                 dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
                 if HAS_DROPOUT:
@@ -587,8 +751,9 @@ def _window_attention_bwd_bias(
 
 
 @_jit
-def _window_dropout_keep(SEED, KEEP, dropout_p, HEADS: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
-                         BN: tl.constexpr):
+def _window_dropout_keep(
+    SEED, KEEP, dropout_p, HEADS: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr
+):
     """KEEP [B*nW, HEADS, NP, NP] int8: :func:`_keep`'s mask, one [BM, BN] tile of one (window, head) per program
     (program ids: window * HEADS + head, tile)."""
     wh, tile = tl.program_id(0), tl.program_id(1)
@@ -655,13 +820,16 @@ def _launch_config(kernel: str, n: int, head_dim: int, heads: int, dtype: torch.
 
 @functools.lru_cache(maxsize=64)
 def _window_tables(
-    size: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int], device: torch.device,
+    size: tuple[int, int, int],
+    window: tuple[int, int, int],
+    shift: tuple[int, int, int],
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """rows [nW, NP] int32, classes [nW] int32 and the classes' shift masks [K, NP, NP] fp32 (0 within a region,
     -100 across, -inf for keys past the window) on ``device``; see the comment above the kernels."""
     n = math.prod(window)
     np_ = tokens_padded(n)
-    padded = tuple(padded_size(s, k) for s, k in zip(size, window))
+    padded = padded_grid(size, window)
     voxels = torch.full(padded, -1, dtype=torch.int32)
     voxels[: size[0], : size[1], : size[2]] = torch.arange(math.prod(size), dtype=torch.int32).view(size)
     if any(shift):
@@ -688,11 +856,19 @@ class _Geometry:
     scale: float
 
     @classmethod
-    def of(cls, qkv: torch.Tensor, num_heads: int, window_size, shift_size, table_window, scale) -> "_Geometry":
+    def of(cls, qkv: torch.Tensor, num_heads: int, window_size, shift_size, table_window, scale) -> _Geometry:
         b, d, h, w, c3 = qkv.shape
         head_dim = c3 // 3 // num_heads
-        return cls(b, (d, h, w), tuple(window_size), tuple(shift_size), tuple(table_window), num_heads, head_dim,
-                   head_dim**-0.5 if scale is None else float(scale))
+        return cls(
+            b,
+            (d, h, w),
+            triple(window_size),
+            triple(shift_size),
+            triple(table_window),
+            num_heads,
+            head_dim,
+            head_dim**-0.5 if scale is None else float(scale),
+        )
 
     @property
     def n(self) -> int:
@@ -704,7 +880,7 @@ class _Geometry:
 
     @property
     def windows_per_batch(self) -> int:
-        return math.prod(padded_size(s, k) // k for s, k in zip(self.size, self.window))
+        return math.prod(p // k for p, k in zip(padded_grid(self.size, self.window), self.window, strict=True))
 
     @property
     def windows(self) -> int:
@@ -714,15 +890,19 @@ class _Geometry:
     def config(self, kernel: str, dtype: torch.dtype, dropout: bool = False) -> dict:
         return _launch_config(kernel, self.n, self.head_dim, self.heads, dtype, dropout)
 
-    def tables(self, qkv: torch.Tensor, bias_table: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def tables(
+        self, qkv: torch.Tensor, bias_table: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """rows, classes, the [K, heads, NP, NP] bias + mask tile in log2 units and qkv's dtype (None without bias
         or shift: the kernels then only mask keys past the window)."""
         rows, classes, masks = _window_tables(self.size, self.window, self.shift, qkv.device)
         tile = None
         if bias_table is not None:
             pad = self.np - self.n
-            tile = masks[:, None] + F.pad(window_bias(bias_table, self.window, self.table_window, torch.float32),
-                                          (0, pad, 0, pad))[None]
+            tile = (
+                masks[:, None]
+                + F.pad(window_bias(bias_table, self.window, self.table_window, torch.float32), (0, pad, 0, pad))[None]
+            )
         elif any(self.shift):
             tile = masks[:, None].expand(-1, self.heads, -1, -1)
         if tile is not None:
@@ -732,8 +912,15 @@ class _Geometry:
     def args(self, cfg: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
         """Runtime scalars (windows per batch element, voxels per batch element, the score scale in log2 units) and
         the constexprs every kernel takes."""
-        constexprs = dict(HEADS=self.heads, HD=self.head_dim, N=self.n, NP=self.np, DPAD=_head_tile(self.head_dim),
-                          PREC="ieee" if dtype == torch.float32 else "tf32", **cfg)
+        constexprs = dict(
+            HEADS=self.heads,
+            HD=self.head_dim,
+            N=self.n,
+            NP=self.np,
+            DPAD=_head_tile(self.head_dim),
+            PREC="ieee" if dtype == torch.float32 else "tf32",
+            **cfg,
+        )
         return (self.windows_per_batch, math.prod(self.size), self.scale * _LOG2E), constexprs
 
 
@@ -762,15 +949,24 @@ def _dropout_args(seed: torch.Tensor | None, dropout_p: float) -> dict:
 
 
 def window_attention_triton_forward(
-    qkv: torch.Tensor, bias_table: torch.Tensor | None, pad_kv: torch.Tensor | None, gate_logits: torch.Tensor | None,
-    seed: torch.Tensor | None, num_heads: int, window_size: tuple[int, int, int], shift_size: tuple[int, int, int],
-    table_window: tuple[int, int, int], scale: float | None, dropout_p: float,
+    qkv: torch.Tensor,
+    bias_table: torch.Tensor | None,
+    pad_kv: torch.Tensor | None,
+    gate_logits: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    num_heads: int,
+    window_size: tuple[int, int, int],
+    shift_size: tuple[int, int, int],
+    table_window: tuple[int, int, int],
+    scale: float | None,
+    dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused forward with the contract (and output dtype) of :func:`window_attention_reference`, arguments as
     validated by the public op: out [B, D, H, W, C] and the log2-unit log-sum-exp [B*nW, heads, NP] fp32 of every
     query, which the backward reads. With ``dropout_p`` > 0, ``seed`` (int64 [1], see :func:`draw_dropout_seed`)
     picks the keep mask (:func:`window_dropout_mask` materialises it)."""
-    qkv, gate_logits = (None if t is None else t.contiguous() for t in (qkv, gate_logits))
+    qkv = qkv.contiguous()
+    gate_logits = None if gate_logits is None else gate_logits.contiguous()
     geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
     b, d, h, w, c3 = qkv.shape
     out_dtype = qkv.dtype if gate_logits is None else torch.promote_types(qkv.dtype, gate_logits.dtype)
@@ -783,32 +979,52 @@ def window_attention_triton_forward(
     grid = (geo.windows * (geo.heads // cfg["HEADS_PER_PROGRAM"]) * (geo.np // cfg["BM"]),)
     with on_device(qkv):
         _window_attention_fwd[grid](
-            qkv, _pad_row(qkv, pad_kv), rows, classes, qkv if tile is None else tile,
-            qkv if gate_logits is None else gate_logits, out, lse, *scalars, **drop,
-            HAS_TILE=tile is not None, HAS_GATE=gate_logits is not None, **constexprs,
+            qkv,
+            _pad_row(qkv, pad_kv),
+            rows,
+            classes,
+            qkv if tile is None else tile,
+            qkv if gate_logits is None else gate_logits,
+            out,
+            lse,
+            *scalars,
+            **drop,
+            HAS_TILE=tile is not None,
+            HAS_GATE=gate_logits is not None,
+            **constexprs,
         )
     return out, lse
 
 
 def window_attention_triton_backward(
-    dout: torch.Tensor, qkv: torch.Tensor, bias_table: torch.Tensor | None, pad_kv: torch.Tensor | None,
-    gate_logits: torch.Tensor | None, seed: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
-    window_size: tuple[int, int, int], shift_size: tuple[int, int, int], table_window: tuple[int, int, int],
-    scale: float | None, dropout_p: float, needs: tuple[bool, bool, bool, bool],
+    dout: torch.Tensor,
+    qkv: torch.Tensor,
+    bias_table: torch.Tensor | None,
+    pad_kv: torch.Tensor | None,
+    gate_logits: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    num_heads: int,
+    window_size: tuple[int, int, int],
+    shift_size: tuple[int, int, int],
+    table_window: tuple[int, int, int],
+    scale: float | None,
+    dropout_p: float,
+    needs: Sequence[bool],
 ) -> tuple[torch.Tensor | None, ...]:
     """d(qkv), d(bias_table), d(pad_kv), d(gate_logits) from the forward's inputs (its seed and dropout_p
     included), ``out`` and ``lse``; ``needs`` says which of the four are wanted (the others, and those of absent
     tensors, are None)."""
-    qkv, gate_logits, dout, out = (None if t is None else t.contiguous() for t in (qkv, gate_logits, dout, out))
+    qkv, dout, out = qkv.contiguous(), dout.contiguous(), out.contiguous()
+    gate_logits = None if gate_logits is None else gate_logits.contiguous()
     geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
     b, d, h, w, c3 = qkv.shape
     c = c3 // 3
     rows, classes, tile = geo.tables(qkv, bias_table)
     pad_row = _pad_row(qkv, pad_kv)
-    need_dqkv, need_dpad = needs[0], pad_kv is not None and needs[2]
-    need_dbias, need_dgate = bias_table is not None and needs[1], gate_logits is not None and needs[3]
-    has_pad = need_dpad and any(p != s for p, s in zip((padded_size(s, k) for s, k in zip(geo.size, geo.window)),
-                                                       geo.size))
+    need_dqkv, need_dbias, need_dpad, need_dgate = needs
+    has_pad = pad_kv is not None and need_dpad and padded_grid(geo.size, geo.window) != geo.size
     delta = torch.empty(geo.windows, geo.heads, geo.np, device=qkv.device, dtype=torch.float32)
     dgate = None if gate_logits is None else torch.empty_like(gate_logits)  # written with delta, wanted or not
     dqkv = dbias = dpad = None
@@ -823,12 +1039,25 @@ def window_attention_triton_backward(
     common = (qkv, pad_row, rows, classes, qkv if tile is None else tile, qkv if gate_logits is None else gate_logits)
     with on_device(qkv):
         _window_attention_bwd[(geo.windows * (geo.heads // cfg["HEADS_PER_PROGRAM"]),)](
-            *common, out, dout, lse, delta, dq if grads else delta, dqkv if grads else qkv,
-            qkv if dgate is None else dgate, dpad_parts if has_pad else delta, *scalars, geo.scale,
-            **drop, HAS_TILE=tile is not None, HAS_GATE=gate_logits is not None,
-            HAS_PAD=has_pad, GRADS=grads, **constexprs,
+            *common,
+            out,
+            dout,
+            lse,
+            delta,
+            dq if grads else delta,
+            dqkv if grads else qkv,
+            qkv if dgate is None else dgate,
+            dpad_parts if has_pad else delta,
+            *scalars,
+            geo.scale,
+            **drop,
+            HAS_TILE=tile is not None,
+            HAS_GATE=gate_logits is not None,
+            HAS_PAD=has_pad,
+            GRADS=grads,
+            **constexprs,
         )
-        if need_dbias:
+        if bias_table is not None and need_dbias:
             cfg = geo.config("bias", qkv.dtype, drop["HAS_DROPOUT"])
             scalars, constexprs = geo.args(cfg, qkv.dtype)
             tiles = (geo.np // cfg["BM"]) * (geo.np // cfg["BN"]) * (geo.heads // cfg["HEADS_PER_PROGRAM"])
@@ -836,14 +1065,25 @@ def window_attention_triton_backward(
             chunks = triton.cdiv(geo.windows, per_program)
             parts = torch.empty(chunks, geo.heads, geo.np, geo.np, device=qkv.device, dtype=torch.float32)
             _window_attention_bwd_bias[(tiles * chunks,)](
-                *common, dout, lse, delta, parts, scalars[0], scalars[1], geo.windows, per_program, scalars[2],
-                **drop, HAS_GATE=gate_logits is not None, **constexprs,
+                *common,
+                dout,
+                lse,
+                delta,
+                parts,
+                scalars[0],
+                scalars[1],
+                geo.windows,
+                per_program,
+                scalars[2],
+                **drop,
+                HAS_GATE=gate_logits is not None,
+                **constexprs,
             )
             dense = parts.sum(0)[:, : geo.n, : geo.n]  # [heads, n, n]: dS summed over every window
             index = _device_index(geo.window, geo.table_window, qkv.device)
             dbias = torch.zeros(bias_table.shape, device=qkv.device, dtype=torch.float32)
             dbias = dbias.index_add_(0, index, dense.reshape(geo.heads, -1).t()).to(bias_table.dtype)
-    if need_dpad:
+    if pad_kv is not None and need_dpad:
         dpad = dpad_parts.sum((0, 1)).to(pad_kv.dtype) if has_pad else torch.zeros_like(pad_kv)
     return dqkv if need_dqkv else None, dbias, dpad, dgate if need_dgate else None
 
@@ -856,7 +1096,11 @@ def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
 
 
 def window_dropout_mask(
-    seed: torch.Tensor, dropout_p: float, batch: int, size: tuple[int, int, int], window_size: tuple[int, int, int],
+    seed: torch.Tensor,
+    dropout_p: float,
+    batch: int,
+    size: tuple[int, int, int],
+    window_size: tuple[int, int, int],
     num_heads: int,
 ) -> torch.Tensor:
     """The keep mask [B*nW, heads, n, n] bool that the Triton kernels draw for a call with ``seed`` and
@@ -870,5 +1114,6 @@ def window_dropout_mask(
     tile = min(np_, 128)
     with on_device(seed):
         _window_dropout_keep[(windows * num_heads, (np_ // tile) ** 2)](
-            seed, keep, rounded_dropout_p(dropout_p), HEADS=num_heads, NP=np_, BM=tile, BN=tile)
+            seed, keep, rounded_dropout_p(dropout_p), HEADS=num_heads, NP=np_, BM=tile, BN=tile
+        )
     return keep[:, :, :n, :n].bool()

@@ -17,21 +17,23 @@ import torch
 
 from medmap_fast.validation import describe, fail
 
-from ._utils import padded_size
-from .window_attn import apply_gate, shift_mask, window_bias, window_merge, window_qkv
+from .window_attn import apply_gate, padded_grid, shift_mask, triple, window_bias, window_merge, window_qkv
 
 CHUNK_BYTES = 1 << 20  # scores per chunk: one 343-token window x 3 heads fits a core's L2
 
 
 @functools.lru_cache(maxsize=64)
-def _straddling(padded: tuple[int, int, int], window_size: tuple[int, int, int],
-                shift_size: tuple[int, int, int]) -> tuple[bool, ...]:
+def _straddling(
+    padded: tuple[int, int, int], window_size: tuple[int, int, int], shift_size: tuple[int, int, int]
+) -> tuple[bool, ...]:
     """For every window of the rolled grid (raster order): does it hold tokens of more than one region (so needs the
     mask)? Along a shifted axis only the last window does (regions 1 and 2; all others lie in region 0). Plain
     Python, no tensor: torch.compile evaluates it while tracing instead of syncing on a mask."""
-    counts = [p // w for p, w in zip(padded, window_size)]
-    return tuple(any(s and i == n - 1 for i, n, s in zip(idx, counts, shift_size))
-                 for idx in itertools.product(*map(range, counts)))
+    counts = [p // w for p, w in zip(padded, window_size, strict=True)]
+    return tuple(
+        any(s and i == n - 1 for i, n, s in zip(idx, counts, shift_size, strict=True))
+        for idx in itertools.product(*map(range, counts))
+    )
 
 
 def _scores(qs, k, bias, neg_inf, masked, sl) -> torch.Tensor:
@@ -135,14 +137,18 @@ def window_attention_cpu(
     attention dropout as there (``dropout_mask`` [B*nW, heads, n, n] bool, or None to draw one: then ``dropout_p``
     must be a multiple of 2^-16, as the public op passes it)."""
     b, d, h, w, c3 = qkv.shape
-    window_size, shift_size = tuple(window_size), tuple(shift_size)
-    padded = tuple(padded_size(s, k) for s, k in zip((d, h, w), window_size))
-    q, k, v = (t.unflatten(0, (b, -1)).contiguous()
-               for t in window_qkv(qkv, num_heads, window_size, shift_size, pad_kv))
+    window_size, shift_size = triple(window_size), triple(shift_size)
+    padded = padded_grid((d, h, w), window_size)
+    q, k, v = (
+        t.unflatten(0, (b, -1)).contiguous() for t in window_qkv(qkv, num_heads, window_size, shift_size, pad_kv)
+    )
     if dropout_mask is not None:
         if tuple(dropout_mask.shape) != (b * q.shape[1], *q.shape[2:4], q.shape[3]):
-            fail("dropout_mask", f"a bool tensor {(b * q.shape[1], *q.shape[2:4], q.shape[3])} (windows, heads, "
-                 "queries, keys)", describe(dropout_mask))
+            fail(
+                "dropout_mask",
+                f"a bool tensor {(b * q.shape[1], *q.shape[2:4], q.shape[3])} (windows, heads, queries, keys)",
+                describe(dropout_mask),
+            )
         dropout_mask = dropout_mask.unflatten(0, (b, -1))
     bias = neg_inf = None
     masked = (False,) * q.shape[1]

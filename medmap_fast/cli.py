@@ -37,8 +37,12 @@ TRAINED_WITH = "the config the model was trained with (its run folder's config.y
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: CUDA if available, else CPU)")
-    p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
-                   help="kernel backend (default: $MEDMAP_FAST_BACKEND or auto)")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "triton", "torch"),
+        default=None,
+        help="kernel backend (default: $MEDMAP_FAST_BACKEND or auto)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -55,9 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("manifest", help="write a manifest (JSONL) for a folder of studies")
-    p.add_argument("layout", choices=("folders", "msd"),
-                   help="folders: one folder per study (<modality>.nii.gz, report.txt, labels.txt); "
-                        "msd: a Medical Segmentation Decathlon task (dataset.json, 4-D imagesTr/)")
+    p.add_argument(
+        "layout",
+        choices=("folders", "msd"),
+        help="folders: one folder per study (<modality>.nii.gz, report.txt, labels.txt); "
+        "msd: a Medical Segmentation Decathlon task (dataset.json, 4-D imagesTr/)",
+    )
     p.add_argument("root", type=Path, help="the dataset folder")
     p.add_argument("--out", type=Path, default=None, help="manifest file (default: ROOT/manifest.jsonl)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="studies assigned to val (by a hash of the id)")
@@ -67,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="read, reorient, resample, crop and normalise studies into a cache")
     p.add_argument("manifest", type=Path, help="manifest (.jsonl or .csv)")
     p.add_argument("--out", type=Path, required=True, help="cache folder (index.jsonl, errors.jsonl, studies/)")
-    p.add_argument("--spacing", type=_spacing, default=1.5,
-                   help="voxel size in mm: one number, three (x,y,z), or 'native' (the first modality's own)")
+    p.add_argument(
+        "--spacing",
+        type=_spacing,
+        default=1.5,
+        help="voxel size in mm: one number, three (x,y,z), or 'native' (the first modality's own)",
+    )
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any study is skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, default=TRAINED_WITH)
     p.add_argument("--model", type=Path, required=True, help="a model/ folder written by pretrain or finetune")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="the split to score")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"folder for metrics.json and {RUN_CONFIG} (default: print only)")
+    p.add_argument(
+        "--out", type=Path, default=None, help=f"folder for metrics.json and {RUN_CONFIG} (default: print only)"
+    )
     _common(p)
 
     p = sub.add_parser("export", help="a finished pretrain/finetune run folder -> one model folder with a model card")
@@ -106,19 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="an export, a run's model/ folder or an encoder folder")
     p.add_argument("--out", type=Path, required=True, help="embeddings file: .npz, or .parquet (needs pyarrow)")
     p.add_argument("--split", choices=("all", "train", "val", "test"), default="all", help="the studies to embed")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="studies per forward pass (default: evaluate.batch_size)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="studies per forward pass (default: evaluate.batch_size)"
+    )
     _common(p)
 
     p = sub.add_parser("zero-shot", help="score a stage-1 model's studies against one text prompt per class")
     add_config_args(p, default=TRAINED_WITH)
     p.add_argument("--model", type=Path, required=True, help="a stage-1 model: a pretrain run's model/ or its export")
-    p.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
-                   help="prompts, each matched to a class of the cache's labels by its words, or CLASS=PROMPT "
-                        "(default: every class, through text.prompt_template)")
+    p.add_argument(
+        "--classes",
+        nargs="+",
+        default=None,
+        metavar="CLASS",
+        help="prompts, each matched to a class of the cache's labels by its words, or CLASS=PROMPT "
+        "(default: every class, through text.prompt_template)",
+    )
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="the split to score")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"folder for metrics.json and {RUN_CONFIG} (default: print only)")
+    p.add_argument(
+        "--out", type=Path, default=None, help=f"folder for metrics.json and {RUN_CONFIG} (default: print only)"
+    )
     _common(p)
     return parser
 
@@ -180,11 +199,15 @@ def _run_stage(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         from medmap_fast.train.finetune import finetune
 
         init = None if args.random_init else args.init
-        classifier, _ = finetune(cache, config, text_encoder, ctx, init=init, run_dir=args.out, progress=progress,
-                                 resume=not args.no_resume)
+        classifier, _ = finetune(
+            cache, config, text_encoder, ctx, init=init, run_dir=args.out, progress=progress, resume=not args.no_resume
+        )
         held_out = _held_out(cache, "labels", ctx)
-        metrics = {held_out[0].split: evaluate_classifier(classifier, cache, config, ctx, held_out[0].split)["metrics"]
-                   } if held_out else {}
+        metrics = (
+            {held_out[0].split: evaluate_classifier(classifier, cache, config, ctx, held_out[0].split)["metrics"]}
+            if held_out
+            else {}
+        )
     if ctx.is_main:
         config.save(args.out / RUN_CONFIG)
         _write_json(args.out / "metrics.json", metrics)
@@ -211,8 +234,10 @@ def _evaluate(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     from medmap_fast.train.pretrain import retrieval_metrics
 
     if not (args.model / HEADS_CONFIG).is_file():
-        raise SystemExit(f"--model {args.model}: expected a folder written by `medmap-fast pretrain` ({HEADS_CONFIG}) "
-                         f"or `medmap-fast finetune` ({CONFIG_FILE})")
+        raise SystemExit(
+            f"--model {args.model}: expected a folder written by `medmap-fast pretrain` ({HEADS_CONFIG}) "
+            f"or `medmap-fast finetune` ({CONFIG_FILE})"
+        )
     stage1 = MedMAPPretrainModel.from_pretrained(args.model).to(ctx.device)
     entries = cache.split(args.split, "report", ctx)
     reports = TextTable([e.report for e in entries if e.report is not None], config.text.text_encoder())
@@ -234,9 +259,15 @@ def _embed(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     embed.check_output(args.out)
     config = _saved_model_config(args)
     cache = open_cache(config.data)
-    result = embed.embed_cache(load_saved_model(args.model), embed.cache_entries(cache, args.split), cache, config,
-                               args.batch_size or config.evaluate.batch_size, ctx,
-                               progress=not args.no_progress and ctx.is_main)
+    result = embed.embed_cache(
+        load_saved_model(args.model),
+        embed.cache_entries(cache, args.split),
+        cache,
+        config,
+        args.batch_size or config.evaluate.batch_size,
+        ctx,
+        progress=not args.no_progress and ctx.is_main,
+    )
     if ctx.is_main:
         embed.write_embeddings(result, args.out)
     return embed.summary(result, args.out)
@@ -249,12 +280,15 @@ def _zero_shot(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     from medmap_fast.train.zero_shot import zero_shot
 
     if saved_stage(args.model) != "pretrain":
-        raise SystemExit(f"--model {args.model}: expected a stage-1 model (heads.json): a `medmap-fast pretrain` "
-                         "run's model/ folder or its export")
+        raise SystemExit(
+            f"--model {args.model}: expected a stage-1 model (heads.json): a `medmap-fast pretrain` "
+            "run's model/ folder or its export"
+        )
     config = _saved_model_config(args)
     model = MedMAPPretrainModel.from_pretrained(args.model)
-    metrics = zero_shot(model, open_cache(config.data), config, config.text.text_encoder(), ctx, args.split,
-                        args.classes)
+    metrics = zero_shot(
+        model, open_cache(config.data), config, config.text.text_encoder(), ctx, args.split, args.classes
+    )
     if args.out is not None and ctx.is_main:
         config.save(args.out / RUN_CONFIG)
         _write_json(args.out / "metrics.json", metrics)
@@ -282,8 +316,14 @@ def _manifest(args: argparse.Namespace) -> dict[str, Any]:
 def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     from medmap_fast.data.prepare import prepare
 
-    summary = prepare(args.manifest, args.out, spacing=args.spacing, workers=args.workers, strict=args.strict,
-                      progress=not args.no_progress)
+    summary = prepare(
+        args.manifest,
+        args.out,
+        spacing=args.spacing,
+        workers=args.workers,
+        strict=args.strict,
+        progress=not args.no_progress,
+    )
     return summary.to_json(), 1 if args.strict and summary.skipped else 0
 
 
@@ -313,10 +353,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 config = resolve_config(args, demo_config_path(args.quick))
                 metrics = run_demo(args.out, args.quick, args.ablation, config, progress=not args.no_progress, ctx=ctx)
-                summary = {"test": {k: metrics["test"][k] for k in ("accuracy", "chance_accuracy", "auc_macro",
-                                                                    "f1_macro")},
-                           "pretrain": {k: metrics["pretrain"][k] for k in ("retrieval_r1", "retrieval_r5")},
-                           "elapsed_s": metrics.get("elapsed_s")}
+                summary = {
+                    "test": {k: metrics["test"][k] for k in ("accuracy", "chance_accuracy", "auc_macro", "f1_macro")},
+                    "pretrain": {k: metrics["pretrain"][k] for k in ("retrieval_r1", "retrieval_r5")},
+                    "elapsed_s": metrics.get("elapsed_s"),
+                }
             elif args.command in ("pretrain", "finetune"):
                 summary = _run_stage(args, ctx)
             elif args.command in ("embed", "zero-shot"):

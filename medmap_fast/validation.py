@@ -59,7 +59,13 @@ def is_integer_dtype(dtype: torch.dtype) -> bool:
 
 
 def check_index(
-    ids: object, name: str, length: int, upper: int, length_of: str = "volumes", what: str = "ids", *,
+    ids: object,
+    name: str,
+    length: int,
+    upper: int,
+    length_of: str = "volumes",
+    what: str = "ids",
+    *,
     values: bool = True,
 ) -> torch.Tensor:
     """A 1-D integer tensor of ``length`` entries, each in ``[0, upper)``. The range check (one host sync) runs only

@@ -45,5 +45,7 @@ def resolve(value: str | Path) -> Path:
     stem = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.name
     if stem in shipped:
         hint = f" (the shipped one is --config {stem})"
-    raise FileNotFoundError(f"{text}: no such file and not a shipped config{hint}; shipped configs: "
-                            f"{', '.join(shipped)} (give the name, with or without .yaml, or a path to a YAML file)")
+    raise FileNotFoundError(
+        f"{text}: no such file and not a shipped config{hint}; shipped configs: "
+        f"{', '.join(shipped)} (give the name, with or without .yaml, or a path to a YAML file)"
+    )

@@ -93,8 +93,9 @@ def crop_starts(shape: Sequence[int], size: Size, rng: np.random.Generator | Non
     return start(x, size[0]), start(y, size[1]), start(z, size[2])
 
 
-def sample_params(rng: np.random.Generator, shape: Sequence[int], num_modalities: int,
-                  config: AugmentConfig) -> AugmentParams:
+def sample_params(
+    rng: np.random.Generator, shape: Sequence[int], num_modalities: int, config: AugmentConfig
+) -> AugmentParams:
     """Draw the augmentation of a study whose array is [num_modalities, *shape] (shape = X, Y, Z)."""
     start = crop_starts(shape, config.size, rng if config.random_crop else None)
     fx, fy, fz = (bool(rng.random() < p) if p > 0 else False for p in config.flip)
@@ -124,14 +125,18 @@ def apply(array: np.ndarray | torch.Tensor, params: AugmentParams, size: Size) -
     """Augment one study: ``array`` [M, X, Y, Z] (a float16 memmap: only the crop is read; or a tensor) ->
     float32 tensor [M, *size]."""
     if array.ndim != 4 or len(params.scale) != array.shape[0] or len(params.shift) != array.shape[0]:
-        fail("array", f"[M, X, Y, Z] with M = {len(params.scale)} (the params' modalities)",
-             f"shape {tuple(array.shape)}")
+        fail(
+            "array",
+            f"[M, X, Y, Z] with M = {len(params.scale)} (the params' modalities)",
+            f"shape {tuple(array.shape)}",
+        )
     if params.k % 2 and size[0] != size[1]:
         fail("params.k", "an even number of quarter turns for a non-square (X, Y) size", f"k={params.k}, size {size}")
     src, dst = crop_windows(array.shape[1:], params.start, size)
     region = array[(slice(None), *src)]
-    region = (region.float() if isinstance(region, torch.Tensor)
-              else torch.from_numpy(np.array(region, dtype=np.float32)))  # the one read of the memmap
+    region = (
+        region.float() if isinstance(region, torch.Tensor) else torch.from_numpy(np.array(region, dtype=np.float32))
+    )  # the one read of the memmap
     out = torch.zeros((array.shape[0], *size), dtype=torch.float32)
     out[(slice(None), *dst)] = region
     dims = [axis + 1 for axis, f in enumerate(params.flip) if f]
@@ -141,4 +146,3 @@ def apply(array: np.ndarray | torch.Tensor, params: AugmentParams, size: Size) -
         out = torch.rot90(out, params.k, dims=(1, 2))
     view = (-1, 1, 1, 1)
     return out.mul_(torch.from_numpy(params.scale).view(view)).add_(torch.from_numpy(params.shift).view(view))
-

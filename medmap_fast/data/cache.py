@@ -69,8 +69,10 @@ class CacheEntry:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{where}: not a cache index row ({type(err).__name__}: {err})") from err
         if split not in SPLITS or len(shape) != 4 or shape[0] != len(modalities) or len(spacing) != 3:
-            raise ValueError(f"{where}: inconsistent cache index row (split {split!r}, shape {shape}, "
-                             f"modalities {modalities}, spacing {spacing})")
+            raise ValueError(
+                f"{where}: inconsistent cache index row (split {split!r}, shape {shape}, "
+                f"modalities {modalities}, spacing {spacing})"
+            )
         return cls(study_id, split, row.get("report"), row.get("labels"), modalities, shape, spacing, file)
 
     def path(self, cache_dir: str | Path) -> Path:
@@ -82,11 +84,14 @@ class CacheEntry:
         try:
             array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: unreadable cache array of study {self.study_id!r} ({err}); "
-                             f"re-run `medmap-fast prepare`") from err
+            raise ValueError(
+                f"{path}: unreadable cache array of study {self.study_id!r} ({err}); re-run `medmap-fast prepare`"
+            ) from err
         if tuple(array.shape) != self.shape or array.dtype != np.float16:
-            raise ValueError(f"{path}: expected float16 {self.shape} as index.jsonl says, got {array.dtype} "
-                             f"{tuple(array.shape)}; re-run `medmap-fast prepare`")
+            raise ValueError(
+                f"{path}: expected float16 {self.shape} as index.jsonl says, got {array.dtype} "
+                f"{tuple(array.shape)}; re-run `medmap-fast prepare`"
+            )
         return array
 
 

@@ -46,15 +46,23 @@ def dali_ops(params: AugmentParams) -> tuple[np.ndarray, tuple[bool, bool, bool]
 def param_columns(params: Sequence[AugmentParams]) -> Columns:
     """The external source's 7 per-sample columns of a batch: roi_start, flip X, Y, Z, transpose, scale, shift."""
     ops = [dali_ops(p) for p in params]
-    return ([start for start, _, _ in ops],
-            *([np.int32(flips[a]) for _, flips, _ in ops] for a in range(3)),
-            [np.bool_(t) for _, _, t in ops],
-            [p.scale.reshape(-1, 1, 1, 1) for p in params],
-            [p.shift.reshape(-1, 1, 1, 1) for p in params])
+    return (
+        [start for start, _, _ in ops],
+        *([np.int32(flips[a]) for _, flips, _ in ops] for a in range(3)),
+        [np.bool_(t) for _, _, t in ops],
+        [p.scale.reshape(-1, 1, 1, 1) for p in params],
+        [p.shift.reshape(-1, 1, 1, 1) for p in params],
+    )
 
 
-def study_pipeline(files: Sequence[str], source: Callable[[Any], Columns], size: Size, batch_size: int,
-                   num_threads: int, device_id: int | None) -> Any:
+def study_pipeline(
+    files: Sequence[str],
+    source: Callable[[Any], Columns],
+    size: Size,
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+) -> Any:
     """A built DALI pipeline reading ``files`` in order; outputs (volumes [M, *size] float32 per sample, on the GPU
     when ``device_id`` is given; source_info of each sample). ``source(batch_info)`` gives the parameter columns of
     iteration ``batch_info.iteration``."""
@@ -62,14 +70,30 @@ def study_pipeline(files: Sequence[str], source: Callable[[Any], Columns], size:
     from nvidia.dali.types import DALIDataType as DType  # the enum behind types.INT32 etc. (those are untyped)
 
     # device_id None (the CPU backend) is DALI's documented default; its pipeline_def overload types it int only.
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,  # type: ignore[arg-type]
-                  enable_conditionals=True, prefetch_queue_depth=2)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,  # type: ignore[arg-type]
+        enable_conditionals=True,
+        prefetch_queue_depth=2,
+    )
     def pipeline() -> tuple[Any, Any]:
         start, fx, fy, fz, transpose, scale, shift = fn.external_source(
-            source=source, num_outputs=7, batch=True, batch_info=True,
-            dtype=[DType.INT32, DType.INT32, DType.INT32, DType.INT32, DType.BOOL, DType.FLOAT, DType.FLOAT])
-        data = fn.readers.numpy(files=list(files), roi_start=start, roi_shape=list(size), roi_axes=[1, 2, 3],
-                                out_of_bounds_policy="pad", fill_value=0.0, name="reader")
+            source=source,
+            num_outputs=7,
+            batch=True,
+            batch_info=True,
+            dtype=[DType.INT32, DType.INT32, DType.INT32, DType.INT32, DType.BOOL, DType.FLOAT, DType.FLOAT],
+        )
+        data = fn.readers.numpy(
+            files=list(files),
+            roi_start=start,
+            roi_shape=list(size),
+            roi_axes=[1, 2, 3],
+            out_of_bounds_policy="pad",
+            fill_value=0.0,
+            name="reader",
+        )
         source_info = fn.get_property(data, key="source_info")
         if device_id is not None:
             data, scale, shift = data.gpu(), scale.gpu(), shift.gpu()
@@ -96,8 +120,10 @@ class DaliStudyLoader(StudyLoader):
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as err:
-            raise ValueError("loader: expected nvidia-dali to be installed for loader 'dali' "
-                             f"(pip install nvidia-dali-cuda130), got ImportError: {err}") from err
+            raise ValueError(
+                "loader: expected nvidia-dali to be installed for loader 'dali' "
+                f"(pip install nvidia-dali-cuda130), got ImportError: {err}"
+            ) from err
         self.num_threads = num_threads
         self.device_id: int | None = None  # None: DALI's CPU backend
         if self.device.type == "cuda":
@@ -114,8 +140,10 @@ class DaliStudyLoader(StudyLoader):
         flat = [i for b in plan for i in b]
         flat += [flat[-1]] * (len(plan) * bs - len(flat))  # a short last batch is padded, the extra samples dropped
         files = [str(self.dataset.entries[i].path(self.dataset.cache_dir)) for i in flat]
-        columns = [param_columns([self.dataset.params(epoch, i) for i in flat[b * bs : (b + 1) * bs]])
-                   for b in range(len(plan))]
+        columns = [
+            param_columns([self.dataset.params(epoch, i) for i in flat[b * bs : (b + 1) * bs]])
+            for b in range(len(plan))
+        ]
 
         def source(info: Any) -> Columns:
             if info.iteration >= len(columns):
@@ -128,8 +156,11 @@ class DaliStudyLoader(StudyLoader):
             for b, indices in enumerate(plan):
                 data, source_info = pipe.run()
                 items = [self.dataset.item(i, None) for i in indices]
-                volumes = torch.empty((sum(len(it.modality_ids) for it in items), 1, *self.dataset.augment.size),
-                                      dtype=torch.float32, device=self.device)
+                volumes = torch.empty(
+                    (sum(len(it.modality_ids) for it in items), 1, *self.dataset.augment.size),
+                    dtype=torch.float32,
+                    device=self.device,
+                )
                 offset = 0
                 for j, it in enumerate(items):
                     got = np.array(source_info[j]).tobytes().decode()

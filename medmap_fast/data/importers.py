@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 
 def assign_split(study_id: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:
-    """"train", "val" or "test" for ``study_id``: u = the first 64 bits of sha256(f"{seed}:{study_id}") as a number
+    """ "train", "val" or "test" for ``study_id``: u = the first 64 bits of sha256(f"{seed}:{study_id}") as a number
     in [0, 1); test when u < test_fraction, val when u < val_fraction, else train."""
     _check_fractions(val_fraction, test_fraction)
     digest = hashlib.sha256(f"{seed}:{study_id}".encode()).digest()
@@ -49,8 +49,13 @@ def assign_split(study_id: str, seed: int = 0, val_fraction: float = 0.1, test_f
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
-def msd_manifest(root: str | os.PathLike, modalities: Modalities = None, val_fraction: float = 0.1,
-                 test_fraction: float = 0.1, seed: int = 0) -> list[ManifestStudy]:
+def msd_manifest(
+    root: str | os.PathLike,
+    modalities: Modalities = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> list[ManifestStudy]:
     """Studies of a Medical Segmentation Decathlon task (Task01_BrainTumour layout).
 
     ``root/dataset.json`` names the channels (``"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}``)
@@ -71,32 +76,37 @@ def msd_manifest(root: str | os.PathLike, modalities: Modalities = None, val_fra
     channels = _msd_channels(info.get("modality"), dataset, as_registry(modalities))
     training, test = info.get("training"), info.get("test", [])
     if not isinstance(training, list) or not isinstance(test, list):
-        raise ManifestError(f"{dataset}: expected lists 'training' (of {{\"image\": path, ...}}) and 'test' "
-                            f"(of paths)")
-    entries: list[tuple[object, str | None]] = [(e.get("image") if isinstance(e, dict) else None, None)
-                                                for e in training]
+        raise ManifestError(f"{dataset}: expected lists 'training' (of {{\"image\": path, ...}}) and 'test' (of paths)")
+    entries: list[tuple[object, str | None]] = [
+        (e.get("image") if isinstance(e, dict) else None, None) for e in training
+    ]
     entries += [(e, "test") for e in test]
     studies: dict[str, ManifestStudy] = {}
     for number, (image, split) in enumerate(entries):
         where = f"training[{number}]" if number < len(training) else f"test[{number - len(training)}]"
         suffix = image_suffix(image) if isinstance(image, str) else None
         if not isinstance(image, str) or suffix not in (".nii.gz", ".nii"):
-            raise ManifestError(f"{dataset}: {where}: expected a NIfTI image path (.nii.gz or .nii), "
-                                f"got {image!r}")
+            raise ManifestError(f"{dataset}: {where}: expected a NIfTI image path (.nii.gz or .nii), got {image!r}")
         path = Path(os.path.normpath(root / image))
         study_id = path.name[: -len(suffix)]
         if study_id in studies:
             raise ManifestError(f"{dataset}: {where}: image {image!r} gives study {study_id!r} a second time")
         sources = {name: ImageSource(path, channel=i if len(channels) > 1 else None) for i, name in enumerate(channels)}
-        studies[study_id] = ManifestStudy(study_id, split or assign_split(study_id, seed, val_fraction, test_fraction),
-                                          sources)
+        studies[study_id] = ManifestStudy(
+            study_id, split or assign_split(study_id, seed, val_fraction, test_fraction), sources
+        )
     if not studies:
         raise ManifestError(f"{dataset}: no images in 'training' or 'test'")
     return list(studies.values())
 
 
-def folders_manifest(root: str | os.PathLike, modalities: Modalities = None, val_fraction: float = 0.1,
-                     test_fraction: float = 0.1, seed: int = 0) -> list[ManifestStudy]:
+def folders_manifest(
+    root: str | os.PathLike,
+    modalities: Modalities = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> list[ManifestStudy]:
     """Studies of a folder-per-study tree: ``root/<study_id>/<modality>.nii.gz`` (or ``.nii``; the file name's stem
     is a registry name, any case), with optional ``report.txt`` (the report, as ``report_file``), ``labels.txt``
     (one class name per non-empty line: one line = a single label, several = a multi-label list) and ``split.txt``
@@ -120,11 +130,11 @@ def folders_manifest(root: str | os.PathLike, modalities: Modalities = None, val
             problems.append(str(err))
     if problems:
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise ManifestError(f"{root}: {len(problems)} study folder(s) not usable:\n  "
-                         + "\n  ".join(problems[:_MAX_LISTED]) + more)
+        raise ManifestError(
+            f"{root}: {len(problems)} study folder(s) not usable:\n  " + "\n  ".join(problems[:_MAX_LISTED]) + more
+        )
     if not studies:
-        raise ManifestError(f"{root}: no study folders (expected one sub-folder per study holding "
-                            f"<modality>.nii.gz)")
+        raise ManifestError(f"{root}: no study folders (expected one sub-folder per study holding <modality>.nii.gz)")
     return studies
 
 
@@ -135,18 +145,23 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
 
 def _msd_channels(modality: object, dataset: Path, registry: ModalityRegistry) -> list[str]:
     """Registry names of the channels 0..C-1 that dataset.json's "modality" names."""
-    if not (isinstance(modality, dict) and modality
-            and sorted(modality) == [str(i) for i in range(len(modality))]
-            and all(isinstance(v, str) for v in modality.values())):
-        raise ManifestError(f"{dataset}: expected \"modality\": {{\"0\": name, \"1\": name, ...}}, got {modality!r}")
+    if not (
+        isinstance(modality, dict)
+        and modality
+        and sorted(modality) == [str(i) for i in range(len(modality))]
+        and all(isinstance(v, str) for v in modality.values())
+    ):
+        raise ManifestError(f'{dataset}: expected "modality": {{"0": name, "1": name, ...}}, got {modality!r}')
     names: list[str] = []
     for channel in range(len(modality)):
         given = modality[str(channel)]
         alias = MSD_MODALITY_NAMES.get(given.lower())
         name = given if given in registry else alias if alias in registry else None
         if name is None:
-            raise ManifestError(f"{dataset}: modality {channel} {given!r} is no registry modality "
-                             f"({', '.join(registry.names)}) and maps to none (known MSD names: {MSD_MODALITY_NAMES})")
+            raise ManifestError(
+                f"{dataset}: modality {channel} {given!r} is no registry modality "
+                f"({', '.join(registry.names)}) and maps to none (known MSD names: {MSD_MODALITY_NAMES})"
+            )
         name = registry[name].name
         if name in names:
             raise ManifestError(f"{dataset}: channels {names.index(name)} and {channel} are both modality {name}")
@@ -154,8 +169,9 @@ def _msd_channels(modality: object, dataset: Path, registry: ModalityRegistry) -
     return names
 
 
-def _folder_study(folder: Path, registry: ModalityRegistry, seed: int, val_fraction: float,
-                  test_fraction: float) -> ManifestStudy:
+def _folder_study(
+    folder: Path, registry: ModalityRegistry, seed: int, val_fraction: float, test_fraction: float
+) -> ManifestStudy:
     images: dict[str, ImageSource] = {}
     extras: dict[str, Path] = {}
     unexpected = []
@@ -171,16 +187,26 @@ def _folder_study(folder: Path, registry: ModalityRegistry, seed: int, val_fract
         else:
             unexpected.append(entry.name)
     if unexpected:
-        raise ValueError(f"{folder}: unexpected {unexpected}; a study folder holds <modality>.nii.gz or .nii once "
-                         f"per modality ({', '.join(registry.names)}), report.txt, labels.txt, split.txt")
+        raise ValueError(
+            f"{folder}: unexpected {unexpected}; a study folder holds <modality>.nii.gz or .nii once "
+            f"per modality ({', '.join(registry.names)}), report.txt, labels.txt, split.txt"
+        )
     if not images:
         raise ValueError(f"{folder}: no <modality>.nii.gz or .nii file ({', '.join(registry.names)})")
     split_file, labels_file = extras.get("split.txt"), extras.get("labels.txt")
-    split = (assign_split(folder.name, seed, val_fraction, test_fraction) if split_file is None
-             else _parse_file(split_file, lambda text: parse_split(text.strip())))
+    split = (
+        assign_split(folder.name, seed, val_fraction, test_fraction)
+        if split_file is None
+        else _parse_file(split_file, lambda text: parse_split(text.strip()))
+    )
     labels = None if labels_file is None else _parse_file(labels_file, _labels_lines)
-    return ManifestStudy(folder.name, split, dict(sorted(images.items(), key=lambda item: registry.index(item[0]))),
-                         report_file=extras.get("report.txt"), labels=labels)
+    return ManifestStudy(
+        folder.name,
+        split,
+        dict(sorted(images.items(), key=lambda item: registry.index(item[0]))),
+        report_file=extras.get("report.txt"),
+        labels=labels,
+    )
 
 
 def _labels_lines(text: str) -> str | tuple[str, ...] | None:

@@ -55,8 +55,15 @@ class StudyDataset(Dataset):
     """The cached studies, one item per study; indexed by ``(epoch, index)`` because a study's augmentation is a
     function of both (see :meth:`params`)."""
 
-    def __init__(self, entries: Sequence[CacheEntry], cache_dir: str | Path, registry: ModalityRegistry,
-                 labels: LabelSpace | None, augment: AugmentConfig, seed: int) -> None:
+    def __init__(
+        self,
+        entries: Sequence[CacheEntry],
+        cache_dir: str | Path,
+        registry: ModalityRegistry,
+        labels: LabelSpace | None,
+        augment: AugmentConfig,
+        seed: int,
+    ) -> None:
         if not entries:
             fail("entries", "at least one cached study", "none")
         self.entries, self.cache_dir = list(entries), Path(cache_dir)
@@ -120,8 +127,17 @@ class StudyLoader:
 
     kind = "base"
 
-    def __init__(self, dataset: StudyDataset, batch_size: int, shuffle: bool, seed: int, rank: int,
-                 world_size: int, drop_last: bool, device: torch.device) -> None:
+    def __init__(
+        self,
+        dataset: StudyDataset,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+        device: torch.device,
+    ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             fail("batch_size", "an int >= 1", repr(batch_size))
         if not 0 <= rank < world_size:
@@ -168,9 +184,14 @@ class TorchStudyLoader(StudyLoader):
     def __init__(self, *args: Any, num_workers: int = 0) -> None:
         super().__init__(*args)
         self._batches = _PlannedBatches()
-        self._loader = DataLoader(self.dataset, batch_sampler=self._batches, collate_fn=collate_studies,
-                                  num_workers=num_workers, persistent_workers=num_workers > 0,
-                                  pin_memory=self.device.type == "cuda")
+        self._loader = DataLoader(
+            self.dataset,
+            batch_sampler=self._batches,
+            collate_fn=collate_studies,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
         self._batches.batches = [[(epoch, i) for i in b] for b in self.plan(epoch, skip_batches)]
@@ -185,11 +206,23 @@ def dali_importable() -> bool:
     return True
 
 
-def make_loader(entries: Sequence[CacheEntry], cache_dir: str | Path, *,
-                modality_names: Modalities, labels: LabelSpace | None,
-                augment: AugmentConfig, batch_size: int, shuffle: bool, seed: int, rank: int = 0,
-                world_size: int = 1, num_workers: int = 0, device: torch.device | str = torch.device("cpu"),
-                kind: str = "auto", drop_last: bool = False) -> StudyLoader:
+def make_loader(
+    entries: Sequence[CacheEntry],
+    cache_dir: str | Path,
+    *,
+    modality_names: Modalities,
+    labels: LabelSpace | None,
+    augment: AugmentConfig,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    device: torch.device | str = torch.device("cpu"),
+    kind: str = "auto",
+    drop_last: bool = False,
+) -> StudyLoader:
     """The loader of ``entries`` (rows of ``cache_dir/index.jsonl``) for this rank.
 
     modality_names: the encoder's modality registry (a ModalityRegistry, its names, or None for the twelve

@@ -131,8 +131,10 @@ def read_manifest(path: str | os.PathLike, modalities: Modalities = None) -> lis
     path = Path(path)
     kind = _MANIFEST_KINDS.get(path.suffix.lower())
     if kind is None:
-        raise ManifestError(f"{path}: unsupported manifest type {path.suffix or '(no extension)'!r}; expected "
-                            f".jsonl or .json (JSON Lines) or .csv")
+        raise ManifestError(
+            f"{path}: unsupported manifest type {path.suffix or '(no extension)'!r}; expected "
+            f".jsonl or .json (JSON Lines) or .csv"
+        )
     registry = as_registry(modalities)
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: CSV files saved by spreadsheets start with a BOM
@@ -150,8 +152,9 @@ def read_manifest(path: str | os.PathLike, modalities: Modalities = None) -> lis
         except ValueError as err:
             raise ManifestError(f"{path}:{line}: {err}") from None
         if study.study_id in first_line:
-            raise ManifestError(f"{path}:{line}: duplicate study_id {study.study_id!r} "
-                                f"(first on line {first_line[study.study_id]})")
+            raise ManifestError(
+                f"{path}:{line}: duplicate study_id {study.study_id!r} (first on line {first_line[study.study_id]})"
+            )
         first_line[study.study_id] = line
         studies.append(study)
     if not studies:
@@ -264,8 +267,9 @@ def _json_object(content: str) -> dict[str, Any]:
     try:
         value = json.loads(content, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
-        raise ValueError(f"not valid JSON ({err.msg} at column {err.colno}); expected one JSON object per line "
-                         f"(JSON Lines)") from None
+        raise ValueError(
+            f"not valid JSON ({err.msg} at column {err.colno}); expected one JSON object per line (JSON Lines)"
+        ) from None
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, got {type(value).__name__}")
     return value
@@ -312,8 +316,9 @@ def _csv_header(cells: list[str], registry: ModalityRegistry) -> list[tuple[str,
             column = (registry[name].name, True)
         else:
             keys = [k for k in ROW_KEYS if k != "images"]
-            raise ValueError(f"unknown column {name!r}; allowed: {', '.join(keys)} and the modalities "
-                             f"{', '.join(registry.names)}")
+            raise ValueError(
+                f"unknown column {name!r}; allowed: {', '.join(keys)} and the modalities {', '.join(registry.names)}"
+            )
         if column[0].lower() in seen:
             raise ValueError(f"column {name!r} given twice (column names are case-insensitive)")
         seen.add(column[0].lower())
@@ -370,8 +375,9 @@ def _positive_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
-def _images(images: object, folder: Path, registry: ModalityRegistry,
-            row_spacing: tuple[float, float, float] | None) -> dict[str, ImageSource]:
+def _images(
+    images: object, folder: Path, registry: ModalityRegistry, row_spacing: tuple[float, float, float] | None
+) -> dict[str, ImageSource]:
     if not (isinstance(images, dict) and images):
         raise ValueError(f"images: expected a non-empty object {{modality: path}}, got {images!r}")
     sources: dict[str, ImageSource] = {}
@@ -381,19 +387,19 @@ def _images(images: object, folder: Path, registry: ModalityRegistry,
         if name in sources:
             raise ValueError(f"images: modality {name} given twice ({given_as[name]!r} and {key!r})")
         given_as[name] = key
-        sources[name] = _image(spec if isinstance(spec, dict) else {"path": spec}, f"images.{key}", folder,
-                               row_spacing)
+        sources[name] = _image(spec if isinstance(spec, dict) else {"path": spec}, f"images.{key}", folder, row_spacing)
     return sources
 
 
-def _image(spec: dict[str, Any], where: str, folder: Path,
-           row_spacing: tuple[float, float, float] | None) -> ImageSource:
+def _image(
+    spec: dict[str, Any], where: str, folder: Path, row_spacing: tuple[float, float, float] | None
+) -> ImageSource:
     unknown = sorted(set(spec) - set(IMAGE_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(IMAGE_KEYS)}")
     path, channel = spec.get("path"), spec.get("channel")
     if not (isinstance(path, str) and path.strip()):
-        raise ValueError(f"{where}: expected a path (a non-empty string) or {{\"path\": ...}}, got {path!r}")
+        raise ValueError(f'{where}: expected a path (a non-empty string) or {{"path": ...}}, got {path!r}')
     suffix = image_suffix(path)
     if suffix is None:
         raise ValueError(f"{where}: unsupported image file {path!r}; expected {', '.join(IMAGE_SUFFIXES)}")

@@ -39,8 +39,17 @@ from medmap_fast.fileio import atomic_path, atomic_write_bytes
 from medmap_fast.validation import fail
 
 FORMAT_VERSION = 1
-_READ_ERRORS = (OSError, EOFError, ValueError, MemoryError, zlib.error, nib.filebasedimages.ImageFileError,
-                nib.spatialimages.HeaderDataError, nib.spatialimages.ImageDataError, nib.wrapstruct.WrapStructError)
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    MemoryError,
+    zlib.error,
+    nib.filebasedimages.ImageFileError,
+    nib.spatialimages.HeaderDataError,
+    nib.spatialimages.ImageDataError,
+    nib.wrapstruct.WrapStructError,
+)
 _OVERLAP_SAMPLES = 32  # grid points per axis at which a modality's coverage of the grid is measured
 _ON_GRID_ATOL = 1e-4  # mm; affines closer than this are the same grid (a flipped copy round-trips to ~1e-13)
 
@@ -88,8 +97,14 @@ class PrepareSummary:
 
     def to_json(self) -> dict[str, Any]:
         """The summary as a JSON object (the command prints it)."""
-        return {"prepared": self.prepared, "reused": self.reused, "skipped": self.skipped,
-                "seconds": round(self.seconds, 3), "cache": str(self.out), "errors": list(self.errors)}
+        return {
+            "prepared": self.prepared,
+            "reused": self.reused,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+            "cache": str(self.out),
+            "errors": list(self.errors),
+        }
 
     @property
     def exit_code(self) -> int:
@@ -113,6 +128,7 @@ class _Outcome:
 
 
 # --- reading --------------------------------------------------------------------------------------------------------
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -174,8 +190,11 @@ def _read_array(name: str, src: ImageSource) -> tuple[np.ndarray, np.ndarray, di
                 raise StudyError(f"{where}: not a NIfTI file (nibabel reads it as {type(img).__name__})")
             data = np.asarray(img.dataobj[_pick_channel(name, src, img.shape)], dtype=np.float32)
             affine = np.asarray(img.affine, dtype=np.float64)
-            info = {"shape": list(img.shape), "spacing": [float(z) for z in img.header.get_zooms()[:3]],
-                    "orientation": "".join(nib.aff2axcodes(affine))}
+            info = {
+                "shape": list(img.shape),
+                "spacing": [float(z) for z in img.header.get_zooms()[:3]],
+                "orientation": "".join(nib.aff2axcodes(affine)),
+            }
         else:
             raise StudyError(f"{where}: unsupported file type (expected .nii, .nii.gz or .npy)")
     except FileNotFoundError:
@@ -183,8 +202,9 @@ def _read_array(name: str, src: ImageSource) -> tuple[np.ndarray, np.ndarray, di
     except StudyError:
         raise
     except _READ_ERRORS as err:
-        raise StudyError(f"{where}: unreadable, truncated or not a NIfTI/.npy file ({type(err).__name__}: {err})") \
-            from err
+        raise StudyError(
+            f"{where}: unreadable, truncated or not a NIfTI/.npy file ({type(err).__name__}: {err})"
+        ) from err
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise StudyError(f"{where}: {bad} NaN/Inf voxels")
@@ -206,8 +226,10 @@ def _canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.nda
 
 # --- one grid -------------------------------------------------------------------------------------------------------
 
-def target_grid(shape: Sequence[int], affine: np.ndarray,
-                spacing: Sequence[float] | None) -> tuple[tuple[int, int, int], np.ndarray]:
+
+def target_grid(
+    shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float] | None
+) -> tuple[tuple[int, int, int], np.ndarray]:
     """The grid (shape, affine) covering the field of view of a volume (``shape``, ``affine``) at ``spacing`` mm,
     with the volume's axis directions and outer voxel corners; ``spacing=None`` (or equal) returns the volume's own."""
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
@@ -235,8 +257,15 @@ def grid_coverage(shape: Sequence[int], vox2vox: np.ndarray, source_shape: Seque
     return float(inside.mean())
 
 
-def _onto_grid(name: str, path: Path, data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],
-               grid: np.ndarray, min_overlap: float) -> np.ndarray:
+def _onto_grid(
+    name: str,
+    path: Path,
+    data: np.ndarray,
+    affine: np.ndarray,
+    shape: tuple[int, int, int],
+    grid: np.ndarray,
+    min_overlap: float,
+) -> np.ndarray:
     """``data`` (canonical, float32) on the grid: an exact copy when it is already there, else linear resampling
     (zero beyond its field of view, give or take half a voxel); a field of view covering less than ``min_overlap``
     of the grid is an error."""
@@ -245,19 +274,30 @@ def _onto_grid(name: str, path: Path, data: np.ndarray, affine: np.ndarray, shap
     vox2vox = np.linalg.inv(affine) @ grid
     covered = grid_coverage(shape, vox2vox, data.shape)
     if covered < min_overlap:
-        raise StudyError(f"{name} image {path}: its field of view covers {covered:.0%} of the study's grid (the "
-                         f"first modality's), less than min_overlap {min_overlap:.0%}; not the same anatomy?")
+        raise StudyError(
+            f"{name} image {path}: its field of view covers {covered:.0%} of the study's grid (the "
+            f"first modality's), less than min_overlap {min_overlap:.0%}; not the same anatomy?"
+        )
     matrix = vox2vox[:3, :3]
     if np.allclose(matrix, np.diag(np.diag(matrix)), rtol=0, atol=1e-9):
         matrix = np.diag(matrix)  # axis-aligned: scipy's separable (faster) path, same result
     # One edge voxel of padding: a grid point in the outer half of a border voxel takes that voxel's value rather
     # than a blend with the zero outside (which would draw a dark frame at the field of view's edge).
     padded = np.pad(data, 1, mode="edge")
-    return ndimage.affine_transform(padded, matrix, offset=vox2vox[:3, 3] + 1, output_shape=shape, order=1,
-                                    mode="constant", cval=0.0, output=np.float32)
+    return ndimage.affine_transform(
+        padded,
+        matrix,
+        offset=vox2vox[:3, 3] + 1,
+        output_shape=shape,
+        order=1,
+        mode="constant",
+        cval=0.0,
+        output=np.float32,
+    )
 
 
 # --- foreground, crop, normalisation ---------------------------------------------------------------------------------
+
 
 def foreground_mask(volumes: np.ndarray, threshold: float = 0.1, smooth: float = 1.0) -> np.ndarray:
     """Foreground of a study ``volumes`` [M, X, Y, Z] -> bool [X, Y, Z].
@@ -292,8 +332,9 @@ def bounding_box(mask: np.ndarray, margin: int) -> tuple[tuple[int, int, int], t
     return (x0, y0, z0), (x1, y1, z1)
 
 
-def _normalise(name: str, path: Path, volume: np.ndarray, mask: np.ndarray,
-               clip: float) -> tuple[np.ndarray, dict[str, Any]]:
+def _normalise(
+    name: str, path: Path, volume: np.ndarray, mask: np.ndarray, clip: float
+) -> tuple[np.ndarray, dict[str, Any]]:
     """z-score of ``volume`` over ``mask``, 0 outside it, clipped to [-clip, clip]: float16, and its statistics."""
     values = volume[mask].astype(np.float64)
     mean, std = float(values.mean()), float(values.std())
@@ -319,8 +360,15 @@ def prepare_arrays(study: ManifestStudy, settings: PrepareSettings) -> tuple[np.
         frame = frame or target_grid(data.shape, affine, settings.spacing)
         shape, grid = frame
         volumes.append(_onto_grid(name, src.path, data, affine, shape, grid, settings.min_overlap))
-        sources.append({"modality": name, "path": str(src.path), "channel": src.channel,
-                        "given_spacing": None if src.spacing is None else list(map(float, src.spacing)), **info})
+        sources.append(
+            {
+                "modality": name,
+                "path": str(src.path),
+                "channel": src.channel,
+                "given_spacing": None if src.spacing is None else list(map(float, src.spacing)),
+                **info,
+            }
+        )
     stack = np.stack(volumes)
     del volumes
     mask = foreground_mask(stack, settings.threshold, settings.smooth)
@@ -337,15 +385,21 @@ def prepare_arrays(study: ManifestStudy, settings: PrepareSettings) -> tuple[np.
     array = np.ascontiguousarray(np.stack(out))
     crop_affine = grid.copy()
     crop_affine[:3, 3] = grid[:3, :3] @ np.asarray(start, dtype=np.float64) + grid[:3, 3]
-    meta = {"modalities": list(study.images), "shape": list(array.shape),
-            "spacing": [float(s) for s in np.linalg.norm(grid[:3, :3], axis=0)], "affine": crop_affine.tolist(),
-            "crop": {"grid_shape": list(shape), "grid_affine": grid.tolist(), "start": list(start),
-                     "stop": list(stop)},
-            "foreground_voxels": int(mask.sum()), "normalisation": stats, "sources": sources}
+    meta = {
+        "modalities": list(study.images),
+        "shape": list(array.shape),
+        "spacing": [float(s) for s in np.linalg.norm(grid[:3, :3], axis=0)],
+        "affine": crop_affine.tolist(),
+        "crop": {"grid_shape": list(shape), "grid_affine": grid.tolist(), "start": list(start), "stop": list(stop)},
+        "foreground_voxels": int(mask.sum()),
+        "normalisation": stats,
+        "sources": sources,
+    }
     return array, meta
 
 
 # --- one study, with the cache --------------------------------------------------------------------------------------
+
 
 def _report(study: ManifestStudy) -> str | None:
     try:
@@ -377,22 +431,37 @@ def _unchanged(old: dict[str, Any], study: ManifestStudy, sizes: list[int], sett
     """Whether an earlier entry was made from the same sources (sizes first, then sha256) with the same settings."""
     if old.get("settings") != settings.to_json() or len(old.get("sources", ())) != len(study.images):
         return False
-    current = [{"modality": n, "channel": s.channel, "size": size,
-                "given_spacing": None if s.spacing is None else list(map(float, s.spacing))}
-               for (n, s), size in zip(study.images.items(), sizes, strict=True)]
+    current = [
+        {
+            "modality": n,
+            "channel": s.channel,
+            "size": size,
+            "given_spacing": None if s.spacing is None else list(map(float, s.spacing)),
+        }
+        for (n, s), size in zip(study.images.items(), sizes, strict=True)
+    ]
     try:
         if [_identity(s) for s in old["sources"]] != [_identity(s) for s in current]:
             return False
-        return all(s["sha256"] == _sha256(src.path)
-                   for s, src in zip(old["sources"], study.images.values(), strict=True))
+        return all(
+            s["sha256"] == _sha256(src.path) for s, src in zip(old["sources"], study.images.values(), strict=True)
+        )
     except (KeyError, TypeError, OSError):
         return False
 
 
 def _entry(study: ManifestStudy, report: str | None, meta: dict[str, Any], array_path: Path) -> CacheEntry:
     labels = list(study.labels) if isinstance(study.labels, tuple) else study.labels
-    return CacheEntry(study.study_id, study.split, report, labels, tuple(meta["modalities"]), tuple(meta["shape"]),
-                      tuple(meta["spacing"]), f"{array_path.parent.name}/{array_path.name}")
+    return CacheEntry(
+        study.study_id,
+        study.split,
+        report,
+        labels,
+        tuple(meta["modalities"]),
+        tuple(meta["shape"]),
+        tuple(meta["spacing"]),
+        f"{array_path.parent.name}/{array_path.name}",
+    )
 
 
 def _write(array: np.ndarray, meta: dict[str, Any], array_path: Path, sidecar_path: Path) -> None:
@@ -427,8 +496,11 @@ def prepare_study(study: ManifestStudy, out: Path, settings: PrepareSettings) ->
     except StudyError as err:
         if old is None:
             return _Outcome("failed", None, str(err))
-        return _Outcome("failed", _entry(study, report, old, array_path),
-                        f"{err}; the earlier cache entry {array_path.name} is kept")
+        return _Outcome(
+            "failed",
+            _entry(study, report, old, array_path),
+            f"{err}; the earlier cache entry {array_path.name} is kept",
+        )
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -445,8 +517,15 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 # --- the run --------------------------------------------------------------------------------------------------------
 
-def _settings(spacing: float | Sequence[float] | None, min_overlap: float, threshold: float, smooth: float,
-              margin: int, clip: float) -> PrepareSettings:
+
+def _settings(
+    spacing: float | Sequence[float] | None,
+    min_overlap: float,
+    threshold: float,
+    smooth: float,
+    margin: int,
+    clip: float,
+) -> PrepareSettings:
     mm = None
     if spacing is not None:
         given = (spacing,) * 3 if isinstance(spacing, (int, float)) else tuple(spacing)
@@ -473,10 +552,19 @@ def _studies(manifest: str | os.PathLike | Sequence[ManifestStudy]) -> list[Mani
     return studies
 
 
-def prepare(manifest: str | os.PathLike | Sequence[ManifestStudy], out: str | os.PathLike,
-            spacing: float | Sequence[float] | None = 1.5, workers: int | None = None, strict: bool = False,
-            progress: bool = True, min_overlap: float = 0.5, threshold: float = 0.1, smooth: float = 1.0,
-            margin: int = 2, clip: float = 100.0) -> PrepareSummary:
+def prepare(
+    manifest: str | os.PathLike | Sequence[ManifestStudy],
+    out: str | os.PathLike,
+    spacing: float | Sequence[float] | None = 1.5,
+    workers: int | None = None,
+    strict: bool = False,
+    progress: bool = True,
+    min_overlap: float = 0.5,
+    threshold: float = 0.1,
+    smooth: float = 1.0,
+    margin: int = 2,
+    clip: float = 100.0,
+) -> PrepareSummary:
     """Prepare every study of ``manifest`` (a manifest file or ManifestStudy rows) into the cache folder ``out``.
 
     Writes ``out/studies/<key>.npy`` + ``.json`` per study, then ``out/index.jsonl`` (every good study of the
@@ -508,13 +596,17 @@ def prepare(manifest: str | os.PathLike | Sequence[ManifestStudy], out: str | os
                     done[futures[future]] = future.result()
                     bar.update()
     outcomes = [done[i] for i in range(len(studies))]
-    errors = tuple({"study_id": s.study_id, "line": s.line, "reason": o.reason}
-                   for s, o in zip(studies, outcomes, strict=True) if o.status == "failed")
+    errors = tuple(
+        {"study_id": s.study_id, "line": s.line, "reason": o.reason}
+        for s, o in zip(studies, outcomes, strict=True)
+        if o.status == "failed"
+    )
     write_index(out, (o.entry for o in outcomes if o.entry is not None))
     write_errors(out, errors)
     count = {k: sum(o.status == k for o in outcomes) for k in ("prepared", "reused", "failed")}
-    summary = PrepareSummary(count["prepared"], count["reused"], count["failed"], time.perf_counter() - started,
-                             errors, out, strict)
+    summary = PrepareSummary(
+        count["prepared"], count["reused"], count["failed"], time.perf_counter() - started, errors, out, strict
+    )
     if progress:
         print(summary.line(), file=sys.stderr, flush=True)
     return summary

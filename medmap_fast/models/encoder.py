@@ -39,10 +39,23 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 RUNTIME_SETTINGS = ("drop_rate", "attn_drop_rate", "drop_path_rate", "use_checkpoint", "use_flash_attention")
 # The JSON kind of every SwinViT3D argument config.json may hold.
 SWIN_JSON_KINDS = {
-    "in_chans": "int", "embed_dim": "int", "window_size": "int or int list", "patch_size": "int or int list",
-    "depths": "int list", "num_heads": "int list", "mlp_ratio": "number", "qkv_bias": "bool", "drop_rate": "number",
-    "attn_drop_rate": "number", "drop_path_rate": "number", "patch_norm": "bool", "use_checkpoint": "bool",
-    "spatial_dims": "int", "downsample": "str", "use_v2": "bool", "use_flash_attention": "bool",
+    "in_chans": "int",
+    "embed_dim": "int",
+    "window_size": "int or int list",
+    "patch_size": "int or int list",
+    "depths": "int list",
+    "num_heads": "int list",
+    "mlp_ratio": "number",
+    "qkv_bias": "bool",
+    "drop_rate": "number",
+    "attn_drop_rate": "number",
+    "drop_path_rate": "number",
+    "patch_norm": "bool",
+    "use_checkpoint": "bool",
+    "spatial_dims": "int",
+    "downsample": "str",
+    "use_v2": "bool",
+    "use_flash_attention": "bool",
 }
 FORMAT = "medmap-fast/MedMAPEncoder"
 FORMAT_VERSION = 1
@@ -79,8 +92,9 @@ class MedMAPEncoder(nn.Module):
             fail("sharing", f"one of {SHARING}", repr(sharing))
         for name in ("num_modalities", "modality_gate"):
             if name in swin_kwargs:
-                fail(name, "not to be given (MedMAPEncoder sets it from modalities and sharing)",
-                     repr(swin_kwargs[name]))
+                fail(
+                    name, "not to be given (MedMAPEncoder sets it from modalities and sharing)", repr(swin_kwargs[name])
+                )
         self.modalities = modalities if isinstance(modalities, ModalityRegistry) else ModalityRegistry(modalities)
         self.sharing = sharing
         self.swin_kwargs = {**SWIN_DEFAULTS, **swin_kwargs}
@@ -157,11 +171,18 @@ class MedMAPEncoder(nn.Module):
             if isinstance(value, tuple):
                 value = list(value)
             if not isinstance(value, (int, float, str, bool, list, type(None))):
-                raise TypeError(f"save_pretrained: swin argument {key}={value!r} cannot be stored in {CONFIG_NAME}; "
-                                "only plain values (not classes) are supported")
+                raise TypeError(
+                    f"save_pretrained: swin argument {key}={value!r} cannot be stored in {CONFIG_NAME}; "
+                    "only plain values (not classes) are supported"
+                )
             swin[key] = value
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "modalities": self.modalities.to_config(),
-                "sharing": self.sharing, "swin": swin}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "modalities": self.modalities.to_config(),
+            "sharing": self.sharing,
+            "swin": swin,
+        }
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed), each atomically."""
@@ -184,15 +205,21 @@ class MedMAPEncoder(nn.Module):
         path = Path(directory) / CONFIG_NAME
         config = _read_config(path)
         try:
-            model = cls(modalities=[tuple(m) for m in config["modalities"]], sharing=config["sharing"],
-                        **config["swin"])
+            model = cls(
+                modalities=[tuple(m) for m in config["modalities"]], sharing=config["sharing"], **config["swin"]
+            )
         except (TypeError, ValueError, NotImplementedError) as err:
             raise ValueError(f"{path}: describes no valid MedMAPEncoder ({err})") from err
         _check_expected(path, model.settings(), expected)
         weights = path.with_name(WEIGHTS_NAME)
         state = load_safetensors(weights, device)
-        check_state_dict(weights, model.state_dict(), state, f"{CONFIG_NAME} ({len(model.modalities)} "
-                         f"modalities, sharing={model.sharing!r}, embed_dim={model.swin_kwargs['embed_dim']})")
+        check_state_dict(
+            weights,
+            model.state_dict(),
+            state,
+            f"{CONFIG_NAME} ({len(model.modalities)} "
+            f"modalities, sharing={model.sharing!r}, embed_dim={model.swin_kwargs['embed_dim']})",
+        )
         model.load_state_dict(state)
         return model.to(device)
 
@@ -206,8 +233,11 @@ class MedMAPEncoder(nn.Module):
         """The settings that give ``other``'s weights another meaning than this encoder's (training-time settings
         such as dropout or activation checkpointing do not count), as ``"key: ours vs theirs"``."""
         ours, theirs = self.settings(), other.settings()
-        return [f"{key}: {ours[key]!r} vs {theirs.get(key)!r}" for key in ours
-                if key not in RUNTIME_SETTINGS and not _same_setting(key, ours[key], theirs.get(key))]
+        return [
+            f"{key}: {ours[key]!r} vs {theirs.get(key)!r}"
+            for key in ours
+            if key not in RUNTIME_SETTINGS and not _same_setting(key, ours[key], theirs.get(key))
+        ]
 
 
 def saved_encoder_dir(directory: str | os.PathLike) -> Path:
@@ -223,11 +253,16 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: expected a {FORMAT} configuration, got format {config.get('format')!r}")
     check_json_fields(path, config, {"format_version": "int", "sharing": "str"})
     if config.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {config['format_version']} is newer than this medmap-fast "
-                         f"supports ({FORMAT_VERSION}); upgrade medmap-fast")
+        raise ValueError(
+            f"{path}: format_version {config['format_version']} is newer than this medmap-fast "
+            f"supports ({FORMAT_VERSION}); upgrade medmap-fast"
+        )
     modalities, swin = config.get("modalities"), config.get("swin")
-    if not (isinstance(modalities, list) and modalities and all(
-            isinstance(m, list) and len(m) == 2 and all(isinstance(s, str) and s for s in m) for m in modalities)):
+    if not (
+        isinstance(modalities, list)
+        and modalities
+        and all(isinstance(m, list) and len(m) == 2 and all(isinstance(s, str) and s for s in m) for m in modalities)
+    ):
         raise ValueError(f"{path}: expected 'modalities' to be a list of [name, description] pairs, got {modalities!r}")
     if not isinstance(swin, dict):
         raise ValueError(f"{path}: expected 'swin' to be an object of SwinViT3D arguments, got {swin!r}")
@@ -238,8 +273,9 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _check_expected(path: Path, settings: dict[str, Any], expected: dict[str, Any]) -> None:
     for key, want in expected.items():
         if key not in settings:
-            raise ValueError(f"{path}: cannot check {key}={want!r}: not a MedMAPEncoder setting "
-                             f"(one of {sorted(settings)})")
+            raise ValueError(
+                f"{path}: cannot check {key}={want!r}: not a MedMAPEncoder setting (one of {sorted(settings)})"
+            )
         if key == "modalities":
             want = ModalityRegistry(want).names
         elif key in ("window_size", "patch_size"):
@@ -261,14 +297,19 @@ def _plain(value: Any) -> Any:
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def check_state_dict(path: Path, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
-                     what: str) -> None:
+def check_state_dict(path: Path, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
     """``state`` (read from ``path``) has exactly the keys and shapes of ``own``; else ValueError naming ``path``,
     ``what`` the weights should have been, and up to four missing, unexpected and mis-shaped tensors each."""
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [f"{k!r} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]  # in model order: patch_embed first
+    wrong = [
+        f"{k!r} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]  # in model order: patch_embed first
     if missing or unexpected or wrong:
-        problems = ([f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}"] if missing else []) + (
-            [f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"] if unexpected else []) + wrong[:4]
+        problems = (
+            ([f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}"] if missing else [])
+            + ([f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"] if unexpected else [])
+            + wrong[:4]
+        )
         raise ValueError(f"{path}: weights do not match {what}: " + "; ".join(problems))

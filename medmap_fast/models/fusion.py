@@ -112,7 +112,9 @@ class GatedCrossAttention(nn.Module):
         q = self.q(x).view(s, n, self.num_heads, -1)
         k, v = self.kv(context).view(s, context.shape[1], 2, self.num_heads, -1).unbind(2)
         out = gated_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             key_padding_mask=padding,
             pair_bias=self.pair_bias,
             q_modality=modality,
@@ -127,8 +129,14 @@ class FeedForward(nn.Sequential):
 
     def __init__(self, dim: int, mlp_ratio: float, dropout: float) -> None:
         hidden = int(dim * mlp_ratio)
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
-                         nn.Linear(hidden, dim), nn.Dropout(dropout))
+        super().__init__(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+            nn.Dropout(dropout),
+        )
 
 
 class CrossCognitionLayer(nn.Module):
@@ -168,8 +176,16 @@ class CrossCognitionTransformer(nn.Module):
     ``out_dim`` = 2 * dim, or 4 * dim for "mean_max".
     """
 
-    def __init__(self, dim: int, depth: int, num_heads: int, num_modalities: int, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0, pool: str = "mean") -> None:
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        num_modalities: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        pool: str = "mean",
+    ) -> None:
         super().__init__()
         if pool not in POOLINGS:
             fail("pool", f"one of {POOLINGS}", repr(pool))

@@ -24,8 +24,15 @@ from medmap_fast.validation import check_float_tensor, check_index, check_json_f
 TASKS = ("multiclass", "binary", "multilabel")
 HEADS_FILE, HEADS_CONFIG = "heads.safetensors", "heads.json"
 PRETRAIN_FORMAT = "medmap-fast/MedMAPPretrainModel"
-PRETRAIN_JSON_KINDS = {"text_dim": "int", "embed_dim": "int", "lam": "number", "local_loss": "bool",
-                       "logit_scale_init": "number", "logit_scale_max": "number", "learnable_scale": "bool"}
+PRETRAIN_JSON_KINDS = {
+    "text_dim": "int",
+    "embed_dim": "int",
+    "lam": "number",
+    "local_loss": "bool",
+    "logit_scale_init": "number",
+    "logit_scale_max": "number",
+    "learnable_scale": "bool",
+}
 
 
 def token_dim(encoder: MedMAPEncoder) -> int:
@@ -55,12 +62,24 @@ class MedMAPPretrainModel(nn.Module):
             :class:`AsymmetricContrastiveLoss`.
     """
 
-    def __init__(self, encoder: MedMAPEncoder, text_dim: int, embed_dim: int = 256, lam: float = 0.5,
-                 local_loss: bool = False, **loss_kwargs: Any) -> None:
+    def __init__(
+        self,
+        encoder: MedMAPEncoder,
+        text_dim: int,
+        embed_dim: int = 256,
+        lam: float = 0.5,
+        local_loss: bool = False,
+        **loss_kwargs: Any,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.config = {"text_dim": text_dim, "embed_dim": embed_dim, "lam": lam, "local_loss": local_loss,
-                       **loss_kwargs}
+        self.config = {
+            "text_dim": text_dim,
+            "embed_dim": embed_dim,
+            "lam": lam,
+            "local_loss": local_loss,
+            **loss_kwargs,
+        }
         self.vision_proj = nn.Linear(token_dim(encoder), embed_dim)
         self.text_proj = nn.Linear(text_dim, embed_dim)
         self.loss_fn = AsymmetricContrastiveLoss(lam=lam, local_loss=local_loss, **loss_kwargs)
@@ -77,8 +96,13 @@ class MedMAPPretrainModel(nn.Module):
             fail("report_embeddings", f"a float tensor [S, {text_dim}] with S >= 1", describe(report_embeddings))
         return self.text_proj(report_embeddings.to(self.text_proj.weight.dtype))
 
-    def forward(self, volumes: torch.Tensor, modality_ids: torch.Tensor, study_index: torch.Tensor,
-                report_embeddings: torch.Tensor) -> PretrainOutput:
+    def forward(
+        self,
+        volumes: torch.Tensor,
+        modality_ids: torch.Tensor,
+        study_index: torch.Tensor,
+        report_embeddings: torch.Tensor,
+    ) -> PretrainOutput:
         """volumes [V,1,D,H,W], modality_ids [V], study_index [V] in [0, S), report_embeddings [S, E_text].
 
         The loss checks ``study_index`` against V and S (after the encoder has checked the volumes).
@@ -163,8 +187,11 @@ class MedMAPClassifier(nn.Module):
         num_modalities = len(encoder.modalities)
         check_float_tensor(prompt_embeddings, "prompt_embeddings", f"[{num_modalities}, E_text]", 2)
         if prompt_embeddings.shape[0] != num_modalities:
-            fail("prompt_embeddings", f"one row per encoder modality [{num_modalities}, E_text]",
-                 describe(prompt_embeddings))
+            fail(
+                "prompt_embeddings",
+                f"one row per encoder modality [{num_modalities}, E_text]",
+                describe(prompt_embeddings),
+            )
         if task == "binary" and num_classes not in (1, 2):
             fail("num_classes", "1 or 2 for a binary task", repr(num_classes))
         self.task, self.num_classes = task, num_classes
@@ -173,8 +200,9 @@ class MedMAPClassifier(nn.Module):
         self.cct = CrossCognitionTransformer(dim, depth, num_heads, num_modalities, mlp_ratio, dropout, pool)
         outputs = 1 if task == "binary" else num_classes
         fused = self.cct.out_dim
-        self.head = nn.Sequential(nn.LayerNorm(fused), nn.Linear(fused, dim), nn.GELU(), nn.Dropout(dropout),
-                                  nn.Linear(dim, outputs))
+        self.head = nn.Sequential(
+            nn.LayerNorm(fused), nn.Linear(fused, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, outputs)
+        )
         loss = {"multiclass": "ce"}.get(task, "focal") if loss == "auto" else loss
         if loss not in ("ce", "bce", "focal") or (loss == "ce") != (task == "multiclass"):
             fail("loss", f"'auto', or 'ce' for multiclass and 'bce'/'focal' otherwise (task={task!r})", repr(loss))
@@ -190,8 +218,13 @@ class MedMAPClassifier(nn.Module):
             self.align_proj = nn.Linear(fused, label_embeddings.shape[1])
             self.align_loss = LabelPromptAlignmentLoss()
 
-    def forward(self, volumes: torch.Tensor, modality_ids: torch.Tensor, study_index: torch.Tensor,
-                num_studies: int | None = None) -> ClassifierOutput:
+    def forward(
+        self,
+        volumes: torch.Tensor,
+        modality_ids: torch.Tensor,
+        study_index: torch.Tensor,
+        num_studies: int | None = None,
+    ) -> ClassifierOutput:
         """volumes [V,1,D,H,W], modality_ids [V], study_index [V] in [0, S) -> logits [S, K] and fused features.
 
         ``num_studies`` defaults to ``study_index.max() + 1``; a study with no volume is an error.
@@ -223,13 +256,17 @@ class MedMAPClassifier(nn.Module):
             loss = nn.functional.cross_entropy(logits, labels)
         else:
             target = self._binary_labels(labels, s).to(logits.dtype)
-            loss = (self.focal(logits, target) if self.focal is not None
-                    else nn.functional.binary_cross_entropy_with_logits(logits, target))
+            loss = (
+                self.focal(logits, target)
+                if self.focal is not None
+                else nn.functional.binary_cross_entropy_with_logits(logits, target)
+            )
         if self.align_weight:
             # one prompt per class (multiclass), per label (multilabel), or "absent"/"present" (binary)
             target = labels.reshape(s, -1).float() if self.task == "multilabel" else labels.reshape(s).long()
             loss = loss + self.align_weight * self.align_loss(
-                self.align_proj(output.features), self.label_embeddings, target)
+                self.align_proj(output.features), self.label_embeddings, target
+            )
         return loss
 
     def _binary_labels(self, labels: object, s: int) -> torch.Tensor:
@@ -241,8 +278,11 @@ class MedMAPClassifier(nn.Module):
         labels = labels.float()
         bad = ~((labels >= 0) & (labels <= 1))  # NaN too
         if bool(bad.any()):
-            fail("labels", expected,
-                 f"{int(bad.sum())} of {labels.numel()} outside [0, 1] or NaN, e.g. {labels[bad][0].item()}")
+            fail(
+                "labels",
+                expected,
+                f"{int(bad.sum())} of {labels.numel()} outside [0, 1] or NaN, e.g. {labels[bad][0].item()}",
+            )
         return labels.reshape(s, -1)
 
     def load_pretrained_encoder(self, source: str | Path | MedMAPEncoder | MedMAPPretrainModel) -> MedMAPClassifier:
@@ -255,8 +295,11 @@ class MedMAPClassifier(nn.Module):
             source = source.encoder
         differences = self.encoder.architecture_differences(source)
         if differences:
-            fail("source", "an encoder of this classifier's architecture",
-                 "one that differs in " + "; ".join(differences) + " (this classifier's vs the source's)")
+            fail(
+                "source",
+                "an encoder of this classifier's architecture",
+                "one that differs in " + "; ".join(differences) + " (this classifier's vs the source's)",
+            )
         self.encoder.load_state_dict(source.state_dict())
         return self
 

@@ -30,8 +30,9 @@ def monai_state_dict(source: nn.Module | Mapping[str, Any]) -> dict[str, torch.T
     if isinstance(source, nn.Module):
         return dict(_trunk(source).state_dict())
     if not isinstance(source, Mapping):
-        raise TypeError("source: expected a MONAI SwinTransformer/SwinUNETR or a state_dict, "
-                        f"got {type(source).__name__}")
+        raise TypeError(
+            f"source: expected a MONAI SwinTransformer/SwinUNETR or a state_dict, got {type(source).__name__}"
+        )
     tensors: Mapping[str, Any] = source
     for wrapper in ("state_dict", "model"):
         if isinstance(tensors.get(wrapper), Mapping):
@@ -82,22 +83,28 @@ def _module_config(m: Any) -> dict[str, Any]:
 
 def _state_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if "patch_embed.proj.weight" not in state:
-        raise ValueError("state_dict: expected MONAI Swin keys such as 'patch_embed.proj.weight', "
-                         f"got keys {sorted(state)[:5]}...")
+        raise ValueError(
+            f"state_dict: expected MONAI Swin keys such as 'patch_embed.proj.weight', got keys {sorted(state)[:5]}..."
+        )
     embed_dim, in_chans, *patch = state["patch_embed.proj.weight"].shape
     depths: list[int] = []
     heads: list[int] = []
     while f"layers{len(depths) + 1}.0.blocks.0.norm1.weight" in state:
         prefix = f"layers{len(depths) + 1}.0.blocks."
-        depths.append(len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)}))
+        depths.append(len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)}))
         heads.append(state[prefix + "0.attn.relative_position_bias_table"].shape[1])
     block = "layers1.0.blocks.0."
     n = state[block + "attn.relative_position_index"].shape[0]
     side = round(n ** (1 / 3))
     config: dict[str, Any] = dict(
-        in_chans=in_chans, embed_dim=embed_dim, patch_size=tuple(patch), depths=tuple(depths), num_heads=tuple(heads),
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        patch_size=tuple(patch),
+        depths=tuple(depths),
+        num_heads=tuple(heads),
         mlp_ratio=state[block + "mlp.linear1.weight"].shape[0] / embed_dim,
-        qkv_bias=block + "attn.qkv.bias" in state, patch_norm="patch_embed.norm.weight" in state,
+        qkv_bias=block + "attn.qkv.bias" in state,
+        patch_norm="patch_embed.norm.weight" in state,
         use_v2="layers1c.0.layer.conv1.conv.weight" in state,
     )
     if side**3 == n and (2 * side - 1) ** 3 == state[block + "attn.relative_position_bias_table"].shape[0]:
@@ -112,20 +119,26 @@ def load_monai_state(model: SwinViT3D, state: Mapping[str, torch.Tensor]) -> Non
     ours = {k for k in own if ".gate." in k}
     missing, unexpected = sorted(set(own) - ours - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"state_dict: keys do not match SwinViT3D{_config_hint(model)}: "
-                         f"missing {_listed(missing)}, unexpected {_listed(unexpected)}")
+        raise ValueError(
+            f"state_dict: keys do not match SwinViT3D{_config_hint(model)}: "
+            f"missing {_listed(missing)}, unexpected {_listed(unexpected)}"
+        )
     with torch.no_grad():
         for key, src in state.items():
             dst = own[key]
             if key in _PER_MODALITY and dst.ndim == src.ndim + 1:
                 src = src.expand_as(dst) if tuple(src.shape) == tuple(dst.shape[1:]) else src
             if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(f"state_dict: {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
-                                 f"{_config_hint(model)}")
+                raise ValueError(
+                    f"state_dict: {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+                    f"{_config_hint(model)}"
+                )
             if key.endswith("relative_position_index") and not torch.equal(src.to(dst.device, dst.dtype), dst):
                 # same shape, other window: e.g. an anisotropic window given in another axis order
-                raise ValueError(f"state_dict: {key!r} belongs to another window than window_size="
-                                 f"{model.window_size}{_config_hint(model)}; pass the checkpoint's window_size")
+                raise ValueError(
+                    f"state_dict: {key!r} belongs to another window than window_size="
+                    f"{model.window_size}{_config_hint(model)}; pass the checkpoint's window_size"
+                )
             dst.copy_(src)
         for key in ours:
             own[key].zero_()

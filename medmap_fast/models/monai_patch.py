@@ -13,11 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 
+from medmap_fast.kernels.window_attn import triple
+
 from .swin3d import SwinStage
 from .swin_layers import PatchEmbed3D, SwinBlock3D, WindowAttention3D
+
+if TYPE_CHECKING:  # MONAI is an optional extra (see _swin_unetr); its classes type the modules patched here
+    from monai.networks.nets.swin_unetr import BasicLayer, PatchEmbed, SwinTransformerBlock, WindowAttention
 
 
 def _swin_unetr() -> ModuleType:
@@ -42,10 +49,15 @@ def _check_layout(
     got = dict(module.named_children())
     if set(got) != set(children):
         problems.append(f"children {sorted(got)}, expected {sorted(children)}")
-    problems += [f"{name!r} is a {type(got[name]).__name__}, expected {kind.__name__}"
-                 for name, kind in children.items() if name in got and kind and not isinstance(got[name], kind)]
-    for what, names, expected in (("parameters", module.named_parameters(recurse=False), params),
-                                  ("buffers", module.named_buffers(recurse=False), buffers)):
+    problems += [
+        f"{name!r} is a {type(got[name]).__name__}, expected {kind.__name__}"
+        for name, kind in children.items()
+        if name in got and kind and not isinstance(got[name], kind)
+    ]
+    for what, names, expected in (
+        ("parameters", module.named_parameters(recurse=False), params),
+        ("buffers", module.named_buffers(recurse=False), buffers),
+    ):
         own = sorted(name for name, _ in names)
         if own != sorted(expected):
             problems.append(f"own {what} {own}, expected {sorted(expected)}")
@@ -55,20 +67,30 @@ def _check_layout(
 
 def _check_3d(where: str, window_or_patch: Sequence[int]) -> None:
     if len(window_or_patch) != 3:
-        raise NotImplementedError(f"patch_monai: {where} is a spatial_dims={len(window_or_patch)} MONAI Swin layer; "
-                                  "medmap-fast's ops are 3D only")
+        raise NotImplementedError(
+            f"patch_monai: {where} is a spatial_dims={len(window_or_patch)} MONAI Swin layer; "
+            "medmap-fast's ops are 3D only"
+        )
 
 
 class MonaiPatchEmbed(PatchEmbed3D):
     """MONAI's ``PatchEmbed`` on :func:`~medmap_fast.kernels.patch_embed_3d`, holding its ``proj`` and ``norm``."""
 
-    def __init__(self, embed: nn.Module, where: str) -> None:
+    def __init__(self, embed: PatchEmbed, where: str) -> None:
         _check_3d(where, embed.patch_size)
-        _check_layout(where, embed, _swin_unetr().PatchEmbed,
-                      {"proj": nn.Conv3d, **({} if embed.norm is None else {"norm": None})})
+        _check_layout(
+            where,
+            embed,
+            _swin_unetr().PatchEmbed,
+            {"proj": nn.Conv3d, **({} if embed.norm is None else {"norm": None})},
+        )
         conv = embed.proj
-        if not (conv.kernel_size == conv.stride == tuple(embed.patch_size) and conv.padding == (0, 0, 0)
-                and conv.dilation == (1, 1, 1) and conv.groups == 1):
+        if not (
+            conv.kernel_size == conv.stride == tuple(embed.patch_size)
+            and conv.padding == (0, 0, 0)
+            and conv.dilation == (1, 1, 1)
+            and conv.groups == 1
+        ):
             raise TypeError(f"patch_monai: {where}.proj is not a kernel == stride == patch_size Conv3d: {conv}")
         nn.Module.__init__(self)  # adopt MONAI's modules (PatchEmbed3D.__init__ would build new ones)
         self.patch_size, self.embed_dim = tuple(embed.patch_size), embed.embed_dim
@@ -83,16 +105,26 @@ class MonaiWindowAttention(WindowAttention3D):
     """MONAI's ``WindowAttention`` weights (qkv, proj, relative-position table, scale) behind the fused op; its
     ``attn_drop`` (p and train/eval mode) drives the op's attention dropout."""
 
-    def __init__(self, attn: nn.Module, where: str) -> None:
-        _check_layout(where, attn, _swin_unetr().WindowAttention,
-                      {"qkv": nn.Linear, "attn_drop": nn.Dropout, "proj": nn.Linear, "proj_drop": nn.Dropout,
-                       "softmax": nn.Softmax},
-                      params=("relative_position_bias_table",), buffers=("relative_position_index",))
+    def __init__(self, attn: WindowAttention, where: str) -> None:
+        _check_layout(
+            where,
+            attn,
+            _swin_unetr().WindowAttention,
+            {
+                "qkv": nn.Linear,
+                "attn_drop": nn.Dropout,
+                "proj": nn.Linear,
+                "proj_drop": nn.Dropout,
+                "softmax": nn.Softmax,
+            },
+            params=("relative_position_bias_table",),
+            buffers=("relative_position_index",),
+        )
         nn.Module.__init__(self)  # adopt MONAI's parameters, in MONAI's registration (= state_dict key) order
         self.dim, self.num_heads, self.scale = attn.dim, attn.num_heads, attn.scale
-        self.window_size = tuple(attn.window_size)
+        self.window_size = triple(attn.window_size)
         self.relative_position_bias_table = attn.relative_position_bias_table
-        self.register_buffer("relative_position_index", attn.relative_position_index)
+        self.register_buffer("relative_position_index", attn.get_buffer("relative_position_index"))
         self.qkv, self.attn_drop, self.proj, self.proj_drop = attn.qkv, attn.attn_drop, attn.proj, attn.proj_drop
 
 
@@ -102,21 +134,23 @@ class MonaiSwinBlock(SwinBlock3D):
     checkpointing. ``dim``, ``num_heads``, ``mlp_ratio`` and ``attn.attn_drop`` stay for code reading them (e.g.
     :meth:`SwinViT3D.from_monai`)."""
 
-    def __init__(self, block: nn.Module, where: str) -> None:
+    def __init__(self, block: SwinTransformerBlock, where: str) -> None:
         _check_3d(where, block.window_size)
-        _check_layout(where, block, _swin_unetr().SwinTransformerBlock,
-                      {"norm1": None, "attn": None, "drop_path": None, "norm2": None, "mlp": None})
+        _check_layout(
+            where,
+            block,
+            _swin_unetr().SwinTransformerBlock,
+            {"norm1": None, "attn": None, "drop_path": None, "norm2": None, "mlp": None},
+        )
         nn.Module.__init__(self)  # adopt MONAI's modules, in MONAI's registration (= state_dict key) order
         self.dim, self.num_heads, self.mlp_ratio = block.dim, block.num_heads, block.mlp_ratio
-        self.window_size, self.shift_size = tuple(block.window_size), tuple(block.shift_size)
+        self.window_size, self.shift_size = triple(block.window_size), triple(block.shift_size)
         self.use_checkpoint = block.use_checkpoint
         self.norm1 = block.norm1
         self.attn = MonaiWindowAttention(block.attn, f"{where}.attn")
         self.drop_path, self.norm2, self.mlp, self.gate = block.drop_path, block.norm2, block.mlp, None
 
-    def forward(  # type: ignore[override]  # MONAI's signature
-        self, x: torch.Tensor, mask_matrix: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask_matrix: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, D, H, W, C] -> [B, D, H, W, C]; MONAI's ``mask_matrix`` is not needed: the op masks shifts itself."""
         return super().forward(x)
 
@@ -124,13 +158,20 @@ class MonaiSwinBlock(SwinBlock3D):
 class MonaiSwinStage(SwinStage):
     """MONAI's ``BasicLayer`` (Swin blocks, then its own downsampling module) without the per-call shift mask."""
 
-    def __init__(self, layer: nn.Module, where: str) -> None:
+    def __init__(self, layer: BasicLayer, where: str) -> None:
         _check_3d(where, layer.window_size)
-        _check_layout(where, layer, _swin_unetr().BasicLayer,
-                      {"blocks": nn.ModuleList, **({} if layer.downsample is None else {"downsample": None})})
+        _check_layout(
+            where,
+            layer,
+            _swin_unetr().BasicLayer,
+            {"blocks": nn.ModuleList, **({} if layer.downsample is None else {"downsample": None})},
+        )
         nn.Module.__init__(self)  # adopt MONAI's modules
-        self.window_size, self.shift_size = tuple(layer.window_size), tuple(layer.shift_size)
-        self.blocks = nn.ModuleList(MonaiSwinBlock(b, f"{where}.blocks.{i}") for i, b in enumerate(layer.blocks))
+        self.window_size, self.shift_size = triple(layer.window_size), triple(layer.shift_size)
+        # MonaiSwinBlock checks that each block is exactly MONAI's SwinTransformerBlock
+        self.blocks = nn.ModuleList(
+            MonaiSwinBlock(cast("SwinTransformerBlock", b), f"{where}.blocks.{i}") for i, b in enumerate(layer.blocks)
+        )
         self.downsample = layer.downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # MONAI's signature
@@ -150,8 +191,10 @@ def _replacement(module: nn.Module, where: str, swin_unetr: ModuleType) -> nn.Mo
     if isinstance(module, swin_unetr.SwinTransformerBlock):
         return MonaiSwinBlock(module, where)
     if isinstance(module, swin_unetr.WindowAttention):
-        raise TypeError(f"patch_monai: {where} is a WindowAttention outside a SwinTransformerBlock; the fused op "
-                        "replaces the block's window partitioning too, so only whole blocks can be patched")
+        raise TypeError(
+            f"patch_monai: {where} is a WindowAttention outside a SwinTransformerBlock; the fused op "
+            "replaces the block's window partitioning too, so only whole blocks can be patched"
+        )
     return None
 
 
@@ -187,8 +230,9 @@ def patch_monai(model: nn.Module) -> nn.Module:
     """
     swin_unetr = _swin_unetr()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"patch_monai: expected a torch.nn.Module (a MONAI SwinUNETR/SwinTransformer), got "
-                        f"{type(model).__name__}")
+        raise TypeError(
+            f"patch_monai: expected a torch.nn.Module (a MONAI SwinUNETR/SwinTransformer), got {type(model).__name__}"
+        )
     swaps: list[tuple[str, nn.Module]] = []
     already, inside = False, None  # inside: name prefix of the subtree just replaced (or found patched)
     for name, module in model.named_modules():
@@ -201,8 +245,10 @@ def patch_monai(model: nn.Module) -> nn.Module:
         if new is not None:
             swaps.append((name, new))
     if not swaps and not already:
-        raise TypeError(f"patch_monai: {type(model).__name__} contains no MONAI PatchEmbed, BasicLayer or "
-                        "SwinTransformerBlock to patch")
+        raise TypeError(
+            f"patch_monai: {type(model).__name__} contains no MONAI PatchEmbed, BasicLayer or "
+            "SwinTransformerBlock to patch"
+        )
     for name, new in swaps:  # every replacement is built (and checked) before the model is touched
         if not name:
             return new

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medmap_fast.kernels.window_attn import triple
 from medmap_fast.validation import check_index, check_volumes, fail
 
 from .monai_compat import load_monai_state, monai_config, monai_state_dict
@@ -42,10 +43,10 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 
 def as_triple(value: int | Sequence[int], name: str) -> Triple:
     """An int or a 3-sequence of positive ints as a 3-tuple."""
-    triple = (value,) * 3 if isinstance(value, int) else tuple(value)
-    if len(triple) != 3 or not all(isinstance(v, int) and v > 0 for v in triple):
+    values = (value,) * 3 if isinstance(value, int) else tuple(value)
+    if len(values) != 3 or not all(isinstance(v, int) and v > 0 for v in values):
         fail(name, "a positive int or 3 positive ints (medmap-fast's Swin is 3D)", repr(value))
-    return triple  # type: ignore[return-value]
+    return values
 
 
 class SwinStage(nn.Module):
@@ -64,10 +65,17 @@ class SwinStage(nn.Module):
     ) -> None:
         super().__init__()
         self.window_size = window_size
-        self.shift_size = tuple(w // 2 for w in window_size)
+        self.shift_size = triple([w // 2 for w in window_size])
         self.blocks = nn.ModuleList(
-            SwinBlock3D(dim, num_heads, window_size, self.shift_size if i % 2 else (0, 0, 0), drop_path=drop_path[i],
-                        norm_layer=norm_layer, **block_kwargs)
+            SwinBlock3D(
+                dim,
+                num_heads,
+                window_size,
+                self.shift_size if i % 2 else (0, 0, 0),
+                drop_path=drop_path[i],
+                norm_layer=norm_layer,
+                **block_kwargs,
+            )
             for i in range(depth)
         )
         self.downsample = None if downsample is None else downsample(dim=dim, norm_layer=norm_layer, spatial_dims=3)
@@ -133,16 +141,19 @@ class SwinViT3D(nn.Module):
         if hyena_stages is not None and len(hyena_stages) != len(depths):
             fail("hyena_stages", f"None or one bool per stage ({len(depths)})", repr(hyena_stages))
         if any(hyena_stages) if hyena_stages is not None else use_hyena:  # MONAI: the stages override the flag
-            raise NotImplementedError(f"use_hyena={use_hyena!r}, hyena_stages={hyena_stages!r}: MONAI's Hyena blocks "
-                                      "are not implemented in medmap-fast")
+            raise NotImplementedError(
+                f"use_hyena={use_hyena!r}, hyena_stages={hyena_stages!r}: MONAI's Hyena blocks "
+                "are not implemented in medmap-fast"
+            )
         for name, value in unsupported.items():
             if value != UNSUPPORTED_DEFAULTS[name]:
                 raise NotImplementedError(f"{name}={value!r}: MONAI's Hyena blocks are not implemented in medmap-fast")
         if spatial_dims != 3:
             raise NotImplementedError(f"spatial_dims={spatial_dims}: medmap-fast's Swin is 3D only")
         if not isinstance(attn_drop_rate, (int, float)) or not 0.0 <= attn_drop_rate < 1.0:
-            fail("attn_drop_rate", "a probability in [0, 1) (1 would drop every attention weight)",
-                 repr(attn_drop_rate))
+            fail(
+                "attn_drop_rate", "a probability in [0, 1) (1 would drop every attention weight)", repr(attn_drop_rate)
+            )
         if len(depths) != len(num_heads):
             fail("num_heads", f"one entry per stage ({len(depths)} depths)", repr(tuple(num_heads)))
         if num_modalities is not None and (not isinstance(num_modalities, int) or num_modalities < 1):
@@ -152,12 +163,26 @@ class SwinViT3D(nn.Module):
         if isinstance(downsample, str) and downsample not in MERGING:
             fail("downsample", f"one of {tuple(MERGING)} or a module class", repr(downsample))
         self.config: dict[str, Any] = dict(  # the constructor arguments, normalised (SwinViT3D(**config) rebuilds it)
-            in_chans=in_chans, embed_dim=embed_dim, window_size=as_triple(window_size, "window_size"),
-            patch_size=as_triple(patch_size, "patch_size"), depths=tuple(depths), num_heads=tuple(num_heads),
-            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate, norm_layer=norm_layer, patch_norm=patch_norm, use_checkpoint=use_checkpoint,
-            spatial_dims=spatial_dims, downsample=downsample, use_v2=use_v2, use_flash_attention=use_flash_attention,
-            num_modalities=num_modalities, modality_gate=modality_gate,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            window_size=as_triple(window_size, "window_size"),
+            patch_size=as_triple(patch_size, "patch_size"),
+            depths=tuple(depths),
+            num_heads=tuple(num_heads),
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            norm_layer=norm_layer,
+            patch_norm=patch_norm,
+            use_checkpoint=use_checkpoint,
+            spatial_dims=spatial_dims,
+            downsample=downsample,
+            use_v2=use_v2,
+            use_flash_attention=use_flash_attention,
+            num_modalities=num_modalities,
+            modality_gate=modality_gate,
         )
         if isinstance(downsample, str):
             downsample = MERGING[downsample]
@@ -170,12 +195,22 @@ class SwinViT3D(nn.Module):
         )
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+        for i, (depth, heads) in enumerate(zip(depths, num_heads, strict=True)):
             dim = embed_dim * 2**i
             stage = SwinStage(
-                dim, depth, heads, self.window_size, dpr[sum(depths[:i]) : sum(depths[: i + 1])], downsample,
-                norm_layer, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                use_checkpoint=use_checkpoint, num_modalities=num_modalities if modality_gate else None,
+                dim,
+                depth,
+                heads,
+                self.window_size,
+                dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                downsample,
+                norm_layer,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                use_checkpoint=use_checkpoint,
+                num_modalities=num_modalities if modality_gate else None,
             )
             setattr(self, f"layers{i + 1}", nn.ModuleList([stage]))  # MONAI's keys: layers1.0.blocks...
         for i in range(self.num_layers if use_v2 else 0):  # registered after the stages, in MONAI's key order
@@ -199,10 +234,14 @@ class SwinViT3D(nn.Module):
         x = check_volumes(x, "x", self.in_chans, min_size=self.patch_size)
         if modality_ids is not None:
             if self.num_modalities is None:
-                fail("modality_ids", "None for a SwinViT3D built without num_modalities",
-                     f"a {type(modality_ids).__name__}")
-            modality_ids = check_index(modality_ids, "modality_ids", x.shape[0], self.num_modalities,
-                                       what="modality ids")
+                fail(
+                    "modality_ids",
+                    "None for a SwinViT3D built without num_modalities",
+                    f"a {type(modality_ids).__name__}",
+                )
+            modality_ids = check_index(
+                modality_ids, "modality_ids", x.shape[0], self.num_modalities, what="modality ids"
+            )
         elif self.num_modalities == 1:
             modality_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return self.stage_maps(x, normalize, modality_ids)
@@ -234,8 +273,11 @@ class SwinViT3D(nn.Module):
         state = monai_state_dict(source)
         config = {**monai_config(source, state), **overrides}
         if "window_size" not in config:
-            fail("window_size", "an explicit window_size= (an anisotropic window cannot be inferred from a state_dict)",
-                 "none")
+            fail(
+                "window_size",
+                "an explicit window_size= (an anisotropic window cannot be inferred from a state_dict)",
+                "none",
+            )
         return cls(**config).load_monai(source)
 
     def load_monai(self, source: nn.Module | Mapping[str, torch.Tensor]) -> SwinViT3D:

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medmap_fast.kernels import patch_embed_3d, window_attention
-from medmap_fast.kernels.window_attn import relative_position_index
+from medmap_fast.kernels.window_attn import relative_position_index, triple
+from medmap_fast.validation import fail
 
 from .gating import ModalityGate
 
@@ -26,9 +27,9 @@ Triple = tuple[int, int, int]
 
 def effective_window(size: Sequence[int], window: Triple, shift: Triple) -> tuple[Triple, Triple]:
     """MONAI's ``get_window_size``: an axis no longer than the window uses the whole axis as window and no shift."""
-    win = tuple(s if s <= w else w for s, w in zip(size, window))
-    sh = tuple(0 if s <= w else k for s, w, k in zip(size, window, shift))
-    return win, sh  # type: ignore[return-value]
+    win = triple([s if s <= w else w for s, w in zip(size, window, strict=True)])
+    sh = triple([0 if s <= w else k for s, w, k in zip(size, window, shift, strict=True)])
+    return win, sh
 
 
 class DropPath(nn.Module):
@@ -71,8 +72,15 @@ class WindowAttention3D(nn.Module):
     attention dropout: its p goes to the op while the module trains (in eval mode the op gets 0).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: Triple, qkv_bias: bool = True, drop: float = 0.0,
-                 attn_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: Triple,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"num_heads: expected a divisor of the stage width {dim}, got {num_heads}")
@@ -90,12 +98,19 @@ class WindowAttention3D(nn.Module):
     def forward(
         self, x: torch.Tensor, window: Triple, shift: Triple, gate_logits: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x [B, D, H, W, C] (after norm1), effective window/shift, gate_logits [B, D, H, W, heads] -> [B, D, H, W, C]."""
+        """x [B, D, H, W, C] (after norm1), effective window/shift, gate_logits [B, D, H, W, heads] -> same as x."""
         qkv = self.qkv(x)
         pad_kv = None if self.qkv.bias is None else self.qkv.bias[self.dim :]  # MONAI pads before the qkv Linear
         out = window_attention(
-            qkv, self.num_heads, window, shift, self.relative_position_bias_table,
-            table_window=self.window_size, pad_kv=pad_kv, gate_logits=gate_logits, scale=self.scale,
+            qkv,
+            self.num_heads,
+            window,
+            shift,
+            self.relative_position_bias_table,
+            table_window=self.window_size,
+            pad_kv=pad_kv,
+            gate_logits=gate_logits,
+            scale=self.scale,
             dropout_p=self.attn_drop.p if self.attn_drop.training else 0.0,  # nn.Dropout's own rule, as MONAI's
         )
         return self.proj_drop(self.proj(out))
@@ -127,15 +142,20 @@ class SwinBlock3D(nn.Module):
         self.window_size, self.shift_size, self.use_checkpoint = window_size, shift_size, use_checkpoint
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention3D(dim, num_heads, window_size, qkv_bias, drop, attn_drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        # nn.Module, not the classes built here: MonaiSwinBlock holds MONAI's DropPath and MLPBlock in these slots
+        self.drop_path: nn.Module = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp: nn.Module = Mlp(dim, int(dim * mlp_ratio), drop)
         self.gate = None if num_modalities is None else ModalityGate(num_modalities, dim, num_heads)
 
     def _attention(self, x: torch.Tensor, modality_ids: torch.Tensor | None) -> torch.Tensor:
         window, shift = effective_window(x.shape[1:4], self.window_size, self.shift_size)
         x = self.norm1(x)
-        logits = None if self.gate is None else self.gate(x, modality_ids.view(-1, 1, 1, 1))
+        logits = None
+        if self.gate is not None:
+            if modality_ids is None:
+                fail("modality_ids", "a [B] tensor of modality ids (the block is modality-gated)", "None")
+            logits = self.gate(x, modality_ids.view(-1, 1, 1, 1))
         return self.attn(x, window, shift, logits)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,8 +247,14 @@ class PatchEmbed3D(nn.Module):
         norm = self.norm
         if isinstance(norm, nn.LayerNorm):  # fused into the op
             return patch_embed_3d(
-                x, self.proj.weight, self.proj.bias, modality_ids,
-                layer_norm=True, ln_weight=norm.weight, ln_bias=norm.bias, eps=norm.eps,
+                x,
+                self.proj.weight,
+                self.proj.bias,
+                modality_ids,
+                layer_norm=True,
+                ln_weight=norm.weight,
+                ln_bias=norm.bias,
+                eps=norm.eps,
             )
         out = patch_embed_3d(x, self.proj.weight, self.proj.bias, modality_ids)
         return out if norm is None else norm(out)

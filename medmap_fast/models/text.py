@@ -35,8 +35,14 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _CAUSAL_TEXT_MODELS = ("clip_text_model",)
 # A folder needs one of these for AutoTokenizer to load a real vocabulary (without them it silently builds an empty
 # one).
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
-                    "sentencepiece.bpe.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def default_cache_dir() -> Path:
@@ -106,8 +112,10 @@ def resolve_model_dir(model: str | os.PathLike | None) -> tuple[str, Path]:
 
 def _check_tokenizer_files(folder: Path) -> None:
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"model folder {folder} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
-                                "save the tokenizer next to the model (tokenizer.save_pretrained(folder))")
+        raise FileNotFoundError(
+            f"model folder {folder} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+            "save the tokenizer next to the model (tokenizer.save_pretrained(folder))"
+        )
 
 
 def model_fingerprint(folder: Path) -> str:
@@ -210,8 +218,11 @@ class TextEncoder:
         self.model.to(self.device)
         config = self.model.config
         if pooling == "cls" and (config.model_type in _CAUSAL_TEXT_MODELS or getattr(config, "is_decoder", False)):
-            fail("pooling", f"'mean' for {config.model_type}, whose causal text tower's first token sees no other "
-                 "token", repr(pooling))
+            fail(
+                "pooling",
+                f"'mean' for {config.model_type}, whose causal text tower's first token sees no other token",
+                repr(pooling),
+            )
         positions = getattr(config, "max_position_embeddings", None)
         if max_length is not None and positions is not None and max_length > positions:
             fail("max_length", f"at most the model's {positions} positions", repr(max_length))
@@ -233,8 +244,11 @@ class TextEncoder:
         """The cache file of ``text`` (keyed by model fingerprint, pooling, max_length, weight dtype and the text)."""
         if self.cache_dir is None:
             raise RuntimeError("this TextEncoder was built with use_cache=False")
-        key = hashlib.sha256(json.dumps([self.fingerprint, self.pooling, self.max_length, str(self.dtype), text],
-                                        ensure_ascii=False).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps(
+                [self.fingerprint, self.pooling, self.max_length, str(self.dtype), text], ensure_ascii=False
+            ).encode()
+        ).hexdigest()
         model_folder = f"{Path(self.model_id).name}-{self.fingerprint[:12]}"
         return self.cache_dir / model_folder / key[:2] / f"{key}.emb"
 
@@ -271,8 +285,11 @@ class TextEncoder:
         by_length: dict[int, list[int]] = {}
         for i, ids in enumerate(tokens["input_ids"]):
             by_length.setdefault(len(ids), []).append(i)
-        batches = [group[start : start + self.batch_size] for _, group in sorted(by_length.items(), reverse=True)
-                   for start in range(0, len(group), self.batch_size)]
+        batches = [
+            group[start : start + self.batch_size]
+            for _, group in sorted(by_length.items(), reverse=True)
+            for start in range(0, len(group), self.batch_size)
+        ]
         if progress:
             from tqdm.auto import tqdm
 

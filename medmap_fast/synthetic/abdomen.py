@@ -32,11 +32,27 @@ ShapeFn = Callable[..., None]
 CHANNELS = ("T2WI", "IP_water", "IP_fat", "OP_water", "OP_fat", "arterial", "portal_venous", "delayed")
 
 
-def row(t2: float, water: float, fat: float, arterial: float, portal: float, delayed: float,
-        in_phase_decay: float = 1.0, opposed_decay: float = 1.0) -> tuple[float, ...]:
+def row(
+    t2: float,
+    water: float,
+    fat: float,
+    arterial: float,
+    portal: float,
+    delayed: float,
+    in_phase_decay: float = 1.0,
+    opposed_decay: float = 1.0,
+) -> tuple[float, ...]:
     """Intensities of one compartment over :data:`CHANNELS`; the decays are T2* losses at the two echo times."""
-    return (t2, water * in_phase_decay, fat * in_phase_decay, water * opposed_decay, fat * opposed_decay,
-            arterial, portal, delayed)
+    return (
+        t2,
+        water * in_phase_decay,
+        fat * in_phase_decay,
+        water * opposed_decay,
+        fat * opposed_decay,
+        arterial,
+        portal,
+        delayed,
+    )
 
 
 # Relative intensities (T2WI, T1 water, T1 fat, arterial, portal venous, delayed). The dynamic phases are
@@ -104,8 +120,11 @@ class Abdomen:
         self.dome_mm = 112 + shift[2]
         self.spleen_scale = params.spleen_scale * u(0.85, 1.1)
         self.kidney_z = (u(-55, -35), u(-45, -25))  # right, left (the left kidney sits higher)
-        colon = [((95.0, 5, -175), (92.0, 10, -30), 20.0, True), ((-95.0, 0, -175), (-98.0, -5, -25), 18.0, True),
-                 ((92.0, 20, -30), (-98.0, 40, -25), 19.0, True)]
+        colon = [
+            ((95.0, 5, -175), (92.0, 10, -30), 20.0, True),
+            ((-95.0, 0, -175), (-98.0, -5, -25), 18.0, True),
+            ((92.0, 20, -30), (-98.0, 40, -25), 19.0, True),
+        ]
         loops = []
         for _ in range(int(rng.integers(30, 45))):
             center = np.array([u(-75, 75), u(-30, 70), u(-175, -40)])
@@ -151,8 +170,14 @@ class Abdomen:
         sc.add("visceral_fat", visceral, t["fat"])
         inf = float("inf")
 
-        def shape(name: str, sdf: Callable[[torch.Tensor], torch.Tensor], lo: Vec3, hi: Vec3,
-                  tissue: Sequence[float], clip: torch.Tensor | None = None) -> None:
+        def shape(
+            name: str,
+            sdf: Callable[[torch.Tensor], torch.Tensor],
+            lo: Vec3,
+            hi: Vec3,
+            tissue: Sequence[float],
+            clip: torch.Tensor | None = None,
+        ) -> None:
             box = grid.box(lo, hi)
             if box is not None:
                 fraction = soft(sdf(grid.coords(box)), vox)
@@ -176,8 +201,14 @@ class Abdomen:
         for side in (1, -1):
             para = (40.0 * side, -86)
             lo, hi = np.array([para[0] - 25, -104, -inf]), np.array([para[0] + 25, -68, inf])
-            shape("paraspinal", partial(_tube, center_xy=para, radius=1.0, stretch=(25, 18)), lo, hi, t["muscle"],
-                  muscle_wall)
+            shape(
+                "paraspinal",
+                partial(_tube, center_xy=para, radius=1.0, stretch=(25, 18)),
+                lo,
+                hi,
+                t["muscle"],
+                muscle_wall,
+            )
         self._spine(shape)
         for side, zc in zip((1, -1), self.kidney_z, strict=True):
             self._kidney(shape, np.array([66.0 * side, -50, zc]), side)
@@ -212,10 +243,18 @@ class Abdomen:
             sc.add("fibrosis", bands, row(0.50, 0.45, 0.0, 0.30, 0.60, 0.78), box)
         s = self.liver_shift
         hilum, ivc_top = np.array([28.0, -5, 8]) + s, np.array([20.0, -22, 95]) + s
-        portal = [((18, -22, -45) + s, hilum, 7.5), (hilum, (88, -2, 22) + s, 5.5), (hilum, (-25, 25, 35) + s, 4.5),
-                  ((70, -2, 20) + s, (95, 25, 5) + s, 3.5), ((70, -2, 20) + s, (90, -35, 35) + s, 3.5)]
-        hepatic = [(ivc_top, (95, -10, 50) + s, 4.5), (ivc_top, (45, 35, 40) + s, 4.0),
-                   (ivc_top, (-25, 30, 65) + s, 4.0)]
+        portal = [
+            ((18, -22, -45) + s, hilum, 7.5),
+            (hilum, (88, -2, 22) + s, 5.5),
+            (hilum, (-25, 25, 35) + s, 4.5),
+            ((70, -2, 20) + s, (95, 25, 5) + s, 3.5),
+            ((70, -2, 20) + s, (90, -35, 35) + s, 3.5),
+        ]
+        hepatic = [
+            (ivc_top, (95, -10, 50) + s, 4.5),
+            (ivc_top, (45, 35, 40) + s, 4.0),
+            (ivc_top, (-25, 30, 65) + s, 4.0),
+        ]
         ivc = capsule_sdf(coords, (22, -28, -300), ivc_top, 12)
         ivc_full = grid.box((8, -42, -math.inf), (36, -14, ivc_top[2] + 14))
         if ivc_full is not None:

@@ -26,9 +26,7 @@ import torch.nn.functional as F
 ATLAS_SPACING_MM = 2.0
 BRAIN_FOV_MM = 200.0
 CHANNELS = ("gm", "wm", "csf", "outside_mm", "sulci", "ventricles")
-_MNI_FILES = {
-    name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")
-}
+_MNI_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
 _PAD = 10  # atlas voxels of margin around the MNI box, room for the skull and scalp
 
 # Intensity of each brain tissue per contrast (T1, T1c, T2, FLAIR, DWI b=1000, ADC), relative, textbook ordering:
@@ -45,8 +43,12 @@ BRAIN_TISSUES: dict[str, tuple[float, ...]] = {
 }
 # Layers outside the intracranial mask: (tissue, from mm, to mm) of distance from it.
 SCALP_LAYERS = (
-    ("bone", 0.0, 2.5), ("marrow", 2.5, 5.0), ("bone", 5.0, 7.0),
-    ("skin", 7.0, 9.0), ("fat", 9.0, 14.0), ("skin", 14.0, 16.0),
+    ("bone", 0.0, 2.5),
+    ("marrow", 2.5, 5.0),
+    ("bone", 5.0, 7.0),
+    ("skin", 7.0, 9.0),
+    ("fat", 9.0, 14.0),
+    ("skin", 14.0, 16.0),
 )
 
 

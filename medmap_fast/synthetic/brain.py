@@ -162,9 +162,14 @@ def _tumour(rng: np.random.Generator, atlas: BrainAtlas) -> BrainFinding:
             scene.add("necrosis", soft(sdf + (r - necrosis), vox), NECROSIS, box)
 
     attributes = {
-        "finding": "brain_tumour", **_where(center), "grade": "high" if high else "low",
-        "diameter_mm": int(round(2 * r)), "necrosis": high, "enhancement": "ring" if high else "none",
-        "oedema_mm": int(round(oedema)), "midline_shift_mm": _midline_shift(center, strength, sigma),
+        "finding": "brain_tumour",
+        **_where(center),
+        "grade": "high" if high else "low",
+        "diameter_mm": int(round(2 * r)),
+        "necrosis": high,
+        "enhancement": "ring" if high else "none",
+        "oedema_mm": int(round(oedema)),
+        "midline_shift_mm": _midline_shift(center, strength, sigma),
     }
     return BrainFinding(attributes, draw, warps=[(center, strength, sigma)])
 
@@ -186,7 +191,9 @@ def _infarct(rng: np.random.Generator, atlas: BrainAtlas) -> BrainFinding:
 
     branch = "superior" if surface[2] > 20 else "inferior"
     attributes = {
-        "finding": "ischaemic_infarct", **_where(surface), "stage": stage,
+        "finding": "ischaemic_infarct",
+        **_where(surface),
+        "stage": stage,
         "territory": f"{branch} division of the {'right' if surface[0] >= 0 else 'left'} middle cerebral artery",
         "diameter_mm": int(round(2 * length)),
     }
@@ -211,8 +218,12 @@ def _haemorrhage(rng: np.random.Generator, atlas: BrainAtlas) -> BrainFinding:
             scene.add("haematoma", soft(sdf, ctx.grid.spacing), HAEMATOMA[stage], box)
 
     attributes = {
-        "finding": "intracranial_haemorrhage", **_where(center), "stage": stage, "deep": deep,
-        "diameter_mm": int(round(2 * r)), "midline_shift_mm": _midline_shift(center, strength, sigma),
+        "finding": "intracranial_haemorrhage",
+        **_where(center),
+        "stage": stage,
+        "deep": deep,
+        "diameter_mm": int(round(2 * r)),
+        "midline_shift_mm": _midline_shift(center, strength, sigma),
     }
     return BrainFinding(attributes, draw, warps=[(center, strength, sigma)] if strength > 0 else [])
 
@@ -238,9 +249,11 @@ def _demyelination(rng: np.random.Generator, atlas: BrainAtlas) -> BrainFinding:
             scene.add("plaque", soft(sdf, ctx.grid.spacing) * ctx.tissue(box), tissue, box)
 
     attributes = {
-        "finding": "demyelination", "count": len(plaques),
+        "finding": "demyelination",
+        "count": len(plaques),
         "juxtacortical": any(p[4] == "juxtacortical" for p in plaques),
-        "active_count": sum(p[2] for p in plaques), "black_holes": sum(p[3] for p in plaques),
+        "active_count": sum(p[2] for p in plaques),
+        "black_holes": sum(p[3] for p in plaques),
         "largest_mm": int(round(2 * max(max(p[1]) for p in plaques))),
     }
     return BrainFinding(attributes, draw)

@@ -146,13 +146,24 @@ def _generate(index: int, seed: int, config: DemoConfig) -> Study:
     sigma = config.noise * rng.uniform(0.7, 1.3, size=len(modalities)) * [_NOISIER.get(m, 1.0) for m in modalities]
     images = rician(rng, images, torch.tensor(sigma, dtype=torch.float32))
     attributes.update(
-        organ=organ, label=label, missing_modalities=[n for n, p in zip(names, present, strict=True) if not p],
-        pose={"rotation_deg": round(float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1)))), 2),
-              "scale": round(float(scale), 4), "shift_mm": [round(float(v), 2) for v in shift]},
+        organ=organ,
+        label=label,
+        missing_modalities=[n for n, p in zip(names, present, strict=True) if not p],
+        pose={
+            "rotation_deg": round(float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1)))), 2),
+            "scale": round(float(scale), 4),
+            "shift_mm": [round(float(v), 2) for v in shift],
+        },
     )
     return Study(
-        study_id=f"demo-s{seed}-{index:06d}", organ=organ, modalities=modalities, volume=images.contiguous(),
-        spacing=(grid.spacing,) * 3, report=report, label=CLASSES.index(label), attributes=attributes,
+        study_id=f"demo-s{seed}-{index:06d}",
+        organ=organ,
+        modalities=modalities,
+        volume=images.contiguous(),
+        spacing=(grid.spacing,) * 3,
+        report=report,
+        label=CLASSES.index(label),
+        attributes=attributes,
     )
 
 

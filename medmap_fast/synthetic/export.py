@@ -60,8 +60,11 @@ def stratified_split(labels: Sequence[int], test_fraction: float, seed: int) -> 
     leftover = int(round(test_fraction * len(labels))) - int(take.sum())
     by_remainder = np.lexsort((rng.random(len(classes)), -(exact - take)))  # random order among equal remainders
     take[by_remainder[:leftover]] += 1
-    test = [i for c, k in zip(classes, take, strict=True)
-            for i in rng.permutation(np.flatnonzero(label_array == c))[:k].tolist()]
+    test = [
+        i
+        for c, k in zip(classes, take, strict=True)
+        for i in rng.permutation(np.flatnonzero(label_array == c))[:k].tolist()
+    ]
     if not test or len(test) == len(labels):
         fail("test_fraction", f"a split leaving studies on both sides of {len(labels)} studies", repr(test_fraction))
     test_set = set(test)
@@ -69,7 +72,7 @@ def stratified_split(labels: Sequence[int], test_fraction: float, seed: int) -> 
 
 
 def demo_splits(num_studies: int, seed: int, config: DemoConfig, test_fraction: float) -> list[str]:
-    """"train" or "test" for studies 0..num_studies-1, without rendering them: the split of the in-memory demo
+    """ "train" or "test" for studies 0..num_studies-1, without rendering them: the split of the in-memory demo
     (stratified by the class index within ``config.class_pool``, seeded by ``seed``)."""
     pool = config.class_pool
     labels = [pool.index(CLASSES[c]) for c in DemoDataset(num_studies, seed, config).labels()]
@@ -134,8 +137,14 @@ def write_study(folder: Path, index: int, seed: int, config: DemoConfig) -> dict
     _remove_study_files(folder, keep=study.modalities)  # no record until every image of these settings is there
     for name, volume in zip(study.modalities, study.volume.numpy(), strict=True):
         atomic_write_bytes(folder / f"{name}{IMAGE_SUFFIX}", nifti_bytes(volume, affine))
-    record = {"key": _study_key(index, seed, config), "study_id": study.study_id, "label": CLASSES[study.label],
-              "report": study.report, "modalities": list(study.modalities), "attributes": study.attributes}
+    record = {
+        "key": _study_key(index, seed, config),
+        "study_id": study.study_id,
+        "label": CLASSES[study.label],
+        "report": study.report,
+        "modalities": list(study.modalities),
+        "attributes": study.attributes,
+    }
     atomic_write_bytes(folder / RECORD_FILE, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
     return record
 
@@ -154,12 +163,20 @@ class _StudyWriter(Dataset):
         return write_study(_study_dir(self.out_dir, index, self.seed), index, self.seed, self.config)
 
 
-def _manifest_studies(folders: Sequence[Path], records: Sequence[dict[str, Any]],
-                      splits: Sequence[str]) -> list[ManifestStudy]:
+def _manifest_studies(
+    folders: Sequence[Path], records: Sequence[dict[str, Any]], splits: Sequence[str]
+) -> list[ManifestStudy]:
     """The manifest's studies: one per record, its images in the study's folder."""
-    return [ManifestStudy(study_id=r["study_id"], split=split, report=r["report"], labels=r["label"],
-                          images={m: ImageSource(folder / f"{m}{IMAGE_SUFFIX}") for m in r["modalities"]})
-            for folder, r, split in zip(folders, records, splits, strict=True)]
+    return [
+        ManifestStudy(
+            study_id=r["study_id"],
+            split=split,
+            report=r["report"],
+            labels=r["label"],
+            images={m: ImageSource(folder / f"{m}{IMAGE_SUFFIX}") for m in r["modalities"]},
+        )
+        for folder, r, split in zip(folders, records, splits, strict=True)
+    ]
 
 
 def _remove_stale_studies(out_dir: Path, keep: set[str]) -> None:
@@ -171,8 +188,15 @@ def _remove_stale_studies(out_dir: Path, keep: set[str]) -> None:
                 folder.rmdir()
 
 
-def write_demo_studies(out_dir: str | os.PathLike, num_studies: int, seed: int = 0, config: DemoConfig | None = None,
-                       test_fraction: float = 0.25, workers: int | None = None, progress: bool = True) -> Path:
+def write_demo_studies(
+    out_dir: str | os.PathLike,
+    num_studies: int,
+    seed: int = 0,
+    config: DemoConfig | None = None,
+    test_fraction: float = 0.25,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Write demo studies 0..num_studies-1 of ``seed`` as NIfTI files plus a manifest into ``out_dir``; returns the
     manifest's path (``out_dir/manifest.jsonl``).
 
@@ -196,8 +220,17 @@ def write_demo_studies(out_dir: str | os.PathLike, num_studies: int, seed: int =
     splits = demo_splits(num_studies, seed, config, test_fraction)  # first: a bad test_fraction fails before any work
     out_dir = Path(out_dir).resolve()
     manifest, settings_path = out_dir / MANIFEST_FILE, out_dir / SETTINGS_FILE
-    settings = json.loads(json.dumps({"format": FORMAT_VERSION, "num_studies": num_studies, "seed": seed,
-                                      "test_fraction": test_fraction, "config": dataclasses.asdict(config)}))
+    settings = json.loads(
+        json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "num_studies": num_studies,
+                "seed": seed,
+                "test_fraction": test_fraction,
+                "config": dataclasses.asdict(config),
+            }
+        )
+    )
     try:
         previous = json.loads(settings_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -212,13 +245,24 @@ def write_demo_studies(out_dir: str | os.PathLike, num_studies: int, seed: int =
 
     workers = len(os.sched_getaffinity(0)) if workers is None else workers
     parallel = workers > 1 and len(todo) > 1
-    loader = DataLoader(_StudyWriter(out_dir, todo, seed, config), batch_size=None,
-                        num_workers=workers if parallel else 0, prefetch_factor=4 if parallel else None)
+    loader = DataLoader(
+        _StudyWriter(out_dir, todo, seed, config),
+        batch_size=None,
+        num_workers=workers if parallel else 0,
+        prefetch_factor=4 if parallel else None,
+    )
     if progress:
         from tqdm.auto import tqdm
 
-        loader = tqdm(loader, desc="writing demo studies", unit="study", total=num_studies,
-                      initial=num_studies - len(todo), dynamic_ncols=True, mininterval=2.0)
+        loader = tqdm(
+            loader,
+            desc="writing demo studies",
+            unit="study",
+            total=num_studies,
+            initial=num_studies - len(todo),
+            dynamic_ncols=True,
+            mininterval=2.0,
+        )
     written = dict(zip(todo, loader, strict=True))
     studies = [written[i] if record is None else record for i, record in enumerate(records)]
 

@@ -106,9 +106,7 @@ class NoiseField:
     size or on which part of the grid is evaluated), interpolated trilinearly and rescaled to unit std.
     """
 
-    def __init__(
-        self, rng: np.random.Generator, channels: int, scale_mm: float, center: Vec3, box_mm: float
-    ) -> None:
+    def __init__(self, rng: np.random.Generator, channels: int, scale_mm: float, center: Vec3, box_mm: float) -> None:
         n = math.ceil(box_mm / scale_mm) + 3
         self.lattice = torch.from_numpy(rng.standard_normal((1, channels, n, n, n), dtype=np.float32))
         self.center = torch.tensor(center, dtype=torch.float32)
@@ -129,9 +127,7 @@ def soft(sdf_mm: torch.Tensor, voxel_mm: float) -> torch.Tensor:
     return torch.sigmoid(sdf_mm * (-2.5 / voxel_mm))
 
 
-def ellipsoid_sdf(
-    coords: torch.Tensor, center: Vec3, radii: Vec3, rotation: np.ndarray | None = None
-) -> torch.Tensor:
+def ellipsoid_sdf(coords: torch.Tensor, center: Vec3, radii: Vec3, rotation: np.ndarray | None = None) -> torch.Tensor:
     """Approximate signed distance (mm, negative inside) to an ellipsoid; ``rotation`` maps local axes to world."""
     q = coords - torch.tensor(center, dtype=coords.dtype)
     if rotation is not None:

@@ -109,8 +109,13 @@ Occupancy = Callable[[float], torch.Tensor]
 Painter = Callable[[Scene, Box, Occupancy, float, torch.Tensor], None]
 
 
-def _focal(attributes: dict[str, Any], lesions: list[tuple[float, np.ndarray]], paint: Painter,
-           roughness: float = 0.0, grow_mm: float = 0.0) -> LiverFinding:
+def _focal(
+    attributes: dict[str, Any],
+    lesions: list[tuple[float, np.ndarray]],
+    paint: Painter,
+    roughness: float = 0.0,
+    grow_mm: float = 0.0,
+) -> LiverFinding:
     """A finding of focal lesions, placed in the liver once the abdomen exists.
 
     ``paint(scene, box, occupancy, radius, noise)`` draws one lesion over ``box``: ``occupancy(d)`` is the lesion
@@ -192,7 +197,9 @@ def _iron(rng: np.random.Generator) -> LiverFinding:
     if spleen_involved:
         params.spleen = overloaded(TISSUES["spleen"])
     attributes = {
-        "finding": "hepatic_iron_overload", "r2star_per_s": int(round(1000 * r2s)), "spleen_involved": spleen_involved,
+        "finding": "hepatic_iron_overload",
+        "r2star_per_s": int(round(1000 * r2s)),
+        "spleen_involved": spleen_involved,
         "pattern": "reticuloendothelial (transfusional)" if spleen_involved else "parenchymal (haemochromatosis)",
     }
     return LiverFinding(attributes, params)
@@ -201,9 +208,12 @@ def _iron(rng: np.random.Generator) -> LiverFinding:
 def _cirrhosis(rng: np.random.Generator) -> LiverFinding:
     ascites = float(rng.uniform(6, 15)) if rng.uniform() < 0.5 else 0.0
     params = AbdomenParams(
-        liver_roughness_mm=float(rng.uniform(4, 7)), right_lobe_scale=float(rng.uniform(0.75, 0.85)),
-        left_lobe_scale=float(rng.uniform(1.15, 1.3)), spleen_scale=float(rng.uniform(1.45, 1.75)),
-        ascites_mm=ascites, fibrosis=float(rng.uniform(0.06, 0.14)),
+        liver_roughness_mm=float(rng.uniform(4, 7)),
+        right_lobe_scale=float(rng.uniform(0.75, 0.85)),
+        left_lobe_scale=float(rng.uniform(1.15, 1.3)),
+        spleen_scale=float(rng.uniform(1.45, 1.75)),
+        ascites_mm=ascites,
+        fibrosis=float(rng.uniform(0.06, 0.14)),
     )
     finding = LiverFinding({"finding": "cirrhosis", "ascites": ascites > 0}, params)
 

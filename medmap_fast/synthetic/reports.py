@@ -49,10 +49,18 @@ _NEGATABLE: dict[str, tuple[str, ...]] = {
 _NEGATIONS = ("No {}.", "There is no {}.", "No evidence of {}.", "No MRI evidence of {}.", "Negative for {}.")
 
 SEQUENCE_NAMES = {
-    "T1": "T1-weighted", "T1c": "post-gadolinium T1-weighted", "T2": "T2-weighted", "FLAIR": "FLAIR",
-    "DWI": "diffusion-weighted (b=1000)", "ADC": "ADC map", "T2WI": "T2-weighted",
-    "T1_in_phase": "in-phase T1-weighted", "T1_opposed_phase": "opposed-phase T1-weighted",
-    "arterial": "late arterial phase", "portal_venous": "portal venous phase", "delayed": "delayed phase",
+    "T1": "T1-weighted",
+    "T1c": "post-gadolinium T1-weighted",
+    "T2": "T2-weighted",
+    "FLAIR": "FLAIR",
+    "DWI": "diffusion-weighted (b=1000)",
+    "ADC": "ADC map",
+    "T2WI": "T2-weighted",
+    "T1_in_phase": "in-phase T1-weighted",
+    "T1_opposed_phase": "opposed-phase T1-weighted",
+    "arterial": "late arterial phase",
+    "portal_venous": "portal venous phase",
+    "delayed": "delayed phase",
 }
 _CONTRAST = {"T1c", "arterial", "portal_venous", "delayed"}
 
@@ -72,12 +80,14 @@ def write_report(label: str, attributes: dict[str, Any], modalities: Sequence[st
     region = "brain" if organ == "brain" else _pick(rng, ("liver", "upper abdomen (liver protocol)"))
     technique = _pick(rng, ("Sequences: {}.", "Technique: {} images were obtained.", "Acquired: {}."))
     sequences = [SEQUENCE_NAMES[m] for m in modalities]
-    return "\n".join([
-        f"EXAMINATION: MRI {region} {contrast}.",
-        technique.format(_join(sequences)),
-        "FINDINGS: " + " ".join(findings),
-        "IMPRESSION: " + impression,
-    ])
+    return "\n".join(
+        [
+            f"EXAMINATION: MRI {region} {contrast}.",
+            technique.format(_join(sequences)),
+            "FINDINGS: " + " ".join(findings),
+            "IMPRESSION: " + impression,
+        ]
+    )
 
 
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
@@ -136,25 +146,42 @@ def _normal_brain(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -
 
 def _tumour(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> tuple[list[str], str]:
     loc, size, high = f"{a['side']} {a['region']}", a["diameter_mm"], a["grade"] == "high"
-    text = [_pick(rng, (f"There is a {size} mm intra-axial mass in the {loc}.",
-                        f"A {size} mm intra-axial mass is centred in the {loc}.",
-                        f"An intra-axial mass measuring {size} mm is seen in the {loc}."))]
+    text = [
+        _pick(
+            rng,
+            (
+                f"There is a {size} mm intra-axial mass in the {loc}.",
+                f"A {size} mm intra-axial mass is centred in the {loc}.",
+                f"An intra-axial mass measuring {size} mm is seen in the {loc}.",
+            ),
+        )
+    ]
     if "T1c" in mods:
-        text.append("It shows thick irregular rim enhancement around a non-enhancing necrotic centre." if high
-                    else "It does not enhance after gadolinium.")
+        text.append(
+            "It shows thick irregular rim enhancement around a non-enhancing necrotic centre."
+            if high
+            else "It does not enhance after gadolinium."
+        )
     elif "T1" in mods:
         text.append("It is hypointense on T1-weighted images.")
     if mods & {"T2", "FLAIR"}:
         t2 = _t2_flair(mods)
-        text.append(f"Surrounding {t2} hyperintense vasogenic oedema extends up to {a['oedema_mm']} mm." if high
-                    else f"The lesion is homogeneously {t2} hyperintense with little surrounding oedema.")
+        text.append(
+            f"Surrounding {t2} hyperintense vasogenic oedema extends up to {a['oedema_mm']} mm."
+            if high
+            else f"The lesion is homogeneously {t2} hyperintense with little surrounding oedema."
+        )
     if "DWI" in mods:
         text.append("The solid rim shows restricted diffusion." if high else "There is no restricted diffusion.")
     shift = a["midline_shift_mm"]
-    text.append(f"There is mass effect with {shift} mm of midline shift." if shift >= 2
-                else "There is local mass effect.")
-    kind = _pick(rng, ("a high-grade glioma", "glioblastoma", "a high-grade primary brain tumour")) if high else \
-        _pick(rng, ("a low-grade glioma", "a low-grade primary brain tumour"))
+    text.append(
+        f"There is mass effect with {shift} mm of midline shift." if shift >= 2 else "There is local mass effect."
+    )
+    kind = (
+        _pick(rng, ("a high-grade glioma", "glioblastoma", "a high-grade primary brain tumour"))
+        if high
+        else _pick(rng, ("a low-grade glioma", "a low-grade primary brain tumour"))
+    )
     lead = "Ring-enhancing necrotic mass" if high and "T1c" in mods else "Intra-axial mass"
     return text, f"{lead} in the {loc}, in keeping with {kind}."
 
@@ -173,9 +200,13 @@ def _infarct(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> tup
     if mods & {"T2", "FLAIR"}:
         t2 = _t2_flair(mods)
         mismatch = " (DWI-FLAIR mismatch)" if {"DWI", "FLAIR"} <= mods else ""
-        text.append({"hyperacute": f"There is no corresponding {t2} signal change{mismatch}.",
-                     "acute": f"The region is {t2} hyperintense with mild swelling.",
-                     "subacute": f"The region is {t2} hyperintense."}[stage])
+        text.append(
+            {
+                "hyperacute": f"There is no corresponding {t2} signal change{mismatch}.",
+                "acute": f"The region is {t2} hyperintense with mild swelling.",
+                "subacute": f"The region is {t2} hyperintense.",
+            }[stage]
+        )
     if "T1c" in mods and stage == "subacute":
         text.append("There is gyral enhancement.")
     if not text:
@@ -194,8 +225,15 @@ _HAEMATOMA_SIGNAL = {  # (T1, T2) appearance by age
 
 def _haemorrhage(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> tuple[list[str], str]:
     loc, stage = f"{a['side']} {a['region']}", a["stage"]
-    text = [_pick(rng, (f"There is a {a['diameter_mm']} mm intraparenchymal haematoma in the {loc}.",
-                        f"A {a['diameter_mm']} mm intraparenchymal haemorrhage is present in the {loc}."))]
+    text = [
+        _pick(
+            rng,
+            (
+                f"There is a {a['diameter_mm']} mm intraparenchymal haematoma in the {loc}.",
+                f"A {a['diameter_mm']} mm intraparenchymal haemorrhage is present in the {loc}.",
+            ),
+        )
+    ]
     t1, t2 = _HAEMATOMA_SIGNAL[stage]
     signal = ([f"{t1} on T1"] if mods & {"T1", "T1c"} else []) + ([f"{t2} on T2"] if "T2" in mods else [])
     if signal:
@@ -212,25 +250,33 @@ def _demyelination(a: dict[str, Any], mods: set[str], rng: np.random.Generator) 
     signal = "T1 hypointense" if "T1" in mods else "abnormal"
     if mods & {"T2", "FLAIR"}:
         signal = f"{_t2_flair(mods)} hyperintense"
-    text = [f"There are {a['count']} ovoid {signal} white matter lesions in a {where} distribution, oriented "
-            f"perpendicular to the lateral ventricles; the largest measures {a['largest_mm']} mm."]
+    text = [
+        f"There are {a['count']} ovoid {signal} white matter lesions in a {where} distribution, oriented "
+        f"perpendicular to the lateral ventricles; the largest measures {a['largest_mm']} mm."
+    ]
     if "T1" in mods and a["black_holes"]:
         verb = "is" if a["black_holes"] == 1 else "are"
         text.append(f"{_plural(a['black_holes'], 'lesion')} {verb} T1 hypointense (black holes).")
     active = a["active_count"]
     if "T1c" in mods:
-        text.append(f"{_plural(active, 'lesion')} enhance{'s' if active == 1 else ''}, indicating active inflammation."
-                    if active else "None of the lesions enhance.")
-    disease = _pick(rng, ("demyelination", "demyelinating disease such as multiple sclerosis",
-                          "multiple sclerosis plaques"))
+        text.append(
+            f"{_plural(active, 'lesion')} enhance{'s' if active == 1 else ''}, indicating active inflammation."
+            if active
+            else "None of the lesions enhance."
+        )
+    disease = _pick(
+        rng, ("demyelination", "demyelinating disease such as multiple sclerosis", "multiple sclerosis plaques")
+    )
     activity = " with active lesions" if active and "T1c" in mods else ""
     return text, f"Multifocal {where} white matter lesions in keeping with {disease}{activity}."
 
 
 def _atrophy(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> tuple[list[str], str]:
     severity = a["severity"]
-    text = [f"There is {severity} generalised cerebral volume loss with widening of the sulci and ex vacuo dilatation "
-            "of the lateral ventricles."]
+    text = [
+        f"There is {severity} generalised cerebral volume loss with widening of the sulci and ex vacuo dilatation "
+        "of the lateral ventricles."
+    ]
     return text, f"{severity.capitalize()} generalised cerebral atrophy."
 
 
@@ -261,8 +307,11 @@ def _hcc(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> tuple[l
     if a["intralesional_fat"] and {"T1_in_phase", "T1_opposed_phase"} <= mods:
         text.append("Signal drop on opposed-phase images indicates intralesional fat.")
     dynamic = mods & {"arterial", "portal_venous", "delayed"}
-    verdict = "LI-RADS 5, definite hepatocellular carcinoma" if dynamic else \
-        "suspicious for hepatocellular carcinoma; multiphase contrast-enhanced MRI is recommended"
+    verdict = (
+        "LI-RADS 5, definite hepatocellular carcinoma"
+        if dynamic
+        else "suspicious for hepatocellular carcinoma; multiphase contrast-enhanced MRI is recommended"
+    )
     many = "s" if a["count"] > 1 else ""
     return text, f"Segment{many} {_join(a['segments'])} observation{many}, {verdict}."
 
@@ -275,8 +324,9 @@ def _cyst(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> tuple[
         text.append(f"{_they(a)} T1 hypointense.")
     if mods & {"arterial", "portal_venous", "delayed"}:
         text.append("There is no enhancement.")
-    return text, _pick(rng, ("Simple hepatic cysts, benign.", "Benign simple liver cysts.")) if a["count"] > 1 else \
-        _pick(rng, ("Simple hepatic cyst, benign.", "Benign simple liver cyst."))
+    return text, _pick(rng, ("Simple hepatic cysts, benign.", "Benign simple liver cysts.")) if a[
+        "count"
+    ] > 1 else _pick(rng, ("Simple hepatic cyst, benign.", "Benign simple liver cyst."))
 
 
 def _haemangioma(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> tuple[list[str], str]:
@@ -293,8 +343,10 @@ def _haemangioma(a: dict[str, Any], mods: set[str], rng: np.random.Generator) ->
 
 def _steatosis(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> tuple[list[str], str]:
     if {"T1_in_phase", "T1_opposed_phase"} <= mods:
-        text = [f"There is diffuse signal loss of the liver on opposed-phase relative to in-phase images; the "
-                f"estimated fat fraction is {a['fat_fraction_percent']}%."]
+        text = [
+            f"There is diffuse signal loss of the liver on opposed-phase relative to in-phase images; the "
+            f"estimated fat fraction is {a['fat_fraction_percent']}%."
+        ]
     else:
         text = ["The liver shows diffusely altered signal; chemical-shift imaging was not acquired."]
     return text, f"{a['grade'].capitalize()} hepatic steatosis."
@@ -313,8 +365,10 @@ def _iron(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> tuple[
 
 
 def _cirrhosis(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> tuple[list[str], str]:
-    text = ["The liver has a nodular surface contour with a shrunken right lobe and hypertrophy of the caudate and "
-            "left lobes."]
+    text = [
+        "The liver has a nodular surface contour with a shrunken right lobe and hypertrophy of the caudate and "
+        "left lobes."
+    ]
     if mods & {"T2WI", "delayed"}:
         delayed = " with delayed enhancement" if "delayed" in mods else ""
         text.append(f"There is reticular parenchymal fibrosis{delayed}.")
@@ -322,12 +376,29 @@ def _cirrhosis(a: dict[str, Any], mods: set[str], rng: np.random.Generator) -> t
     if a["ascites"]:
         text.append("There is moderate perihepatic and pelvic ascites.")
     extra = " and ascites" if a["ascites"] else ""
-    return text, (f"Cirrhotic liver morphology with splenomegaly{extra}, in keeping with cirrhosis and portal "
-                  "hypertension.")
+    return text, (
+        f"Cirrhotic liver morphology with splenomegaly{extra}, in keeping with cirrhosis and portal hypertension."
+    )
 
 
-_WRITERS: dict[str, Writer] = dict(zip(
-    BRAIN_CLASSES + LIVER_CLASSES,
-    (_normal_brain, _tumour, _infarct, _haemorrhage, _demyelination, _atrophy,
-     _normal_liver, _hcc, _cyst, _haemangioma, _steatosis, _iron, _cirrhosis), strict=True,
-))
+_WRITERS: dict[str, Writer] = dict(
+    zip(
+        BRAIN_CLASSES + LIVER_CLASSES,
+        (
+            _normal_brain,
+            _tumour,
+            _infarct,
+            _haemorrhage,
+            _demyelination,
+            _atrophy,
+            _normal_liver,
+            _hcc,
+            _cyst,
+            _haemangioma,
+            _steatosis,
+            _iron,
+            _cirrhosis,
+        ),
+        strict=True,
+    )
+)

@@ -40,8 +40,9 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
     return {
         "python": json.dumps(random.getstate()),
-        "numpy": json.dumps({**np_state, "state": {"key": np_state["state"]["key"].tolist(),
-                                                   "pos": np_state["state"]["pos"]}}),
+        "numpy": json.dumps(
+            {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}}
+        ),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -98,14 +99,18 @@ def load_checkpoint(
     """
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: expected a medmap-fast checkpoint of format {FORMAT_VERSION}, "
-                         f"got format {payload.get('format_version')!r}")
+        raise ValueError(
+            f"{path}: expected a medmap-fast checkpoint of format {FORMAT_VERSION}, "
+            f"got format {payload.get('format_version')!r}"
+        )
     saved = json.loads(payload["config"])
     current = json.loads(json.dumps(config, sort_keys=True))
     if saved != current:
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
-        raise ValueError(f"{path}: written by a run with another configuration (differs in {changed}); use a new "
-                         f"output folder or delete the checkpoint to start over")
+        raise ValueError(
+            f"{path}: written by a run with another configuration (differs in {changed}); use a new "
+            f"output folder or delete the checkpoint to start over"
+        )
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])

@@ -49,8 +49,11 @@ class CacheData:
         if need is not None:
             kept = [e for e in entries if getattr(e, need) is not None]
             if len(kept) < len(entries) and (ctx is None or ctx.is_main):
-                print(f"{self.path}: {len(entries) - len(kept)} of {len(entries)} {name} studies have no {need} "
-                      f"and are left out", file=sys.stderr)
+                print(
+                    f"{self.path}: {len(entries) - len(kept)} of {len(entries)} {name} studies have no {need} "
+                    f"and are left out",
+                    file=sys.stderr,
+                )
             entries = kept
         if not entries:
             fail(f"{self.path} split {name!r}", f"studies{f' with a {need}' if need else ''}", "none")
@@ -98,9 +101,12 @@ def keep_volumes(batch: Batch, max_volumes: int) -> Batch:
         keep.append(chosen + start)
         start += m
     index = torch.cat(keep).to(batch["volumes"].device)
-    return {**batch, "volumes": batch["volumes"].index_select(0, index),
-            "modality_ids": batch["modality_ids"].index_select(0, index),
-            "study_index": batch["study_index"].index_select(0, index)}
+    return {
+        **batch,
+        "volumes": batch["volumes"].index_select(0, index),
+        "modality_ids": batch["modality_ids"].index_select(0, index),
+        "study_index": batch["study_index"].index_select(0, index),
+    }
 
 
 def with_report_embeddings(batch: Batch, reports: TextTable) -> Batch:
@@ -133,19 +139,38 @@ class StageBatches:
             yield batch
 
 
-def stage_batches(entries: Sequence[CacheEntry], cache: CacheData, config: RunConfig, stage: str | None,
-                  ctx: DistributedContext, modality_names: Sequence[str], batch_size: int, num_workers: int = 0,
-                  reports: TextTable | None = None, max_volumes: int | None = None, seed: int = 0,
-                  size_of: str | None = None) -> StageBatches:
+def stage_batches(
+    entries: Sequence[CacheEntry],
+    cache: CacheData,
+    config: RunConfig,
+    stage: str | None,
+    ctx: DistributedContext,
+    modality_names: Sequence[str],
+    batch_size: int,
+    num_workers: int = 0,
+    reports: TextTable | None = None,
+    max_volumes: int | None = None,
+    seed: int = 0,
+    size_of: str | None = None,
+) -> StageBatches:
     """The batches of ``entries`` for training stage ``stage`` (shuffled, augmented, sharded over the ranks) or,
     with ``stage=None``, for evaluation (in order, every study once, on this process, centre crops at the crop size
     of stage ``size_of``: the stage whose model is evaluated; None: ``data.size``)."""
     training = stage is not None
     augment = config.augment(stage if training else size_of, training)
     loader = make_loader(
-        entries, cache.path, modality_names=modality_names, labels=cache.labels, augment=augment,
-        batch_size=batch_size, shuffle=training, seed=seed, rank=ctx.rank if training else 0,
-        world_size=ctx.world_size if training else 1, num_workers=num_workers, device=ctx.device,
+        entries,
+        cache.path,
+        modality_names=modality_names,
+        labels=cache.labels,
+        augment=augment,
+        batch_size=batch_size,
+        shuffle=training,
+        seed=seed,
+        rank=ctx.rank if training else 0,
+        world_size=ctx.world_size if training else 1,
+        num_workers=num_workers,
+        device=ctx.device,
         kind=config.data.loader,
     )
     return StageBatches(loader, reports, max_volumes)

@@ -49,8 +49,9 @@ def configs_dir() -> Path:
     return configs.directory()
 
 
-def organ_metrics(probs: np.ndarray, labels: np.ndarray, organ_classes: Mapping[str, Sequence[str]],
-                  class_names: Sequence[str]) -> dict[str, Any]:
+def organ_metrics(
+    probs: np.ndarray, labels: np.ndarray, organ_classes: Mapping[str, Sequence[str]], class_names: Sequence[str]
+) -> dict[str, Any]:
     """Metrics of each organ's own task: its studies only, probabilities renormalised over its classes.
 
     The macro one-vs-rest AUC over all classes also rewards telling brain from liver, which is easy; these numbers
@@ -69,8 +70,9 @@ def organ_metrics(probs: np.ndarray, labels: np.ndarray, organ_classes: Mapping[
     return out
 
 
-def evaluate_classifier(model: MedMAPClassifier, cache: CacheData, config: RunConfig, ctx: DistributedContext,
-                        split: str = "test") -> dict[str, Any]:
+def evaluate_classifier(
+    model: MedMAPClassifier, cache: CacheData, config: RunConfig, ctx: DistributedContext, split: str = "test"
+) -> dict[str, Any]:
     """Metrics of a split's labelled studies plus the raw probabilities for the plots; ``per_organ`` too when the
     classes are the demo's."""
     from medmap_fast.synthetic.demo import CLASSES, ORGAN_CLASSES
@@ -83,8 +85,9 @@ def evaluate_classifier(model: MedMAPClassifier, cache: CacheData, config: RunCo
     return {"metrics": metrics, "probs": probs, "labels": labels}
 
 
-def example_studies(entries: Sequence[CacheEntry], cache: CacheData, organ: str,
-                    count: int = 4) -> list[SimpleNamespace]:
+def example_studies(
+    entries: Sequence[CacheEntry], cache: CacheData, organ: str, count: int = 4
+) -> list[SimpleNamespace]:
     """Up to ``count`` prepared studies of ``organ`` with distinct classes (those with the most modalities first),
     with what :func:`plots.plot_study_slices` needs: modalities, volume [M, X, Y, Z] and report."""
     from medmap_fast.synthetic.demo import ORGAN_CLASSES
@@ -95,15 +98,26 @@ def example_studies(entries: Sequence[CacheEntry], cache: CacheData, organ: str,
             chosen.setdefault(e.labels, e)
     order = list(ORGAN_CLASSES[organ])
     picked = [chosen[c] for c in order if c in chosen][:count]
-    return [SimpleNamespace(modalities=e.modalities, volume=np.asarray(e.load(cache.path), dtype=np.float32),
-                            report=f"[{e.labels}] {e.report}") for e in picked]
+    return [
+        SimpleNamespace(
+            modalities=e.modalities,
+            volume=np.asarray(e.load(cache.path), dtype=np.float32),
+            report=f"[{e.labels}] {e.report}",
+        )
+        for e in picked
+    ]
 
 
 def environment() -> dict[str, Any]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-            "backend": os.environ.get("MEDMAP_FAST_BACKEND", "auto")}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "backend": os.environ.get("MEDMAP_FAST_BACKEND", "auto"),
+    }
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -128,19 +142,24 @@ def prepare_demo_data(config: RunConfig, out: Path, progress: bool, ctx: Distrib
     demo_config = demo.generator()
     if ctx.is_main:
         seed = config.seed if demo.seed is None else demo.seed
-        manifest = write_demo_studies(out / "data", demo.num_studies, seed, demo_config, demo.test_fraction,
-                                      demo.num_workers, progress)
-        prepare(manifest, out / "cache", spacing=demo.spacing, workers=demo.num_workers, strict=True,
-                progress=progress)
+        manifest = write_demo_studies(
+            out / "data", demo.num_studies, seed, demo_config, demo.test_fraction, demo.num_workers, progress
+        )
+        prepare(manifest, out / "cache", spacing=demo.spacing, workers=demo.num_workers, strict=True, progress=progress)
     barrier(ctx)
     config.data.classes = list(demo_config.class_pool)
     config.data.path = str(out / "cache")
     return open_cache(config.data)
 
 
-def run_demo(out_dir: str | Path | None = None, quick: bool = False, ablation: bool = False,
-             config: RunConfig | None = None, progress: bool = True,
-             ctx: DistributedContext | None = None) -> dict[str, Any]:
+def run_demo(
+    out_dir: str | Path | None = None,
+    quick: bool = False,
+    ablation: bool = False,
+    config: RunConfig | None = None,
+    progress: bool = True,
+    ctx: DistributedContext | None = None,
+) -> dict[str, Any]:
     """Run the whole demo with ``config`` (default: the shipped :func:`demo_config_path`); returns the content of
     ``metrics.json``. The run folder gets the resolved config as ``config.yaml``."""
     started = time.perf_counter()
@@ -161,8 +180,9 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, ablation: b
         config.save(out / RUN_CONFIG)  # a resumed run's is saved once its checkpoints accepted it (at the end)
     text_encoder = config.text.text_encoder()
     all_entries = [e for entries in cache.splits.values() for e in entries]
-    reports = TextTable([e.report for e in all_entries if e.report is not None], text_encoder,
-                        progress=progress and ctx.is_main)
+    reports = TextTable(
+        [e.report for e in all_entries if e.report is not None], text_encoder, progress=progress and ctx.is_main
+    )
     t = lap("data_s", t)
 
     stage1, _ = pretrain(cache, config, reports, ctx, out / "stage1", progress=progress)
@@ -187,10 +207,16 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, ablation: b
     metrics = {
         "test": main["metrics"],
         "pretrain": retrieval,
-        "data": {"train_studies": len(train), "test_studies": len(test),
-                 "train_volumes": sum(len(e.modalities) for e in train),
-                 "size": config.data.size, "classes": class_names},
-        "config": config.to_dict(), "environment": environment(), "quick": quick,
+        "data": {
+            "train_studies": len(train),
+            "test_studies": len(test),
+            "train_volumes": sum(len(e.modalities) for e in train),
+            "size": config.data.size,
+            "classes": class_names,
+        },
+        "config": config.to_dict(),
+        "environment": environment(),
+        "quick": quick,
     }
     if ablation:
         metrics["ablation"] = {"random_init": {"test": results["random_init"]["metrics"]}}
@@ -202,17 +228,21 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, ablation: b
         metrics["pretrain"]["final_loss"] = metrics["training"]["stage 1 (pre-training)"]["final_loss"]
         figures = {
             "loss_curves": plots.plot_loss_curves(run_dirs, out / "loss_curves.png"),
-            "roc_curves": plots.plot_roc_curves(main["probs"], main["labels"], class_names,
-                                                out / "roc_curves.png", "held-out studies, one-vs-rest ROC"),
-            "confusion_matrix": plots.plot_confusion_matrix(main["metrics"]["confusion_matrix"], class_names,
-                                                            out / "confusion_matrix.png", "held-out studies"),
+            "roc_curves": plots.plot_roc_curves(
+                main["probs"], main["labels"], class_names, out / "roc_curves.png", "held-out studies, one-vs-rest ROC"
+            ),
+            "confusion_matrix": plots.plot_confusion_matrix(
+                main["metrics"]["confusion_matrix"], class_names, out / "confusion_matrix.png", "held-out studies"
+            ),
         }
         for organ in ORGAN_MODALITIES:
             examples = example_studies(test, cache, organ)
             if examples:
                 figures[f"studies_{organ}"] = plots.plot_study_slices(
-                    examples, out / f"studies_{organ}.png",
-                    title=f"generated {organ} studies (held out, as prepared): axial slices of each sequence")
+                    examples,
+                    out / f"studies_{organ}.png",
+                    title=f"generated {organ} studies (held out, as prepared): axial slices of each sequence",
+                )
         t = lap("plots_s", t)
         metrics["timings_s"] = timings
         metrics["elapsed_s"] = round(time.perf_counter() - started, 2)

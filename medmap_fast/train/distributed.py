@@ -85,8 +85,9 @@ def wrap_model(model: nn.Module, ctx: DistributedContext, find_unused_parameters
     if not ctx.is_distributed:
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                               find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -105,7 +106,7 @@ def mean_over_ranks(values: dict[str, float], ctx: DistributedContext) -> dict[s
         return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
-    return dict(zip(values, (t / ctx.world_size).tolist()))
+    return dict(zip(values, (t / ctx.world_size).tolist(), strict=True))
 
 
 def gather_objects(obj: Any, ctx: DistributedContext) -> list[Any]:

@@ -75,8 +75,10 @@ def check_output(path: str | Path) -> Path:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise ImportError(f"--out {path}: writing .parquet needs pyarrow, which is not installed; "
-                              "`pip install pyarrow`, or write .npz") from None
+            raise ImportError(
+                f"--out {path}: writing .parquet needs pyarrow, which is not installed; "
+                "`pip install pyarrow`, or write .npz"
+            ) from None
     return path
 
 
@@ -103,22 +105,43 @@ def _study_embeddings(model: SavedModel, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_cache(model: SavedModel, entries: Sequence[CacheEntry], cache: CacheData, config: RunConfig,
-                batch_size: int, ctx: DistributedContext, progress: bool = True) -> Embeddings:
+def embed_cache(
+    model: SavedModel,
+    entries: Sequence[CacheEntry],
+    cache: CacheData,
+    config: RunConfig,
+    batch_size: int,
+    ctx: DistributedContext,
+    progress: bool = True,
+) -> Embeddings:
     """Embeddings of every volume and study of ``entries`` (in order), ``batch_size`` studies per forward pass."""
     from tqdm.auto import tqdm
 
     encoder = encoder_of(model)
     model.eval().to(ctx.device)
     # labels are not needed, and a study without them must not stop the loader
-    batches = stage_batches(entries, dataclasses.replace(cache, labels=None), config, None, ctx,
-                            encoder.modalities.names, batch_size, size_of=STAGE_OF[type(model)])
+    batches = stage_batches(
+        entries,
+        dataclasses.replace(cache, labels=None),
+        config,
+        None,
+        ctx,
+        encoder.modalities.names,
+        batch_size,
+        size_of=STAGE_OF[type(model)],
+    )
     pooled: list[torch.Tensor] = []
     hook = encoder.register_forward_hook(lambda _module, _args, out: pooled.append(out.pooled.float().cpu()))
     studies, volume_study, modality_ids, done = [], [], [], 0
     try:
-        for batch in tqdm(batches.epoch(0), total=len(batches), desc=f"embedding {len(entries)} studies",
-                          unit="batch", disable=not progress, dynamic_ncols=True):
+        for batch in tqdm(
+            batches.epoch(0),
+            total=len(batches),
+            desc=f"embedding {len(entries)} studies",
+            unit="batch",
+            disable=not progress,
+            dynamic_ncols=True,
+        ):
             batch = to_device(batch, ctx.device)
             studies.append(_study_embeddings(model, batch).float().cpu())
             volume_study.append(batch["study_index"].cpu() + done)
@@ -127,9 +150,15 @@ def embed_cache(model: SavedModel, entries: Sequence[CacheEntry], cache: CacheDa
     finally:
         hook.remove()
     names = encoder.modalities.names
-    return Embeddings([e.study_id for e in entries], [e.split for e in entries], torch.cat(studies).numpy(),
-                      torch.cat(pooled).numpy(), torch.cat(volume_study).numpy(),
-                      [names[i] for i in torch.cat(modality_ids).tolist()], STUDY_EMBEDDINGS[type(model)])
+    return Embeddings(
+        [e.study_id for e in entries],
+        [e.split for e in entries],
+        torch.cat(studies).numpy(),
+        torch.cat(pooled).numpy(),
+        torch.cat(volume_study).numpy(),
+        [names[i] for i in torch.cat(modality_ids).tolist()],
+        STUDY_EMBEDDINGS[type(model)],
+    )
 
 
 def write_embeddings(emb: Embeddings, path: str | Path) -> None:
@@ -138,9 +167,16 @@ def write_embeddings(emb: Embeddings, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".npz":
             with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
-                np.savez(f, study_ids=np.array(emb.study_ids), splits=np.array(emb.splits),
-                         study_embeddings=emb.study, volume_embeddings=emb.volume, volume_study=emb.volume_study,
-                         volume_modalities=np.array(emb.volume_modalities), study_embedding=np.array(emb.kind))
+                np.savez(
+                    f,
+                    study_ids=np.array(emb.study_ids),
+                    splits=np.array(emb.splits),
+                    study_embeddings=emb.study,
+                    volume_embeddings=emb.volume,
+                    volume_study=emb.volume_study,
+                    volume_modalities=np.array(emb.volume_modalities),
+                    study_embedding=np.array(emb.kind),
+                )
         else:
             _write_parquet(emb, tmp)
 
@@ -155,17 +191,25 @@ def _write_parquet(emb: Embeddings, path: Path) -> None:
     def rows(x: np.ndarray) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
 
-    table = pa.table({
-        "study_id": emb.study_ids,
-        "split": emb.splits,
-        "study_embedding": rows(emb.study),
-        "modalities": pa.ListArray.from_arrays(offsets, pa.array(emb.volume_modalities)),
-        "volume_embeddings": pa.ListArray.from_arrays(offsets, rows(emb.volume)),
-    })
+    table = pa.table(
+        {
+            "study_id": emb.study_ids,
+            "split": emb.splits,
+            "study_embedding": rows(emb.study),
+            "modalities": pa.ListArray.from_arrays(offsets, pa.array(emb.volume_modalities)),
+            "volume_embeddings": pa.ListArray.from_arrays(offsets, rows(emb.volume)),
+        }
+    )
     pq.write_table(table.replace_schema_metadata({"study_embedding": emb.kind}), str(path))
 
 
 def summary(emb: Embeddings, path: str | Path) -> dict[str, Any]:
     """What the command prints: the file, the counts and widths, and which study embedding it holds."""
-    return {"out": str(path), "studies": len(emb.study_ids), "volumes": len(emb.volume_modalities),
-            "study_dim": int(emb.study.shape[1]), "volume_dim": int(emb.volume.shape[1]), "study_embedding": emb.kind}
+    return {
+        "out": str(path),
+        "studies": len(emb.study_ids),
+        "volumes": len(emb.volume_modalities),
+        "study_dim": int(emb.study.shape[1]),
+        "volume_dim": int(emb.volume.shape[1]),
+        "study_embedding": emb.kind,
+    }

@@ -126,11 +126,17 @@ def classification_metrics(
     p = _as_class_probabilities(_numpy(probs, np.float64), task)
     y = _numpy(labels, np.int64)
     s = p.shape[0]
-    if p.ndim != 2 or s == 0 or (task == "multilabel" and y.shape != p.shape) or (
-        task != "multilabel" and y.reshape(-1).shape != (s,)
+    if (
+        p.ndim != 2
+        or s == 0
+        or (task == "multilabel" and y.shape != p.shape)
+        or (task != "multilabel" and y.reshape(-1).shape != (s,))
     ):
-        fail("probs/labels", "[S, K] probabilities with [S] labels ([S, K] for multilabel), S >= 1",
-             f"probs {p.shape}, labels {y.shape}")
+        fail(
+            "probs/labels",
+            "[S, K] probabilities with [S] labels ([S, K] for multilabel), S >= 1",
+            f"probs {p.shape}, labels {y.shape}",
+        )
     k = p.shape[1]
     if class_names is None:
         class_names = ("absent", "present") if task == "binary" else [str(i) for i in range(k)]
@@ -152,7 +158,7 @@ def classification_metrics(
         "chance_accuracy": float(support.max() / s),
         "auc_macro": _mean_defined(aucs),
         "f1_macro": float(rates["f1"].mean()),
-        "auc_undefined": [name for name, a in zip(class_names, aucs) if a is None],
+        "auc_undefined": [name for name, a in zip(class_names, aucs, strict=True) if a is None],
         "per_class": {
             name: {"auc": aucs[c], "support": int(support[c]), **{m: float(v[c]) for m, v in rates.items()}}
             for c, name in enumerate(class_names)
@@ -182,7 +188,7 @@ def _multilabel_metrics(p: np.ndarray, y: np.ndarray, names: list[str], threshol
         "chance_accuracy": float((truth == (prevalence >= 0.5)).all(1).mean()),
         "auc_macro": _mean_defined(aucs),
         "f1_macro": float(np.mean(f1s)),
-        "auc_undefined": [name for name, a in zip(names, aucs) if a is None],
+        "auc_undefined": [name for name, a in zip(names, aucs, strict=True) if a is None],
         "per_class": per_label,
         "confusion_matrix": matrices,
         "class_names": names,

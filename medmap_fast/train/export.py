@@ -51,7 +51,7 @@ def encoder_of(model: SavedModel) -> MedMAPEncoder:
 
 
 def saved_stage(directory: str | Path) -> str | None:
-    """"pretrain" (heads.json), "finetune" (classifier.json) or None (an encoder alone, or nothing) for a saved
+    """ "pretrain" (heads.json), "finetune" (classifier.json) or None (an encoder alone, or nothing) for a saved
     model folder: a run's ``model/`` or an export."""
     directory = Path(directory)
     return next((stage for stage, (config, _) in STAGE_FILES.items() if (directory / config).is_file()), None)
@@ -69,7 +69,8 @@ def load_saved_model(directory: str | Path) -> SavedModel:
     if not (saved_encoder_dir(directory) / ENCODER_CONFIG).is_file():
         raise FileNotFoundError(
             f"{directory}: no saved model here: expected {CLASSIFIER_CONFIG} (stage 2), {HEADS_CONFIG} (stage 1) or "
-            f"{ENCODER_CONFIG} (an encoder), as a run's {MODEL_DIR}/ folder or `medmap-fast export` writes them")
+            f"{ENCODER_CONFIG} (an encoder), as a run's {MODEL_DIR}/ folder or `medmap-fast export` writes them"
+        )
     return MedMAPEncoder.from_pretrained(saved_encoder_dir(directory)).eval()
 
 
@@ -89,17 +90,22 @@ def check_run(run: str | Path) -> str:
         raise FileNotFoundError(f"{run}: not a folder; expected a run folder of `medmap-fast pretrain` or `finetune`")
     model_dir = run / MODEL_DIR
     if not any((run / name).exists() for name in (RUN_CONFIG, CHECKPOINT_NAME, MODEL_DIR)):
-        raise FileNotFoundError(f"{run}: not a run folder of `medmap-fast pretrain` or `finetune` (no {RUN_CONFIG}, "
-                                f"{CHECKPOINT_NAME} or {MODEL_DIR}/)")
+        raise FileNotFoundError(
+            f"{run}: not a run folder of `medmap-fast pretrain` or `finetune` (no {RUN_CONFIG}, "
+            f"{CHECKPOINT_NAME} or {MODEL_DIR}/)"
+        )
     stage = saved_stage(model_dir)
     if stage is None:
         raise FileNotFoundError(
             f"{run}: incomplete run: no {MODEL_DIR}/{HEADS_CONFIG} or {MODEL_DIR}/{CLASSIFIER_CONFIG} (the model is "
-            "saved when training ends; re-run the same command to resume it)")
+            "saved when training ends; re-run the same command to resume it)"
+        )
     for name in (RUN_CONFIG, RUN_METRICS):
         if not (run / name).is_file():
-            raise FileNotFoundError(f"{run}: incomplete run: no {name} (written by `medmap-fast {stage}`"
-                                    f"{' after the held-out evaluation' if name == RUN_METRICS else ''})")
+            raise FileNotFoundError(
+                f"{run}: incomplete run: no {name} (written by `medmap-fast {stage}`"
+                f"{' after the held-out evaluation' if name == RUN_METRICS else ''})"
+            )
     return stage
 
 
@@ -113,9 +119,14 @@ def data_summary(config: RunConfig) -> dict[str, Any]:
     volumes = Counter(m for split in cache.splits.values() for e in split for m in e.modalities)
     return {
         "cache": str(cache.path.resolve()),
-        "splits": {name: {"studies": len(split), "with_report": sum(e.report is not None for e in split),
-                          "with_labels": sum(e.labels is not None for e in split)}
-                   for name, split in cache.splits.items()},
+        "splits": {
+            name: {
+                "studies": len(split),
+                "with_report": sum(e.report is not None for e in split),
+                "with_labels": sum(e.labels is not None for e in split),
+            }
+            for name, split in cache.splits.items()
+        },
         "volumes_per_modality": dict(volumes),
         "classes": list(cache.labels.class_names) if cache.labels else None,
         "task": cache.labels.task if cache.labels else None,
@@ -124,12 +135,18 @@ def data_summary(config: RunConfig) -> dict[str, Any]:
 
 def _scalars(metrics: dict[str, Any]) -> list[tuple[str, str, Any]]:
     """(section, key, value) of every number of a metrics.json, one section deep (per-class tables left out)."""
-    return [(section, key, value) for section, values in metrics.items() if isinstance(values, dict)
-            for key, value in values.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return [
+        (section, key, value)
+        for section, values in metrics.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
 
 
-def model_card(stage: str, model: SavedModel, run: Path, config: RunConfig, metrics: dict[str, Any],
-               data: dict[str, Any]) -> str:
+def model_card(
+    stage: str, model: SavedModel, run: Path, config: RunConfig, metrics: dict[str, Any], data: dict[str, Any]
+) -> str:
     """The README.md of an export (markdown): how to load it, the model, the data, the metrics and the config."""
     encoder = encoder_of(model)
     title = "stage 1 (vision-language pre-training)" if stage == "pretrain" else "stage 2 (fine-tuned classifier)"
@@ -150,8 +167,11 @@ def model_card(stage: str, model: SavedModel, run: Path, config: RunConfig, metr
         loader,
         "```",
         "`medmap-fast embed --model DIR --data CACHE --out embeddings.npz` embeds prepared studies"
-        + ("; `medmap-fast zero-shot --model DIR --data CACHE` scores them against class prompts." if
-           stage == "pretrain" else "."),
+        + (
+            "; `medmap-fast zero-shot --model DIR --data CACHE` scores them against class prompts."
+            if stage == "pretrain"
+            else "."
+        ),
         "",
         "## Model",
         "",
@@ -167,10 +187,14 @@ def model_card(stage: str, model: SavedModel, run: Path, config: RunConfig, metr
     if "error" in data:
         lines.append(f"- cache `{data['cache']}`: not readable at export time ({data['error']})")
     else:
-        lines.append(f"- cache: `{data['cache']}`; volumes centre-cropped or padded to "
-                     f"{'x'.join(map(str, config.crop_size(stage)))} for evaluation")
-        lines += [f"- {name}: {s['studies']} studies ({s['with_report']} with a report, {s['with_labels']} with "
-                  f"labels)" for name, s in data["splits"].items()]
+        lines.append(
+            f"- cache: `{data['cache']}`; volumes centre-cropped or padded to "
+            f"{'x'.join(map(str, config.crop_size(stage)))} for evaluation"
+        )
+        lines += [
+            f"- {name}: {s['studies']} studies ({s['with_report']} with a report, {s['with_labels']} with labels)"
+            for name, s in data["splits"].items()
+        ]
         volumes = data["volumes_per_modality"]
         lines.append("- volumes per modality: " + ", ".join(f"{m} {n}" for m, n in volumes.items()))
         if data["classes"]:
@@ -182,8 +206,15 @@ def model_card(stage: str, model: SavedModel, run: Path, config: RunConfig, metr
         lines += [f"| {s} | {k} | {v:.4g} |" if isinstance(v, float) else f"| {s} | {k} | {v} |" for s, k, v in scalars]
     else:
         lines.append("None: the run had no held-out studies.")
-    lines += ["", f"## Config (`{EXPORT_CONFIG}`)", "", "```yaml",
-              yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None, width=120).rstrip(), "```", ""]
+    lines += [
+        "",
+        f"## Config (`{EXPORT_CONFIG}`)",
+        "",
+        "```yaml",
+        yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None, width=120).rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,16 +39,18 @@ def modality_prompts(modalities: ModalityRegistry, template: str) -> list[str]:
 def finetune_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Supervised loss of one batch of studies; logs the batch accuracy."""
     out = model(batch["volumes"], batch["modality_ids"], batch["study_index"], num_studies=batch["num_studies"])
-    loss = unwrap(model).compute_loss(out, batch["labels"])
+    classifier = cast(MedMAPClassifier, unwrap(model))
+    loss = classifier.compute_loss(out, batch["labels"])
     logits, labels = out.logits.detach(), batch["labels"]
-    if unwrap(model).task == "multilabel":  # the fraction of right label decisions
+    if classifier.task == "multilabel":  # the fraction of right label decisions
         return loss, {"accuracy": float(((logits > 0).float() == labels).float().mean())}
     predicted = logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long()
     return loss, {"accuracy": float((predicted == labels).float().mean())}
 
 
-def build_classifier(config: RunConfig, labels: LabelSpace, text_encoder: TextEncoder,
-                     encoder: MedMAPEncoder | None = None) -> MedMAPClassifier:
+def build_classifier(
+    config: RunConfig, labels: LabelSpace, text_encoder: TextEncoder, encoder: MedMAPEncoder | None = None
+) -> MedMAPClassifier:
     """A classifier for ``labels``' task over ``encoder`` (default: a new one from the config) with the configured
     modality prompts."""
     encoder = encoder if encoder is not None else build_encoder(config)
@@ -79,27 +81,58 @@ def finetune(
     model = build_classifier(config, labels, text_encoder)
     if init is not None:
         model.load_pretrained_encoder(init)
-    batches = stage_batches(cache.split("train", "labels", ctx), cache, config, "finetune", ctx,
-                            model.encoder.modalities.names, train.batch_size, train.num_workers,
-                            max_volumes=config.finetune.max_volumes, seed=train.seed)
-    run_config = {**config.sections("encoder", "finetune", "text", "data"),
-                  "init": str(init) if isinstance(init, (str, Path)) else type(init).__name__}
-    history = fit(model, batches, finetune_step, train, ctx, run_dir, desc="stage 2 (fine-tuning)",
-                  resume=resume, progress=progress, on_epoch_end=on_epoch_end, run_config=run_config,
-                  find_unused_parameters=model.encoder.sharing == "separate")
+    batches = stage_batches(
+        cache.split("train", "labels", ctx),
+        cache,
+        config,
+        "finetune",
+        ctx,
+        model.encoder.modalities.names,
+        train.batch_size,
+        train.num_workers,
+        max_volumes=config.finetune.max_volumes,
+        seed=train.seed,
+    )
+    run_config = {
+        **config.sections("encoder", "finetune", "text", "data"),
+        "init": str(init) if isinstance(init, (str, Path)) else type(init).__name__,
+    }
+    history = fit(
+        model,
+        batches,
+        finetune_step,
+        train,
+        ctx,
+        run_dir,
+        desc="stage 2 (fine-tuning)",
+        resume=resume,
+        progress=progress,
+        on_epoch_end=on_epoch_end,
+        run_config=run_config,
+        find_unused_parameters=model.encoder.sharing == "separate",
+    )
     if run_dir is not None and ctx.is_main:
         save_classifier(model, Path(run_dir) / MODEL_DIR, config, labels.class_names)
     return model, history
 
 
 @torch.no_grad()
-def predict(model: MedMAPClassifier, entries: Sequence[CacheEntry], cache: CacheData, config: RunConfig,
-            ctx: DistributedContext) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: MedMAPClassifier, entries: Sequence[CacheEntry], cache: CacheData, config: RunConfig, ctx: DistributedContext
+) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [S, K] (binary: [S] of "present"; multilabel: independent sigmoids), labels [S] or [S, K])
     of every study of ``entries``, in order, with all its volumes (centre crop)."""
     model.eval().to(ctx.device)
-    batches = stage_batches(entries, cache, config, None, ctx, model.encoder.modalities.names,
-                            config.evaluate.batch_size, size_of="finetune")
+    batches = stage_batches(
+        entries,
+        cache,
+        config,
+        None,
+        ctx,
+        model.encoder.modalities.names,
+        config.evaluate.batch_size,
+        size_of="finetune",
+    )
     probs, labels = [], []
     for batch in batches.epoch(0):
         batch = to_device(batch, ctx.device)
@@ -110,17 +143,24 @@ def predict(model: MedMAPClassifier, entries: Sequence[CacheEntry], cache: Cache
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
-def save_classifier(model: MedMAPClassifier, directory: str | Path, config: RunConfig,
-                    class_names: Sequence[str]) -> None:
+def save_classifier(
+    model: MedMAPClassifier, directory: str | Path, config: RunConfig, class_names: Sequence[str]
+) -> None:
     """``encoder/`` (the encoder's format), ``classifier.safetensors`` (everything else, prompt embeddings included)
     and ``classifier.json`` (the run config and class names), each written atomically."""
     directory = Path(directory)
     model.encoder.save_pretrained(directory / "encoder")
     save_head_weights(model, directory / WEIGHTS_FILE)
-    meta = {"num_classes": model.num_classes, "task": model.task, "class_names": list(class_names),
-            "config": config.to_dict(),
-            "prompt_shape": list(model.csa.prompt_embeddings.shape),
-            "label_shape": list(model.label_embeddings.shape) if hasattr(model, "label_embeddings") else None}
+    meta = {
+        "num_classes": model.num_classes,
+        "task": model.task,
+        "class_names": list(class_names),
+        "config": config.to_dict(),
+        "prompt_shape": list(cast(torch.Tensor, model.csa.prompt_embeddings).shape),
+        "label_shape": (
+            list(cast(torch.Tensor, model.label_embeddings).shape) if hasattr(model, "label_embeddings") else None
+        ),
+    }
     with atomic_path(directory / CONFIG_FILE, durable=True) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
 
@@ -135,8 +175,9 @@ def load_classifier(directory: str | Path) -> tuple[MedMAPClassifier, dict[str, 
         kwargs = dict(meta["config"]["finetune"]["model"])
         if meta["label_shape"] is not None:
             kwargs["label_embeddings"] = torch.zeros(meta["label_shape"])  # the saved buffer replaces it
-        model = MedMAPClassifier(encoder, meta["num_classes"], torch.zeros(meta["prompt_shape"]), task=meta["task"],
-                                 **kwargs)
+        model = MedMAPClassifier(
+            encoder, meta["num_classes"], torch.zeros(meta["prompt_shape"]), task=meta["task"], **kwargs
+        )
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path}: describes no valid MedMAPClassifier ({type(err).__name__}: {err})") from err
     load_head_weights(model, directory / WEIGHTS_FILE, f"the classifier of {CONFIG_FILE}")

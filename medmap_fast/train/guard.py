@@ -23,8 +23,9 @@ class NonFiniteStepError(RuntimeError):
 
 def nonfinite_gradients(model: nn.Module) -> list[str]:
     """Names of the parameters whose gradient holds a NaN or an Inf."""
-    return [name for name, p in model.named_parameters()
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    return [
+        name for name, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+    ]
 
 
 def _names(names: list[str]) -> str:
@@ -55,8 +56,10 @@ class NonFiniteGuard:
         parts = [f"loss {v} in micro-batch {i + 1} of {len(losses)}" for i, v in bad_losses]
         if bad_norm:
             names = nonfinite_gradients(model)
-            parts.append(f"gradient norm {float(grad_norm)} "
-                         + (f"(NaN/Inf in the gradient of {_names(names)})" if names else "(it overflowed)"))
+            parts.append(
+                f"gradient norm {float(grad_norm)} "
+                + (f"(NaN/Inf in the gradient of {_names(names)})" if names else "(it overflowed)")
+            )
         return "; ".join(parts) or "a non-finite loss or gradient on another rank"
 
     def passed(self) -> None:
@@ -81,4 +84,5 @@ class NonFiniteGuard:
             raise NonFiniteStepError(
                 f"training stopped after {self.in_row} optimiser updates in a row were skipped because their loss or "
                 f"gradients were not finite (max_nonfinite_steps = {self.max_in_row}); the last, at {self.last}. "
-                "Check the data for NaN/Inf, lower the learning rate, or train in fp32 (amp: off)")
+                "Check the data for NaN/Inf, lower the learning rate, or train in fp32 (amp: off)"
+            )

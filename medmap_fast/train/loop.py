@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,7 +85,9 @@ class TrainConfig:
             fail("warmup_fraction", "a fraction in [0, 1)", repr(self.warmup_fraction))
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             fail("lr", "a positive float", repr(self.lr))
-        self.betas = tuple(self.betas)  # YAML gives a list
+        if len(self.betas) != 2:
+            fail("betas", "two floats", repr(self.betas))
+        self.betas = (float(self.betas[0]), float(self.betas[1]))  # YAML gives a list
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, name: str = "train") -> TrainConfig:
@@ -124,8 +126,9 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float,
-                 lr_scale: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, lr_scale: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms, scalars (``logit_scale``) and other 1-D parameters; per-prefix
     LR multipliers from ``lr_scale`` (the longest matching prefix wins). Frozen parameters are left out."""
     lr_scale = lr_scale or {}
@@ -142,8 +145,12 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float,
 
 def adamw(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """The optimiser of a run: AdamW over :func:`param_groups` (fused on CUDA)."""
-    return torch.optim.AdamW(param_groups(model, config.weight_decay, config.lr, config.lr_scale), lr=config.lr,
-                             betas=config.betas, fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        param_groups(model, config.weight_decay, config.lr, config.lr_scale),
+        lr=config.lr,
+        betas=config.betas,
+        fused=device.type == "cuda",
+    )
 
 
 def apply_train_options(model: nn.Module, config: TrainConfig) -> nn.Module:
@@ -155,8 +162,11 @@ def apply_train_options(model: nn.Module, config: TrainConfig) -> nn.Module:
     if config.activation_checkpointing:
         blocks = [m for m in model.modules() if isinstance(m, SwinBlock3D)]
         if not blocks:
-            fail("activation_checkpointing", "a model with Swin blocks to checkpoint",
-                 f"a {type(model).__name__} without any")
+            fail(
+                "activation_checkpointing",
+                "a model with Swin blocks to checkpoint",
+                f"a {type(model).__name__} without any",
+            )
         for block in blocks:
             block.use_checkpoint = True
     if config.compile:
@@ -209,9 +219,16 @@ class BatchSource(Protocol):
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True,
-                mininterval=2.0, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps "
-                                            "[{elapsed}, ETA {remaining}{postfix}]")
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="step",
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=2.0,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}, ETA {remaining}{postfix}]",
+    )
 
 
 _POSTFIX = (("loss", "loss", ".4f"), ("lr", "lr", ".2e"), ("volumes_per_s", "vol/s", ".1f"))
@@ -251,8 +268,12 @@ def fit(
     total_steps = steps_per_epoch * config.epochs
     schedule = WarmupCosine(round(config.warmup_fraction * total_steps), total_steps, config.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    full_config = {"train": config.to_dict(), "run": run_config or {}, "world_size": ctx.world_size,
-                   "batches_per_epoch": micro_per_epoch}
+    full_config = {
+        "train": config.to_dict(),
+        "run": run_config or {},
+        "world_size": ctx.world_size,
+        "batches_per_epoch": micro_per_epoch,
+    }
     ckpt = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
     state = TrainState()
     if ckpt is not None and resume and ckpt.is_file():
@@ -277,7 +298,9 @@ def fit(
                 window_start = micro - micro % config.grad_accum
                 size = min(config.grad_accum, micro_per_epoch - window_start)
                 last_in_window = micro + 1 == window_start + size
-                sync = ddp.no_sync() if ctx.is_distributed and not last_in_window else nullcontext()
+                sync: AbstractContextManager[Any] = nullcontext()
+                if isinstance(ddp, nn.parallel.DistributedDataParallel) and not last_in_window:
+                    sync = ddp.no_sync()  # gradients are all-reduced once per accumulation window
                 with sync:
                     with autocast(ctx.device, config.amp):
                         loss, logs = step_loss(ddp, to_device(batch, ctx.device))
@@ -296,23 +319,37 @@ def fit(
                     state.step += 1
                     guard.passed()
                 else:  # no update: weights, optimiser and schedule stay as they were
-                    guard.skip(problem, f"{desc}, the update after optimiser step {state.step} (epoch {epoch + 1}, "
-                                        f"micro-batch {micro} of {micro_per_epoch})")
+                    guard.skip(
+                        problem,
+                        f"{desc}, the update after optimiser step {state.step} (epoch {epoch + 1}, "
+                        f"micro-batch {micro} of {micro_per_epoch})",
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 state.batches_in_epoch = micro
                 meter.step(window, None if problem else float(grad_norm))
                 window = []
                 bar.update(1)
-                if (problem is None and state.step % config.log_every == 0) or micro == micro_per_epoch \
-                        or guard.exhausted:
-                    row = {"step": state.step, "epoch": epoch + micro / micro_per_epoch,
-                           "lr": scheduler.get_last_lr()[0], **meter.read(ctx),
-                           "elapsed_s": time.perf_counter() - started}
+                if (
+                    (problem is None and state.step % config.log_every == 0)
+                    or micro == micro_per_epoch
+                    or guard.exhausted
+                ):
+                    row = {
+                        "step": state.step,
+                        "epoch": epoch + micro / micro_per_epoch,
+                        "lr": scheduler.get_last_lr()[0],
+                        **meter.read(ctx),
+                        "elapsed_s": time.perf_counter() - started,
+                    }
                     runlog.log(row)
                     bar.set_postfix({label: f"{row[k]:{fmt}}" for k, label, fmt in _POSTFIX if k in row})
                 guard.check()
-                if problem is None and config.checkpoint_every and state.step % config.checkpoint_every == 0 \
-                        and micro < micro_per_epoch:
+                if (
+                    problem is None
+                    and config.checkpoint_every
+                    and state.step % config.checkpoint_every == 0
+                    and micro < micro_per_epoch
+                ):
                     with meter.paused():
                         checkpoint()
             state.epoch, state.batches_in_epoch = epoch + 1, 0
@@ -320,8 +357,9 @@ def fit(
                 if on_epoch_end is not None:
                     model.eval()
                     with torch.no_grad():
-                        runlog.log({"step": state.step, "epoch": epoch + 1, "epoch_end": 1,
-                                    **on_epoch_end(unwrap(ddp), epoch)})
+                        runlog.log(
+                            {"step": state.step, "epoch": epoch + 1, "epoch_end": 1, **on_epoch_end(unwrap(ddp), epoch)}
+                        )
                     model.train()
                 checkpoint()
                 runlog.flush()

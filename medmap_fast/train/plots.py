@@ -42,9 +42,10 @@ def plot_loss_curves(runs: Mapping[str, str | Path], path: str | Path) -> Path:
     non-finite marked), and the learning rate under it."""
     logs = {name: read_metrics(run) for name, run in runs.items()}  # a missing log fails before any drawing
     plt = _pyplot()
-    fig, axes = plt.subplots(2, len(logs), figsize=(5.2 * len(logs), 5.4), squeeze=False, sharex="col",
-                             gridspec_kw={"height_ratios": [2, 1]})
-    for ax, lr_ax, (name, rows) in zip(axes[0], axes[1], logs.items()):
+    fig, axes = plt.subplots(
+        2, len(logs), figsize=(5.2 * len(logs), 5.4), squeeze=False, sharex="col", gridspec_kw={"height_ratios": [2, 1]}
+    )
+    for ax, lr_ax, (name, rows) in zip(axes[0], axes[1], logs.items(), strict=True):
         steps = [r for r in rows if not r.get("epoch_end")]
         losses = [r for r in steps if "loss" in r]
         ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], color="tab:blue", label="train loss")
@@ -56,8 +57,9 @@ def plot_loss_curves(runs: Mapping[str, str | Path], path: str | Path) -> Path:
         if keys:
             twin = ax.twinx()
             for key in keys:
-                twin.plot([r["step"] for r in epochs], [r.get(key, np.nan) for r in epochs], marker="o", ls="--",
-                          label=key)
+                twin.plot(
+                    [r["step"] for r in epochs], [r.get(key, np.nan) for r in epochs], marker="o", ls="--", label=key
+                )
             twin.set(ylabel="validation", ylim=(0, 1.02))
             twin.legend(loc="center right", fontsize=7)
         ax.legend(loc="upper right", fontsize=7)
@@ -68,8 +70,9 @@ def plot_loss_curves(runs: Mapping[str, str | Path], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_roc_curves(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: str | Path,
-                    title: str = "one-vs-rest ROC") -> Path:
+def plot_roc_curves(
+    probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "one-vs-rest ROC"
+) -> Path:
     """One ROC curve per class present in ``labels`` (multiclass probabilities [S, K]), AUC in the legend."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
@@ -87,8 +90,9 @@ def plot_roc_curves(probs: np.ndarray, labels: np.ndarray, class_names: Sequence
     return _save(fig, path)
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path,
-                          title: str = "confusion matrix") -> Path:
+def plot_confusion_matrix(
+    matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path, title: str = "confusion matrix"
+) -> Path:
     """Row-normalised colours (recall per true class) with the raw counts written in the cells."""
     plt = _pyplot()
     cm = np.asarray(matrix)
@@ -99,16 +103,28 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     for i in range(k):
         for j in range(k):
             if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if rates[i, j] > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if rates[i, j] > 0.6 else "black",
+                )
     ax.set_xticks(range(k), class_names, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(k), class_names, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     return _save(fig, path)
 
 
-def plot_study_slices(studies: Sequence[Any], path: str | Path, captions: Sequence[str] | None = None,
-                      slice_index: Sequence[int | None] | None = None, title: str = "generated studies") -> Path:
+def plot_study_slices(
+    studies: Sequence[Any],
+    path: str | Path,
+    captions: Sequence[str] | None = None,
+    slice_index: Sequence[int | None] | None = None,
+    title: str = "generated studies",
+) -> Path:
     """One row per study: an axial slice of every modality present, and a caption (default: the report) under it.
 
     ``studies`` need ``modalities`` (names), ``volume`` [M, D, H, W] (D, H, W = x, y, z in RAS) and ``report``.

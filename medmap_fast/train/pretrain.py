@@ -22,6 +22,7 @@ from medmap_fast.train.data import CacheData, TextTable, stage_batches
 from medmap_fast.train.distributed import DistributedContext
 from medmap_fast.train.evaluate import recall_at_k
 from medmap_fast.train.loop import Batch, fit, seed_everything, to_device
+from medmap_fast.validation import fail
 
 MODEL_DIR = "model"
 
@@ -55,12 +56,32 @@ def pretrain(
     train = config.pretrain.train
     seed_everything(train.seed)
     model = MedMAPPretrainModel(build_encoder(config), text_dim=reports.dim, **as_dict(config.pretrain.model))
-    batches = stage_batches(cache.split("train", "report", ctx), cache, config, "pretrain", ctx,
-                            model.encoder.modalities.names, train.batch_size, train.num_workers, reports,
-                            config.pretrain.max_volumes, train.seed)
-    history = fit(model, batches, pretrain_step, train, ctx, run_dir, desc="stage 1 (pre-training)",
-                  resume=resume, progress=progress, find_unused_parameters=model.encoder.sharing == "separate",
-                  run_config=config.sections("encoder", "pretrain", "text", "data"))
+    batches = stage_batches(
+        cache.split("train", "report", ctx),
+        cache,
+        config,
+        "pretrain",
+        ctx,
+        model.encoder.modalities.names,
+        train.batch_size,
+        train.num_workers,
+        reports,
+        config.pretrain.max_volumes,
+        train.seed,
+    )
+    history = fit(
+        model,
+        batches,
+        pretrain_step,
+        train,
+        ctx,
+        run_dir,
+        desc="stage 1 (pre-training)",
+        resume=resume,
+        progress=progress,
+        find_unused_parameters=model.encoder.sharing == "separate",
+        run_config=config.sections("encoder", "pretrain", "text", "data"),
+    )
     if run_dir is not None and ctx.is_main:
         model.save_pretrained(Path(run_dir) / MODEL_DIR)
     return model, history
@@ -75,14 +96,21 @@ def pool_studies(volume_emb: torch.Tensor, study_index: torch.Tensor, num_studie
 
 
 @torch.no_grad()
-def embed_studies(model: MedMAPPretrainModel, entries: Sequence[CacheEntry], cache: CacheData,
-                  config: RunConfig, batch_size: int, ctx: DistributedContext) -> torch.Tensor:
+def embed_studies(
+    model: MedMAPPretrainModel,
+    entries: Sequence[CacheEntry],
+    cache: CacheData,
+    config: RunConfig,
+    batch_size: int,
+    ctx: DistributedContext,
+) -> torch.Tensor:
     """One L2-normalised embedding per study [S, E], in ``entries`` order (:func:`pool_studies` of every volume,
     centre crop)."""
     device = ctx.device
     model.eval().to(device)
-    batches = stage_batches(entries, cache, config, None, ctx, model.encoder.modalities.names, batch_size,
-                            size_of="pretrain")
+    batches = stage_batches(
+        entries, cache, config, None, ctx, model.encoder.modalities.names, batch_size, size_of="pretrain"
+    )
     out = []
     for batch in batches.epoch(0):
         batch = to_device(batch, device)
@@ -92,8 +120,14 @@ def embed_studies(model: MedMAPPretrainModel, entries: Sequence[CacheEntry], cac
 
 
 @torch.no_grad()
-def retrieval_metrics(model: MedMAPPretrainModel, entries: Sequence[CacheEntry], cache: CacheData,
-                      config: RunConfig, reports: TextTable, ctx: DistributedContext) -> dict[str, float]:
+def retrieval_metrics(
+    model: MedMAPPretrainModel,
+    entries: Sequence[CacheEntry],
+    cache: CacheData,
+    config: RunConfig,
+    reports: TextTable,
+    ctx: DistributedContext,
+) -> dict[str, float]:
     """Zero-shot report retrieval on held-out studies, in both directions.
 
     Candidates are the distinct report texts of ``studies`` (identical reports are one candidate, correct for every
@@ -101,18 +135,29 @@ def retrieval_metrics(model: MedMAPPretrainModel, entries: Sequence[CacheEntry],
     ``report_to_study_r1/_r5``: a report finds one of its studies. ``chance_r1/_r5``: the expected study-to-report
     recall of a random ranking.
     """
+    study_reports = [e.report for e in entries if e.report is not None]
+    if len(study_reports) != len(entries):
+        fail(
+            "retrieval_metrics entries",
+            "studies that all have a report",
+            f"{len(entries) - len(study_reports)} without one",
+        )
     study_emb = embed_studies(model, entries, cache, config, config.evaluate.batch_size, ctx)
-    texts = list(dict.fromkeys(e.report for e in entries))
+    texts = list(dict.fromkeys(study_reports))
     report_emb = F.normalize(model.embed_reports(reports.lookup(texts).to(ctx.device)).float(), dim=-1).cpu()
-    owner = torch.tensor([texts.index(e.report) for e in entries])
+    owner = torch.tensor([texts.index(r) for r in study_reports])
     relevant = owner[:, None] == torch.arange(len(texts))[None, :]  # [S, R]
     similarity = study_emb @ report_emb.T
     s2r = recall_at_k(similarity, relevant)
     r2s = recall_at_k(similarity.T, relevant.T)
     n = len(texts)
     return {
-        "retrieval_r1": s2r[1], "retrieval_r5": s2r[5],
-        "report_to_study_r1": r2s[1], "report_to_study_r5": r2s[5],
-        "chance_r1": 1.0 / n, "chance_r5": min(5, n) / n,
-        "num_studies": len(entries), "num_reports": n,
+        "retrieval_r1": s2r[1],
+        "retrieval_r5": s2r[5],
+        "report_to_study_r1": r2s[1],
+        "report_to_study_r5": r2s[5],
+        "chance_r1": 1.0 / n,
+        "chance_r5": min(5, n) / n,
+        "num_studies": len(entries),
+        "num_reports": n,
     }

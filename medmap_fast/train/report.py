@@ -21,15 +21,19 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def _class_table(metrics: dict[str, Any]) -> list[str]:
     lines = ["| class | support | AUC | sensitivity | specificity | F1 |", "|---|---:|---:|---:|---:|---:|"]
     for name, m in metrics["per_class"].items():
-        lines.append(f"| {name} | {m['support']} | {_fmt(m['auc'])} | {_fmt(m['sensitivity'])} | "
-                     f"{_fmt(m['specificity'])} | {_fmt(m['f1'])} |")
+        lines.append(
+            f"| {name} | {m['support']} | {_fmt(m['auc'])} | {_fmt(m['sensitivity'])} | "
+            f"{_fmt(m['specificity'])} | {_fmt(m['f1'])} |"
+        )
     return lines
 
 
 def _summary_row(name: str, m: dict[str, Any]) -> str:
     organs = " / ".join(f"{o} {_fmt(v['auc_macro'])}, {_fmt(v['accuracy'])}" for o, v in m.get("per_organ", {}).items())
-    return (f"| {name} | {_fmt(m['accuracy'])} | {_fmt(m['chance_accuracy'])} | {_fmt(m['auc_macro'])} | "
-            f"{_fmt(m['f1_macro'])} | {organs} |")
+    return (
+        f"| {name} | {_fmt(m['accuracy'])} | {_fmt(m['chance_accuracy'])} | {_fmt(m['auc_macro'])} | "
+        f"{_fmt(m['f1_macro'])} | {organs} |"
+    )
 
 
 def _organ_notes(metrics: dict[str, Any]) -> list[str]:
@@ -37,10 +41,12 @@ def _organ_notes(metrics: dict[str, Any]) -> list[str]:
     notes = []
     for organ, m in metrics.get("per_organ", {}).items():
         if m["auc_macro"] is not None and m["auc_macro"] < ORGAN_CHANCE_AUC:
-            notes.append(f"**The {organ} classes are not separated** (their own macro AUC {m['auc_macro']:.2f}, "
-                         f"accuracy {m['accuracy']:.2f}): at this volume size and training budget the model has "
-                         f"only learned that these studies are {organ} studies; the overall macro AUC comes from "
-                         "the organ split and the other organ's classes.")
+            notes.append(
+                f"**The {organ} classes are not separated** (their own macro AUC {m['auc_macro']:.2f}, "
+                f"accuracy {m['accuracy']:.2f}): at this volume size and training budget the model has "
+                f"only learned that these studies are {organ} studies; the overall macro AUC comes from "
+                "the organ split and the other organ's classes."
+            )
     return notes
 
 
@@ -48,34 +54,47 @@ def _ablation_text(pre: dict[str, Any], rand: dict[str, Any], test_studies: int)
     noise = f"one seed and {test_studies} test studies"
     gain = (pre["auc_macro"] or 0.0) - (rand["auc_macro"] or 0.0)
     acc_gain = pre["accuracy"] - rand["accuracy"]
-    head = (f"Fine-tuning from the stage-1 encoder changed the held-out macro AUC by {gain:+.3f} and the accuracy by "
-            f"{acc_gain:+.3f} against the same fine-tuning budget from a random initialisation.")
+    head = (
+        f"Fine-tuning from the stage-1 encoder changed the held-out macro AUC by {gain:+.3f} and the accuracy by "
+        f"{acc_gain:+.3f} against the same fine-tuning budget from a random initialisation."
+    )
     if gain > AUC_MARGIN:
-        verdict = ("**Pre-training helped** in this run. The reports name each study's finding, so the contrastive "
-                   "stage is a form of weak supervision on every volume separately (per-volume positives), and the "
-                   "fine-tuning stage starts from features that already separate the findings.")
+        verdict = (
+            "**Pre-training helped** in this run. The reports name each study's finding, so the contrastive "
+            "stage is a form of weak supervision on every volume separately (per-volume positives), and the "
+            "fine-tuning stage starts from features that already separate the findings."
+        )
     elif gain < -AUC_MARGIN:
-        verdict = ("**Pre-training hurt** in this run. Likely causes: the short CPU budget stops stage 1 while its "
-                   "features still mostly encode the organ and the sequence (which the contrastive loss must "
-                   "separate first), and fine-tuning at a lower encoder learning rate then moves them too little; "
-                   f"with {noise} the difference may also be noise.")
+        verdict = (
+            "**Pre-training hurt** in this run. Likely causes: the short CPU budget stops stage 1 while its "
+            "features still mostly encode the organ and the sequence (which the contrastive loss must "
+            "separate first), and fine-tuning at a lower encoder learning rate then moves them too little; "
+            f"with {noise} the difference may also be noise."
+        )
     else:
-        verdict = (f"**No clear difference** (within {AUC_MARGIN:.2f} AUC). With {noise} this is within noise. "
-                   "On this synthetic data every training study is labelled, so stage 2 sees the same studies and "
-                   "the same information as stage 1; pre-training pays off mainly when reports are plentiful "
-                   "and labels scarce, which this demo does not simulate.")
+        verdict = (
+            f"**No clear difference** (within {AUC_MARGIN:.2f} AUC). With {noise} this is within noise. "
+            "On this synthetic data every training study is labelled, so stage 2 sees the same studies and "
+            "the same information as stage 1; pre-training pays off mainly when reports are plentiful "
+            "and labels scarce, which this demo does not simulate."
+        )
     return [head, "", verdict]
 
 
 def _training_table(training: dict[str, dict[str, Any]]) -> list[str]:
     """One row per training run, from the summaries of their ``metrics.csv`` (:func:`runlog.summarize`)."""
-    lines = ["| run | optimiser steps | final loss | volumes/s (median) | waiting for data | peak GPU memory | "
-             "skipped (non-finite) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | optimiser steps | final loss | volumes/s (median) | waiting for data | peak GPU memory | "
+        "skipped (non-finite) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, t in training.items():
         share = "n/a" if t["data_fraction"] is None else f"{t['data_fraction']:.0%} of step time"
         memory = "n/a" if t["gpu_mem_gb"] is None else f"{t['gpu_mem_gb']:.2f} GiB"
-        lines.append(f"| {name} | {t['steps']} | {_fmt(t['final_loss'])} | {_fmt(t['volumes_per_s'], 1)} | {share} | "
-                     f"{memory} | {t['nonfinite_steps']} |")
+        lines.append(
+            f"| {name} | {t['steps']} | {_fmt(t['final_loss'])} | {_fmt(t['volumes_per_s'], 1)} | {share} | "
+            f"{memory} | {t['nonfinite_steps']} |"
+        )
     return lines
 
 
@@ -121,20 +140,29 @@ def write_report(path: str | Path, metrics: dict[str, Any], figures: dict[str, s
         f"A study (mean of its volumes' embeddings) retrieves its report among the {pre['num_reports']} distinct "
         f"test reports: R@1 {_fmt(pre['retrieval_r1'])}, R@5 {_fmt(pre['retrieval_r5'])} (chance "
         f"{_fmt(pre['chance_r1'])} / {_fmt(pre['chance_r5'])}); report to study: R@1 "
-        f"{_fmt(pre['report_to_study_r1'])}, R@5 {_fmt(pre['report_to_study_r5'])}. The {pre['num_studies']} test studies "
-        f"have {pre['num_reports']} distinct reports (random phrasing, sizes, locations and listed sequences), so "
-        "retrieval at R@1 needs more than the class.",
+        f"{_fmt(pre['report_to_study_r1'])}, R@5 {_fmt(pre['report_to_study_r5'])}. The {pre['num_studies']} test "
+        f"studies have {pre['num_reports']} distinct reports (random phrasing, sizes, locations and listed sequences), "
+        "so retrieval at R@1 needs more than the class.",
         "",
     ]
     if "ablation" in metrics:
-        lines += ["## Ablation: does pre-training help?", "",
-                  *_ablation_text(test, metrics["ablation"]["random_init"]["test"],
-                                 metrics["data"]["test_studies"]), ""]
+        lines += [
+            "## Ablation: does pre-training help?",
+            "",
+            *_ablation_text(test, metrics["ablation"]["random_init"]["test"], metrics["data"]["test_studies"]),
+            "",
+        ]
     if metrics.get("training"):
-        lines += ["## Training", "", *_training_table(metrics["training"]), "",
-                  "From each run folder's `metrics.csv`, which holds one row per logged optimiser step (loss and "
-                  "its terms, learning rate, gradient norm, volumes/s, data and step time, skipped steps) and the "
-                  "same values as TensorBoard event files (`tensorboard --logdir RUN`).", ""]
+        lines += [
+            "## Training",
+            "",
+            *_training_table(metrics["training"]),
+            "",
+            "From each run folder's `metrics.csv`, which holds one row per logged optimiser step (loss and "
+            "its terms, learning rate, gradient norm, volumes/s, data and step time, skipped steps) and the "
+            "same values as TensorBoard event files (`tensorboard --logdir RUN`).",
+            "",
+        ]
     lines += ["## Figures", "", f"![loss and learning-rate curves]({figures.get('loss_curves', '')})", ""]
     lines += [f"![{name}]({file})" for name, file in figures.items() if name.startswith("studies_")]
     timings = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in metrics.get("timings_s", {}).items())

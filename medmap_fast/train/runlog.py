@@ -98,9 +98,13 @@ class StepMeter:
         previous read, averaged over ranks (``volumes_per_s`` summed); then starts over. Every rank calls it."""
         applied = self.steps - self.skipped
         wall = max(time.perf_counter() - self.started - self.paused_s, 1e-9)
-        out = {**{k: v / applied for k, v in self.sums.items()}, "nonfinite_steps": float(self.skipped),
-               "volumes_per_s": self.volumes / wall, "data_s": self.data_s / max(self.steps, 1),
-               "step_s": wall / max(self.steps, 1)}
+        out = {
+            **{k: v / applied for k, v in self.sums.items()},
+            "nonfinite_steps": float(self.skipped),
+            "volumes_per_s": self.volumes / wall,
+            "data_s": self.data_s / max(self.steps, 1),
+            "step_s": wall / max(self.steps, 1),
+        }
         if self.device.type == "cuda":
             out["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -199,7 +203,7 @@ def read_metrics(run: str | Path) -> list[Row]:
         if len(cells) != len(header):
             raise ValueError(f"{path}: line {number} has {len(cells)} fields, expected {len(header)} ({header})")
         try:
-            rows.append({k: float(v) for k, v in zip(header, cells) if v != ""})
+            rows.append({k: float(v) for k, v in zip(header, cells, strict=True) if v != ""})
         except ValueError as err:
             raise ValueError(f"{path}: line {number}: {err}") from None
     return rows

@@ -50,8 +50,11 @@ def class_prompts(class_names: Sequence[str], template: str, given: Sequence[str
         name, prompt = item.split("=", 1) if "=" in item else (item, item)
         match = by_words.get(_words(name))
         if match is None:
-            fail(f"--classes {item!r}", f"a class of the cache's labels ({', '.join(class_names)}) or CLASS=PROMPT",
-                 f"no class {name.strip()!r}")
+            fail(
+                f"--classes {item!r}",
+                f"a class of the cache's labels ({', '.join(class_names)}) or CLASS=PROMPT",
+                f"no class {name.strip()!r}",
+            )
         if match in prompts:
             fail(f"--classes {item!r}", "each class once", f"{match!r} a second time")
         prompts[match] = prompt.strip()
@@ -59,8 +62,15 @@ def class_prompts(class_names: Sequence[str], template: str, given: Sequence[str
 
 
 @torch.no_grad()
-def zero_shot(model: MedMAPPretrainModel, cache: CacheData, config: RunConfig, text_encoder: TextEncoder,
-              ctx: DistributedContext, split: str = "test", classes: Sequence[str] | None = None) -> dict[str, Any]:
+def zero_shot(
+    model: MedMAPPretrainModel,
+    cache: CacheData,
+    config: RunConfig,
+    text_encoder: TextEncoder,
+    ctx: DistributedContext,
+    split: str = "test",
+    classes: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Zero-shot metrics of ``split``'s labelled studies: ``{split: classification metrics, "prompts": {class:
     prompt}}``; ``classes`` as ``--classes`` takes them (None: every class, templated)."""
     space = cache.label_space("to score")
@@ -76,8 +86,11 @@ def zero_shot(model: MedMAPPretrainModel, cache: CacheData, config: RunConfig, t
     if not entries:
         fail(f"{cache.path} split {split!r}", f"studies labelled with one of {names}", "none")
     if len(entries) < len(labelled) and ctx.is_main:
-        print(f"{cache.path}: {len(labelled) - len(entries)} of {len(labelled)} {split} studies have another class "
-              f"and are left out", file=sys.stderr)
+        print(
+            f"{cache.path}: {len(labelled) - len(entries)} of {len(labelled)} {split} studies have another class "
+            f"and are left out",
+            file=sys.stderr,
+        )
     studies = embed_studies(model, entries, cache, config, config.evaluate.batch_size, ctx)  # [S, E]
     text = text_encoder.encode(list(prompts.values())).to(ctx.device)
     classes_emb = F.normalize(model.embed_reports(text).float(), dim=-1).cpu()  # [K, E]
