@@ -220,7 +220,7 @@ def _evaluate(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     from medmap_fast.train.demo import evaluate_classifier
     from medmap_fast.train.finetune import CONFIG_FILE, load_classifier
 
-    config = _load_config(args, args.model.parent / RUN_CONFIG)
+    config = _saved_model_config(args)
     cache = open_cache(config.data)
     if args.out is not None and ctx.is_main:
         config.save(args.out / RUN_CONFIG)

@@ -227,3 +227,13 @@ def test_zero_shot_errors(runs):
         main(["zero-shot", "--model", str(runs["x2"]), "--no-progress"])
     with pytest.raises(ValueError, match=r"--classes 'cirrhosis': expected a class of the cache's labels"):
         main(["zero-shot", "--model", str(runs["x1"]), "--classes", "normal", "cirrhosis", "--no-progress"])
+
+
+def test_evaluate_an_export_reads_its_run_config(runs, tmp_path):
+    """`evaluate --model EXPORT` scores with the config the run was trained with (the export's run_config.yaml, not a
+    config.yaml beside the export): the same metrics as evaluating the run's own model folder."""
+    from_run, from_export = tmp_path / "run", tmp_path / "export"
+    assert main(["evaluate", "--model", str(runs["s2"] / "model"), "--no-progress", "--out", str(from_run)]) == 0
+    assert main(["evaluate", "--model", str(runs["x2"]), "--no-progress", "--out", str(from_export)]) == 0
+    assert (from_export / "metrics.json").read_text() == (from_run / "metrics.json").read_text()
+    assert (from_export / "config.yaml").read_text() == (runs["s2"] / "config.yaml").read_text()
