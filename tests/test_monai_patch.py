@@ -86,12 +86,22 @@ def assert_parity(ref: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor)
     ids=["in1-window7", "in2-aniso-v2-patchnorm-nobias-ckpt"],
 )
 def test_patched_swinunetr_equals_monai(kwargs: dict) -> None:
+    """Outputs and every gradient equal MONAI's in float64. Not the float32 rule of :func:`assert_parity`: SwinUNETR's
+    InstanceNorm over its 2-voxel bottleneck amplifies float32 rounding to ~1e-3 relative, so the max-error ratio of
+    two float32 runs swings past 2x with the seed (the trunk alone meets the float32 rule, tested below)."""
+    torch.manual_seed(0)
     ref = perturbed(swin_unetr.SwinUNETR(out_channels=3, feature_size=12, **kwargs))
     model = patched_copy(ref)
     trunk = model.swinViT
     assert isinstance(trunk.patch_embed, MonaiPatchEmbed)
     assert all(isinstance(getattr(trunk, f"layers{i}")[0], MonaiSwinStage) for i in range(1, 5))
-    assert_parity(ref, model, torch.randn(2, kwargs["in_channels"], 32, 32, 64))
+    x = torch.randn(2, kwargs["in_channels"], 32, 32, 64, dtype=torch.float64)
+    exact = outputs_and_gradients(copy.deepcopy(ref).double(), x)
+    ours = outputs_and_gradients(copy.deepcopy(model).double(), x)
+    assert ours.keys() == exact.keys()
+    for what, truth in exact.items():
+        scale = truth.abs().max().item()
+        torch.testing.assert_close(ours[what], truth, rtol=1e-10, atol=1e-10 * scale, msg=lambda m: f"{what}: {m}")
 
 
 def test_patches_a_swin_inside_any_model() -> None:
