@@ -24,7 +24,12 @@ from torch import Tensor
 from ._utils import padded_size
 from .gated_attn import gated_attention_triton_backward, gated_attention_triton_forward
 from .patch_embed import patch_embed_3d_triton_backward, patch_embed_3d_triton_forward
-from .window_attn import tokens_padded, window_attention_triton_backward, window_attention_triton_forward
+from .window_attn import (
+    tokens_padded,
+    window_attention_triton_backward,
+    window_attention_triton_forward,
+    windows_per_volume,
+)
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -180,7 +185,7 @@ def window_attention(
 def _(qkv, bias_table, pad_kv, gate_logits, seed, num_heads, window_size, shift_size, table_window, scale, dropout_p):
     b, d, h, w, c3 = qkv.shape
     dtype = qkv.dtype if gate_logits is None else torch.promote_types(qkv.dtype, gate_logits.dtype)
-    windows = b * math.prod(padded_size(s, k) // k for s, k in zip((d, h, w), window_size, strict=True))
+    windows = b * windows_per_volume((d, h, w), window_size)
     return (
         qkv.new_empty(b, d, h, w, c3 // 3, dtype=dtype),
         qkv.new_empty(windows, num_heads, tokens_padded(math.prod(window_size)), dtype=torch.float32),

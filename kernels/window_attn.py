@@ -72,6 +72,11 @@ def padded_grid(size: Sequence[int], window: Sequence[int]) -> tuple[int, int, i
     return triple([padded_size(s, k) for s, k in zip(size, window, strict=True)])
 
 
+def windows_per_volume(size: Sequence[int], window: Sequence[int]) -> int:
+    """nW: the windows of one batch element's grid ``size`` padded to a multiple of ``window``."""
+    return math.prod(p // k for p, k in zip(padded_grid(size, window), window, strict=True))
+
+
 def _window_regions(
     padded: tuple[int, int, int], window_size: tuple[int, int, int], shift_size: tuple[int, int, int]
 ) -> torch.Tensor:
@@ -880,7 +885,7 @@ class _Geometry:
 
     @property
     def windows_per_batch(self) -> int:
-        return math.prod(p // k for p, k in zip(padded_grid(self.size, self.window), self.window, strict=True))
+        return windows_per_volume(self.size, self.window)
 
     @property
     def windows(self) -> int:
@@ -1109,7 +1114,7 @@ def window_dropout_mask(
     :func:`window_attention_reference` to run the same dropout there. Runs a Triton kernel: on a CUDA seed, or a CPU
     one under TRITON_INTERPRET=1."""
     n, np_ = math.prod(window_size), tokens_padded(math.prod(window_size))
-    windows = batch * math.prod(padded_size(s, k) // k for s, k in zip(size, window_size, strict=True))
+    windows = batch * windows_per_volume(size, window_size)
     keep = torch.empty(windows, num_heads, np_, np_, dtype=torch.int8, device=seed.device)
     tile = min(np_, 128)
     with on_device(seed):
