@@ -12,11 +12,14 @@
     medmap-fast --version
     torchrun --nproc-per-node=4 -m medmap_fast.cli pretrain ...        # DDP (NCCL on GPU, gloo on CPU)
 
-Every command that trains or scores a model takes ``--config`` (a YAML file or a shipped name), ``--set KEY=VALUE``
-(repeatable: a dotted config key and a YAML value, e.g. ``--set pretrain.train.lr=1e-4 --set data.size=[64,64,32]``)
-and ``--seed`` (see :mod:`medmap_fast.train.config`). demo / pretrain / finetune / evaluate write the resolved config
-(``config.yaml``) and ``metrics.json`` (held-out metrics) into their ``--out`` folder; training resumes from
-``checkpoint.pt`` when re-run with the same ``--out``.
+Every command that trains, scores or exports a model takes ``--config`` (a YAML file or a shipped name),
+``--set KEY=VALUE`` (repeatable: a dotted config key and a YAML value, e.g. ``--set pretrain.train.lr=1e-4 --set
+data.size=[64,64,32]``) and ``--seed`` (see :mod:`medmap_fast.train.config`), and saves the resolved config:
+demo / pretrain / finetune / evaluate / zero-shot as ``config.yaml`` beside ``metrics.json`` (held-out metrics) in
+their ``--out`` folder, embed as ``FILE.config.yaml`` beside its ``--out FILE``, export as the model folder's
+``run_config.yaml`` (where ``--set`` may change only the keys the weights do not depend on:
+:data:`medmap_fast.train.export.USAGE_KEYS`). Training resumes from ``checkpoint.pt`` when re-run with the same
+``--out``.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from medmap_fast import __version__
-from medmap_fast.train.checkpoint import CHECKPOINT_NAME
 from medmap_fast.train.config import RUN_CONFIG, RunConfig, add_config_args, resolve_config
+from medmap_fast.train.export import USAGE_KEYS
+from medmap_fast.train.zero_shot import NEGATIVE_TEMPLATE
 
 TRAINED_WITH = "the config the model was trained with (its run folder's config.yaml), else built-in defaults"
 
@@ -108,10 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
 
-    p = sub.add_parser("export", help="a finished pretrain/finetune run folder -> one model folder with a model card")
-    p.add_argument("run", type=Path, help="the run folder (the --out of `pretrain` or `finetune`)")
+    p = sub.add_parser(
+        "export",
+        help="a finished pretrain/finetune run folder -> one model folder with a model card",
+        description="Export a finished run folder. --set / --config / --data may change only the keys the weights "
+        f"do not depend on ({', '.join(USAGE_KEYS)}); any other change is refused, naming the key.",
+    )
+    p.add_argument("run", type=Path, help="the run folder (the --out of `pretrain` or `finetune`, a demo's stage1/)")
     p.add_argument("--out", type=Path, required=True, help="model folder: MedMAPEncoder.from_pretrained(DIR) loads it")
     p.add_argument("--force", action="store_true", help="replace --out when it already holds files")
+    add_config_args(p, default=f"the run's {RUN_CONFIG}")
 
     p = sub.add_parser("embed", help="per-volume and per-study embeddings of a cache's studies (.npz or .parquet)")
     add_config_args(p, default=TRAINED_WITH)
@@ -119,11 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="embeddings file: .npz, or .parquet (needs pyarrow)")
     p.add_argument("--split", choices=("all", "train", "val", "test"), default="all", help="the studies to embed")
     p.add_argument(
-        "--batch-size", type=int, default=None, help="studies per forward pass (default: evaluate.batch_size)"
+        "--batch-size", type=int, default=None, help="studies per forward pass (= --set evaluate.batch_size=N)"
     )
     _common(p)
 
-    p = sub.add_parser("zero-shot", help="score a stage-1 model's studies against one text prompt per class")
+    p = sub.add_parser("zero-shot", help="score a stage-1 model's studies against text prompts of the classes")
     add_config_args(p, default=TRAINED_WITH)
     p.add_argument("--model", type=Path, required=True, help="a stage-1 model: a pretrain run's model/ or its export")
     p.add_argument(
@@ -133,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLASS",
         help="prompts, each matched to a class of the cache's labels by its words, or CLASS=PROMPT "
         "(default: every class, through text.prompt_template)",
+    )
+    p.add_argument(
+        "--negative-template",
+        default=NEGATIVE_TEMPLATE,
+        help="multi-label caches: each class's negative prompt, scored against its prompt ({prompt}: that prompt; "
+        "{name}, {description}: the class; default: %(default)r)",
     )
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="the split to score")
     p.add_argument(
@@ -161,12 +177,6 @@ def _load_config(args: argparse.Namespace, fallback: Path | None = None) -> RunC
     return resolve_config(args, fallback if fallback is not None and fallback.is_file() else None)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from medmap_fast.train.demo import write_json
-
-    write_json(path, data)
-
-
 def _held_out(cache: Any, need: str, ctx: Any) -> list[Any] | None:
     """The studies to report metrics on: the test split, else val; None (and a note) when neither has any."""
     for split in ("test", "val"):
@@ -179,13 +189,13 @@ def _held_out(cache: Any, need: str, ctx: Any) -> list[Any] | None:
 
 def _run_stage(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     from medmap_fast.train.data import TextTable, open_cache
+    from medmap_fast.train.rundir import begin_run, end_run
 
     config = _load_config(args)
     progress = not args.no_progress and ctx.is_main
     cache = open_cache(config.data)
     text_encoder = config.text.text_encoder()
-    if ctx.is_main and (args.no_resume or not (args.out / CHECKPOINT_NAME).is_file()):
-        config.save(args.out / RUN_CONFIG)  # a resumed run's is saved once its checkpoint accepted it (below)
+    begin_run(args.out, config, ctx, resume=not args.no_resume)
     if args.command == "pretrain":
         from medmap_fast.train.pretrain import pretrain, retrieval_metrics
 
@@ -208,40 +218,52 @@ def _run_stage(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
             if held_out
             else {}
         )
-    if ctx.is_main:
-        config.save(args.out / RUN_CONFIG)
-        _write_json(args.out / "metrics.json", metrics)
+    end_run(args.out, config, metrics, ctx)
     return metrics
 
 
 def _evaluate(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    from medmap_fast.train.data import open_cache
+
+    config = _saved_model_config(args)
+    metrics = _evaluate_model(args.model, args.split, open_cache(config.data), config, ctx)
+    _save_outputs(args.out, config, metrics, ctx)
+    return metrics
+
+
+def _evaluate_model(model_dir: Path, split: str, cache: Any, config: RunConfig, ctx: Any) -> dict[str, Any]:
+    """Held-out metrics of the saved model in ``model_dir``: classification (stage 2) or report retrieval (stage 1)."""
     from medmap_fast.data.cache import LabelSpace
-    from medmap_fast.train.data import TextTable, open_cache
+    from medmap_fast.train.data import TextTable
     from medmap_fast.train.demo import evaluate_classifier
     from medmap_fast.train.finetune import CONFIG_FILE, load_classifier
 
-    config = _saved_model_config(args)
-    cache = open_cache(config.data)
-    if args.out is not None and ctx.is_main:
-        config.save(args.out / RUN_CONFIG)
-    if (args.model / CONFIG_FILE).is_file():
-        model, meta = load_classifier(args.model)
+    if (model_dir / CONFIG_FILE).is_file():
+        model, meta = load_classifier(model_dir)
         labelled = [e.labels for entries in cache.splits.values() for e in entries if e.labels is not None]
         cache.labels = LabelSpace(labelled, meta["class_names"])  # the classifier's classes, in its order
         model.to(ctx.device)
-        return {args.split: evaluate_classifier(model, cache, config, ctx, args.split)["metrics"]}
+        return {split: evaluate_classifier(model, cache, config, ctx, split)["metrics"]}
     from medmap_fast.models.medmap import HEADS_CONFIG, MedMAPPretrainModel
     from medmap_fast.train.pretrain import retrieval_metrics
 
-    if not (args.model / HEADS_CONFIG).is_file():
+    if not (model_dir / HEADS_CONFIG).is_file():
         raise SystemExit(
-            f"--model {args.model}: expected a folder written by `medmap-fast pretrain` ({HEADS_CONFIG}) "
+            f"--model {model_dir}: expected a folder written by `medmap-fast pretrain` ({HEADS_CONFIG}) "
             f"or `medmap-fast finetune` ({CONFIG_FILE})"
         )
-    stage1 = MedMAPPretrainModel.from_pretrained(args.model).to(ctx.device)
-    entries = cache.split(args.split, "report", ctx)
+    stage1 = MedMAPPretrainModel.from_pretrained(model_dir).to(ctx.device)
+    entries = cache.split(split, "report", ctx)
     reports = TextTable([e.report for e in entries if e.report is not None], config.text.text_encoder())
     return {"pretrain": retrieval_metrics(stage1, entries, cache, config, reports, ctx)}
+
+
+def _save_outputs(out: Path | None, config: RunConfig, metrics: dict[str, Any], ctx: Any) -> None:
+    """evaluate / zero-shot ``--out``: the resolved config and the metrics, as a run folder holds them."""
+    from medmap_fast.train.rundir import end_run
+
+    if out is not None:
+        end_run(out, config, metrics, ctx)
 
 
 def _saved_model_config(args: argparse.Namespace) -> RunConfig:
@@ -257,6 +279,8 @@ def _embed(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     from medmap_fast.train.export import load_saved_model
 
     embed.check_output(args.out)
+    if args.batch_size is not None:
+        args.overrides.append(("evaluate.batch_size", args.batch_size))
     config = _saved_model_config(args)
     cache = open_cache(config.data)
     result = embed.embed_cache(
@@ -264,12 +288,13 @@ def _embed(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         embed.cache_entries(cache, args.split),
         cache,
         config,
-        args.batch_size or config.evaluate.batch_size,
+        config.evaluate.batch_size,
         ctx,
         progress=not args.no_progress and ctx.is_main,
     )
     if ctx.is_main:
         embed.write_embeddings(result, args.out)
+        config.save(embed.config_file(args.out))
     return embed.summary(result, args.out)
 
 
@@ -287,18 +312,24 @@ def _zero_shot(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     config = _saved_model_config(args)
     model = MedMAPPretrainModel.from_pretrained(args.model)
     metrics = zero_shot(
-        model, open_cache(config.data), config, config.text.text_encoder(), ctx, args.split, args.classes
+        model,
+        open_cache(config.data),
+        config,
+        config.text.text_encoder(),
+        ctx,
+        args.split,
+        args.classes,
+        args.negative_template,
     )
-    if args.out is not None and ctx.is_main:
-        config.save(args.out / RUN_CONFIG)
-        _write_json(args.out / "metrics.json", metrics)
+    _save_outputs(args.out, config, metrics, ctx)
     return metrics
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
-    from medmap_fast.train.export import export_run
+    from medmap_fast.train.export import check_run, export_run
 
-    return export_run(args.run, args.out, force=args.force)
+    check_run(args.run)  # before its config.yaml is read
+    return export_run(args.run, args.out, force=args.force, config=resolve_config(args, args.run / RUN_CONFIG))
 
 
 def _manifest(args: argparse.Namespace) -> dict[str, Any]:
@@ -364,8 +395,6 @@ def main(argv: list[str] | None = None) -> int:
                 summary = _embed(args, ctx) if args.command == "embed" else _zero_shot(args, ctx)
             else:
                 summary = _evaluate(args, ctx)
-                if args.out is not None and ctx.is_main:
-                    _write_json(args.out / "metrics.json", summary)
         if ctx.is_main:
             print(json.dumps(summary, indent=2, default=str))
     finally:

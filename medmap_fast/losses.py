@@ -152,11 +152,13 @@ class AsymmetricContrastiveLoss(nn.Module):
         report_emb: torch.Tensor,
         study_index: torch.Tensor,
         return_parts: bool = False,
+        gather: bool = True,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """volume_emb [V, E], report_emb [S, E], study_index [V] long in [0, S) -> scalar loss.
 
         ``return_parts=True`` also returns a dict of detached tensors for logging: ``loss_v2t``, ``loss_t2v``
-        (this rank's W-scaled shares under ``local_loss``) and ``scale``.
+        (this rank's W-scaled shares under ``local_loss``) and ``scale``. ``gather=False`` scores this process's
+        batch alone even when distributed (evaluation, where every rank scores the same batches).
         """
         volume_emb = _check_features(volume_emb, "volume_emb", "[V, E] with V >= 1")
         e = volume_emb.shape[1]
@@ -166,7 +168,7 @@ class AsymmetricContrastiveLoss(nn.Module):
         ).to(volume_emb.device)
         with torch.autocast(volume_emb.device.type, enabled=False):
             v, t = (F.normalize(x, dim=-1) for x in _upcast(volume_emb, report_emb))
-            world = _distributed_world()
+            world = _distributed_world() if gather else 1
             own_v, own_t = slice(None), slice(None)
             if world > 1:
                 v, t, study_index, own_v, own_t = self._gather(v, t, study_index)

@@ -1,4 +1,5 @@
-"""`medmap-fast demo --quick` end to end, as a user runs it: the run folder's files and the learning bound."""
+"""`medmap-fast demo --quick` end to end, as a user runs it: the run folder's files, the learning bound, and the
+export of its stage folders."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import os
 import subprocess
 import sys
 
+from medmap_fast.cli import main
+from medmap_fast.models.medmap import MedMAPPretrainModel
 from medmap_fast.train.config import RUN_CONFIG, load_config
+from medmap_fast.train.finetune import load_classifier
 from medmap_fast.train.runlog import read_metrics
 
 QUICK_BUDGET_S = 240  # the issue's bound for --quick on 2 CPU cores (not asserted: CI machines may be shared)
@@ -53,3 +57,13 @@ def test_quick_demo_learns_and_writes_its_run_folder(tmp_path):
     assert "Held-out classification" in report and "![ROC curves](roc_curves.png)" in report
     assert "## Training" in report and "| stage 1 (pre-training) |" in report
     assert json.loads(result.stdout)["test"]["auc_macro"] == test["auc_macro"]
+
+
+    # each stage folder is a run folder as `pretrain` / `finetune` write it, so it exports
+    for stage, key in (("stage1", "pretrain"), ("stage2", "test")):
+        assert load_config(out / stage / RUN_CONFIG) == load_config(out / RUN_CONFIG), stage
+        stage_metrics = json.loads((out / stage / "metrics.json").read_text())
+        assert stage_metrics[key].items() <= metrics[key].items(), stage  # the demo's adds the final loss
+        assert main(["export", str(out / stage), "--out", str(tmp_path / stage)]) == 0
+    assert MedMAPPretrainModel.from_pretrained(tmp_path / "stage1").encoder.modalities.names
+    assert load_classifier(tmp_path / "stage2")[1]["class_names"] == metrics["data"]["classes"]

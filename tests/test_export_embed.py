@@ -5,6 +5,7 @@ of ``evaluate``, and bad folders are errors naming them."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from medmap_fast.data.cache import CacheEntry, study_files, write_index
 from medmap_fast.models.encoder import MedMAPEncoder
 from medmap_fast.models.medmap import MedMAPPretrainModel
 from medmap_fast.train.config import load_config
+from medmap_fast.train.evaluate import classification_metrics
 from medmap_fast.train.finetune import load_classifier
 from medmap_fast.train.pretrain import pool_studies
 
@@ -36,9 +38,16 @@ REPORTS = {"normal": "No abnormality.", "hepatic_cyst": "A simple cyst in the li
 SPLITS = ["train"] * 9 + ["val"] * 3 + ["test"] * 6
 
 
-def write_tiny_cache(root: Path) -> list[CacheEntry]:
+def tiny_labels(i: int, multilabel: bool) -> str | list[str]:
+    """Study i's labels: class i % 3; multi-label: a list, with class (i + 1) % 3 too for even i."""
+    if not multilabel:
+        return CLASSES[i % 3]
+    return [CLASSES[i % 3], *([CLASSES[(i + 1) % 3]] if i % 2 == 0 else [])]
+
+
+def write_tiny_cache(root: Path, multilabel: bool = False) -> list[CacheEntry]:
     """18 studies of T1 (+ T2 for every other one), 16^3 voxels (= data.size: the evaluation crop keeps them whole),
-    three classes; the last train study has no labels and no report."""
+    three classes (:func:`tiny_labels`); the last train study has no labels and no report."""
     rng = np.random.default_rng(0)
     entries = []
     for i, split in enumerate(SPLITS):
@@ -50,8 +59,8 @@ def write_tiny_cache(root: Path) -> list[CacheEntry]:
         np.save(npy, array)
         unlabelled = i == 8
         entries.append(CacheEntry(f"s{i:02d}", split, None if unlabelled else REPORTS[label],
-                                  None if unlabelled else label, modalities, array.shape, (2.0, 2.0, 2.0),
-                                  str(npy.relative_to(root))))
+                                  None if unlabelled else tiny_labels(i, multilabel), modalities, array.shape,
+                                  (2.0, 2.0, 2.0), str(npy.relative_to(root))))
     write_index(root, entries)
     return entries
 
@@ -133,12 +142,40 @@ def test_force_replaces_an_earlier_export(runs, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x"]
 
 
+def test_export_set_changes_only_what_the_weights_do_not_depend_on(runs, tmp_path, capsys):
+    out, moved = tmp_path / "x", tmp_path / "moved_cache"
+    capsys.readouterr()
+    assert main(["export", str(runs["s1"]), "--out", str(out), "--set", "evaluate.batch_size=5",
+                 "--set", "pretrain.train.num_workers=2", "--data", str(moved)]) == 0
+    changed = {"data.path": str(moved), "evaluate.batch_size": 5, "pretrain.train.num_workers": 2}
+    assert json.loads(capsys.readouterr().out)["changed"] == changed
+    assert load_config(out / "run_config.yaml") == load_config(runs["s1"] / "config.yaml", changed)
+    card = (out / "README.md").read_text()
+    assert "`evaluate.batch_size: 5`" in card and f"cache `{moved}`: not readable at export time" in card
+    _same_state(MedMAPPretrainModel.from_pretrained(out), MedMAPPretrainModel.from_pretrained(runs["x1"]))
+
+    refused = tmp_path / "refused"
+    for args, key, trained in ((["--set", "encoder.embed_dim=48"], "encoder.embed_dim", "12"),
+                               (["--seed", "3"], "seed", "0"),
+                               (["--set", "text.prompt_template='{name} scan'"], "text.prompt_template", "'{description} MRI'"),
+                               (["--set", "pretrain.train.lr=0.1"], "pretrain.train.lr", "0.0001")):
+        with pytest.raises(ValueError, match=rf"^{re.escape(key)}: the weights of {re.escape(str(runs['s1']))} were "
+                                             rf"trained with {re.escape(trained)}, got .*may change only.*data\.path"):
+            main(["export", str(runs["s1"]), "--out", str(refused), *args])
+    with pytest.raises(ValueError, match=r"encoder: expected keys among .*got unknown keys \['embed_dims'\]"):
+        main(["export", str(runs["s1"]), "--out", str(refused), "--set", "encoder.embed_dims=48"])
+    assert not refused.exists()
+
+
 def test_embed_writes_every_study_and_equals_the_models_outputs(runs, tmp_path, capsys):
     out = tmp_path / "emb.npz"
     capsys.readouterr()
     assert main(["embed", "--model", str(runs["x2"]), "--data", str(runs["cache"]), "--out", str(out),
-                 "--batch-size", "4", "--no-progress"]) == 0
-    assert json.loads(capsys.readouterr().out)["studies"] == len(SPLITS)
+                 "--batch-size", "4", "--set", "data.loader=torch", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["studies"] == len(SPLITS) and summary["config"] == str(tmp_path / "emb.npz.config.yaml")
+    resolved = {"evaluate.batch_size": 4, "data.loader": "torch"}  # over the config the model was trained with
+    assert load_config(tmp_path / "emb.npz.config.yaml") == load_config(runs["x2"] / "run_config.yaml", resolved)
     emb = np.load(out)  # no pickles
     entries = runs["entries"]
     assert emb["study_ids"].tolist() == [e.study_id for e in entries]  # train, val, test: the index order here
@@ -220,6 +257,49 @@ def test_zero_shot_reports_the_metrics_of_evaluate(runs, tmp_path, capsys):
     subset = json.loads(capsys.readouterr().out)
     assert subset["prompts"] == {"hepatic_cyst": "Hepatic cyst", "normal": "a liver with no finding"}
     assert subset["test"]["num_samples"] == 4 and subset["test"]["class_names"] == ["hepatic_cyst", "normal"]
+
+
+def test_zero_shot_scores_each_label_of_a_multilabel_cache_against_its_negative(runs, tmp_path):
+    """Each class on its own: softmax over (prompt, "no " + prompt) = sigmoid of the scaled similarity difference;
+    the multi-label metrics of evaluate."""
+    cache = tmp_path / "multilabel"
+    entries = write_tiny_cache(cache, multilabel=True)
+    out = tmp_path / "zs"
+    assert main(["zero-shot", "--model", str(runs["x1"]), "--data", str(cache), "--out", str(out),
+                 "--no-progress"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["prompts"]["hepatic_cyst"] == "hepatic cyst MRI"
+    assert result["negative_prompts"]["hepatic_cyst"] == "no hepatic cyst MRI"
+    assert load_config(out / "config.yaml") == load_config(runs["x1"] / "run_config.yaml", {"data.path": str(cache)})
+
+    model = MedMAPPretrainModel.from_pretrained(runs["x1"]).eval()
+    text_encoder = load_config(runs["x1"] / "run_config.yaml").text.text_encoder()
+    names = list(result["prompts"])
+    test = [e for e in entries if e.split == "test"]
+    with torch.no_grad():
+        studies = torch.cat([pool_studies(model.embed_volumes(_study_volumes(cache, e), list(e.modalities)),
+                                          torch.zeros(len(e.modalities), dtype=torch.long), 1) for e in test])
+        def joint(texts):
+            return torch.nn.functional.normalize(model.embed_reports(text_encoder.encode(texts)), dim=-1)
+        positive = joint([result["prompts"][n] for n in names])
+        negative = joint([result["negative_prompts"][n] for n in names])
+        probs = torch.sigmoid(model.loss_fn.scale() * (studies @ positive.T - studies @ negative.T))
+    labels = np.array([[n in e.labels for n in names] for e in test])
+    expected = classification_metrics(probs.numpy(), labels, names, task="multilabel")
+    assert result["test"].keys() == expected.keys() and result["test"]["num_samples"] == 6
+    for key in ("accuracy", "chance_accuracy", "auc_macro", "f1_macro"):
+        assert result["test"][key] == pytest.approx(expected[key], abs=1e-6), key
+    for name in names:
+        assert result["test"]["per_class"][name] == pytest.approx(expected["per_class"][name]), name
+    assert result["test"]["confusion_matrix"] == expected["confusion_matrix"]
+
+    assert main(["zero-shot", "--model", str(runs["x1"]), "--data", str(cache), "--classes", "tumour=a solid mass",
+                 "--negative-template", "{description} absent", "--out", str(out), "--no-progress"]) == 0
+    subset = json.loads((out / "metrics.json").read_text())
+    assert subset["negative_prompts"] == {"tumour": "tumour absent"} and subset["test"]["class_names"] == ["tumour"]
+    with pytest.raises(ValueError, match=r"--negative-template: expected a format string .*'no \{finding\}'"):
+        main(["zero-shot", "--model", str(runs["x1"]), "--data", str(cache), "--negative-template", "no {finding}",
+              "--no-progress"])
 
 
 def test_zero_shot_errors(runs):

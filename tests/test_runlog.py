@@ -1,6 +1,7 @@
-"""Run logs: fit writes metrics.csv and TensorBoard event files, a resumed run continues them without duplicates,
-the non-finite guard skips a poisoned update and stops a run that keeps producing them, and the demo's plots read
-the logs. A linear model on CPU: every test takes well under a second of training."""
+"""Run logs: fit writes metrics.csv and TensorBoard event files, a resumed run continues them without duplicates
+(per-epoch validation rows included), the non-finite guard skips a poisoned update and stops a run that keeps
+producing them, and the demo's plots read the logs. A linear model on CPU: every test takes well under a second of
+training."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from medmap_fast.train import loop
 from medmap_fast.train.checkpoint import CHECKPOINT_NAME
 from medmap_fast.train.distributed import DistributedContext
 from medmap_fast.train.guard import NonFiniteStepError
@@ -81,7 +83,7 @@ def test_fit_writes_metrics_csv_and_tensorboard_events(tmp_path):
 
     assert [s for s, _ in _scalars(tmp_path, "train/loss")] == [2, 4, 6, 8, 10, 12]
     assert _scalars(tmp_path, "train/lr")[0][1] == pytest.approx(steps[0]["lr"])
-    assert _scalars(tmp_path, "eval/val_score") == [(6, 0.5), (12, 1.5)]
+    assert _scalars(tmp_path, "val/score") == [(6, 0.5), (12, 1.5)]
     assert len(_scalars(tmp_path, "perf/volumes_per_s")) == 6
 
     summary = summarize(rows)
@@ -125,7 +127,34 @@ def test_resumed_run_continues_the_logs_without_duplicates(tmp_path):
     elapsed = [r["elapsed_s"] for r in rows if "elapsed_s" in r]
     assert elapsed == sorted(elapsed)  # the resumed run's clock continues
     assert [s for s, _ in _scalars(run, "train/loss")] == list(range(1, 19))  # events after step 8 purged
-    assert [s for s, _ in _scalars(run, "eval/val_score")] == [6, 12, 18]
+    assert [s for s, _ in _scalars(run, "val/score")] == [6, 12, 18]
+
+
+def test_a_run_killed_between_its_epoch_validation_and_checkpoint_logs_the_validation_once(tmp_path, monkeypatch):
+    """Epoch 2's validation row is written, then the process dies before the epoch's checkpoint: the resumed run
+    (from epoch 1's checkpoint) redoes epoch 2 and its validation, and the logs hold each epoch's row once."""
+    config = TrainConfig(epochs=2, batch_size=BATCH, lr=1e-2, log_every=1)  # checkpoints at epoch ends only
+    evaluate = lambda model, epoch: {"val_score": float(epoch)}  # noqa: E731
+    _, reference = _fit(config, tmp_path / "reference", on_epoch_end=evaluate)
+
+    save = loop.save_checkpoint
+
+    def dying(path, model, optimizer, scheduler, state, full_config):
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+        save(path, model, optimizer, scheduler, state, full_config)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(loop, "save_checkpoint", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(config, run, on_epoch_end=evaluate)
+    monkeypatch.undo()
+    assert [r["epoch"] for r in read_metrics(run) if r.get("epoch_end")] == [1, 2]  # written before the kill
+    time.sleep(1.1)  # a later restart (TensorBoard orders event files by their creation second)
+    _, history = _fit(config, run, on_epoch_end=evaluate)
+    rows = read_metrics(run)
+    assert rows == history and _untimed(rows) == _untimed(reference)
+    assert _scalars(run, "val/score") == [(6, 0.0), (12, 1.0)]
 
 
 def test_nonfinite_update_is_skipped_without_touching_weights_or_schedule(tmp_path):

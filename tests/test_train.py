@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -18,7 +20,7 @@ from medmap_fast.train.checkpoint import CHECKPOINT_NAME
 from medmap_fast.train.data import StageBatches, keep_volumes, with_report_embeddings
 from medmap_fast.train.distributed import DistributedContext, ShardedSampler, init_distributed, shutdown
 from medmap_fast.train.loop import TrainConfig, WarmupCosine, fit, param_groups
-from medmap_fast.train.runlog import TIMING_KEYS
+from medmap_fast.train.runlog import TIMING_KEYS, read_metrics
 
 CPU = DistributedContext()
 
@@ -53,7 +55,7 @@ def test_param_groups_skip_decay_on_1d_and_scale_lr_by_prefix():
 @pytest.mark.parametrize(
     "values, match",
     [({"epochs": 0}, "epochs"), ({"amp": "fp8"}, "amp"), ({"warmup_fraction": 1.0}, "warmup_fraction"),
-     ({"lr": -1}, "lr"), ({"batchsize": 4}, "unknown keys")],
+     ({"lr": -1}, "lr"), ({"batchsize": 4}, "unknown keys"), ({"eval_every": -1}, "eval_every")],
 )
 def test_train_config_rejects_bad_values(values, match):
     with pytest.raises(ValueError, match=match):
@@ -127,11 +129,12 @@ def toy_loss(model, batch):
     return loss, {"mse": float(loss.detach())}
 
 
-def _train_toy(config: TrainConfig, dropout: float = 0.0, run_dir=None, step_loss=toy_loss, ctx=CPU):
+def _train_toy(config: TrainConfig, dropout: float = 0.0, run_dir=None, step_loss=toy_loss, ctx=CPU,
+               on_epoch_end=None):
     torch.manual_seed(123)
     model = Toy(dropout)
     batches = ToyBatches(toy_data(), config.batch_size, ctx, config.seed)
-    history = fit(model, batches, step_loss, config, ctx, run_dir, progress=False)
+    history = fit(model, batches, step_loss, config, ctx, run_dir, progress=False, on_epoch_end=on_epoch_end)
     return model, history
 
 
@@ -153,6 +156,29 @@ def test_fit_learns_and_is_deterministic():
     assert len(steps) == 6 * 6 and steps[-1]["step"] == 36
     assert sum(h["loss"] for h in steps[-6:]) < 0.5 * sum(h["loss"] for h in steps[:6])
     assert steps[0]["lr"] < steps[3]["lr"]  # warm-up
+
+
+def test_epoch_evaluation_runs_in_eval_mode_and_leaves_training_untouched():
+    """eval_every=2 of 5 epochs evaluates after epochs 2, 4 and 5, in eval mode without gradients; the evaluation
+    draws from every random generator, yet the dropout model trains the weights of a run without evaluation."""
+    seen, modes = [], []
+
+    def evaluate(model, epoch):
+        seen.append((epoch, model.training, torch.is_grad_enabled()))
+        random.random(), np.random.rand(), torch.rand(1)  # e.g. a DataLoader draws its base seed
+        return {"val_score": float(epoch)}
+
+    def loss(model, batch):
+        modes.append(model.training)
+        return toy_loss(model, batch)
+
+    config = dict(epochs=5, batch_size=4, lr=1e-2, log_every=1, seed=2)
+    evaluated, log = _train_toy(TrainConfig(**config, eval_every=2), 0.3, step_loss=loss, on_epoch_end=evaluate)
+    plain, plain_log = _train_toy(TrainConfig(**config, eval_every=0), 0.3, on_epoch_end=evaluate)
+    assert seen == [(1, False, False), (3, False, False), (4, False, False)] and all(modes)
+    assert [(h["epoch"], h["step"]) for h in log if h.get("epoch_end")] == [(2, 12), (4, 24), (5, 30)]
+    assert _same_weights(evaluated, plain)
+    assert _untimed([h for h in log if not h.get("epoch_end")]) == _untimed(plain_log)
 
 
 def test_gradient_accumulation_matches_a_bigger_batch():
@@ -203,7 +229,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     ctx = init_distributed("cpu")
     try:
-        model, _ = _train_toy(TrainConfig(epochs=2, batch_size=4, lr=1e-2, seed=3), ctx=ctx)
+        evaluate = lambda model, epoch: {"val_score": float(torch.rand(1)) + rank}  # noqa: E731
+        config = TrainConfig(epochs=2, batch_size=4, lr=1e-2, seed=3)
+        model, _ = _train_toy(config, ctx=ctx, run_dir=Path(out) / "run", on_epoch_end=evaluate)
         torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
     finally:
         shutdown(ctx)
@@ -211,8 +239,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_on_gloo_equals_one_process_on_the_global_batch(tmp_path):
+    """Also with a per-epoch evaluation on every rank: rank 0 logs its values; training is unchanged."""
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     single, _ = _train_toy(TrainConfig(epochs=2, batch_size=8, lr=1e-2, seed=3))
+    epochs = [r for r in read_metrics(tmp_path / "run") if r.get("epoch_end")]
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(0 <= r["val_score"] < 1 for r in epochs)  # rank 0's
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key, value in single.state_dict().items():
         assert torch.equal(states[0][key], states[1][key])

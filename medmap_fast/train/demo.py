@@ -9,13 +9,14 @@
                         timings, the configuration and the environment
     report.md           the same in prose and tables, with the figures
     loss_curves.png  roc_curves.png  confusion_matrix.png  studies_brain.png  studies_liver.png
-    stage1/ stage2/ [stage2_random_init/]   each with checkpoint.pt (re-running with the same --out resumes),
-                        model/, metrics.csv and TensorBoard event files (the run's log)
+    stage1/ stage2/ [stage2_random_init/]   each a run folder as `medmap-fast pretrain` / `finetune` write it
+                        (:mod:`medmap_fast.train.rundir`: config.yaml, checkpoint.pt (re-running with the same --out
+                        resumes), model/, metrics.csv and TensorBoard event files, metrics.json with the stage's
+                        held-out metrics), so `medmap-fast export OUT/stage1` (or stage2) exports it
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -30,7 +31,6 @@ import torch
 
 from medmap_fast import configs
 from medmap_fast.data.cache import CacheEntry
-from medmap_fast.fileio import atomic_path
 from medmap_fast.models.medmap import MedMAPClassifier, MedMAPPretrainModel
 from medmap_fast.train import plots
 from medmap_fast.train.checkpoint import CHECKPOINT_NAME
@@ -41,6 +41,7 @@ from medmap_fast.train.evaluate import classification_metrics
 from medmap_fast.train.finetune import finetune, predict
 from medmap_fast.train.pretrain import pretrain, retrieval_metrics
 from medmap_fast.train.report import write_report
+from medmap_fast.train.rundir import begin_run, end_run, write_json
 from medmap_fast.train.runlog import read_metrics, summarize
 
 
@@ -120,11 +121,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2))
-
-
 def demo_config_path(quick: bool) -> Path:
     """The shipped config of ``medmap-fast demo``: demo_quick.yaml with ``--quick``, else demo.yaml."""
     return configs_dir() / ("demo_quick.yaml" if quick else "demo.yaml")
@@ -185,9 +181,11 @@ def run_demo(
     )
     t = lap("data_s", t)
 
+    begin_run(out / "stage1", config, ctx)
     stage1, _ = pretrain(cache, config, reports, ctx, out / "stage1", progress=progress)
     t = lap("pretrain_s", t)
     retrieval = retrieval_metrics(stage1, cache.split("test", "report"), cache, config, reports, ctx)
+    end_run(out / "stage1", config, {"pretrain": retrieval}, ctx)
     t = lap("retrieval_s", t)
 
     runs: dict[str, tuple[MedMAPPretrainModel | None, Path]] = {"pretrained": (stage1, out / "stage2")}
@@ -195,9 +193,11 @@ def run_demo(
         runs["random_init"] = (None, out / "stage2_random_init")
     results, run_dirs = {}, {"stage 1 (pre-training)": out / "stage1"}
     for name, (init, run_dir) in runs.items():
+        begin_run(run_dir, config, ctx)
         model, _ = finetune(cache, config, text_encoder, ctx, init=init, run_dir=run_dir, progress=progress)
         t = lap(f"finetune_{name}_s", t)
         results[name] = evaluate_classifier(model, cache, config, ctx)
+        end_run(run_dir, config, {"test": results[name]["metrics"]}, ctx)
         run_dirs[f"stage 2 ({name.replace('_', ' ')})"] = run_dir
         t = lap(f"evaluate_{name}_s", t)
 

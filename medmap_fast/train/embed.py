@@ -18,6 +18,8 @@ Files: ``.npz`` (numpy, no pickles)::
 
 or ``.parquet`` (needs pyarrow): one row per study with ``study_id``, ``split``, ``study_embedding`` [D],
 ``modalities`` [M] and ``volume_embeddings`` [M][C]; the study-embedding kind in the schema metadata.
+
+Beside FILE, ``FILE.config.yaml`` (:func:`config_file`) holds the resolved config the embeddings were made with.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ def check_output(path: str | Path) -> Path:
                 "`pip install pyarrow`, or write .npz"
             ) from None
     return path
+
+
+def config_file(path: str | Path) -> Path:
+    """Where the resolved config of the embeddings file ``path`` goes: ``path`` + ``.config.yaml``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.config.yaml")
 
 
 def cache_entries(cache: CacheData, split: str) -> list[CacheEntry]:
@@ -204,9 +212,11 @@ def _write_parquet(emb: Embeddings, path: Path) -> None:
 
 
 def summary(emb: Embeddings, path: str | Path) -> dict[str, Any]:
-    """What the command prints: the file, the counts and widths, and which study embedding it holds."""
+    """What the command prints: the file and its config file, the counts and widths, and which study embedding it
+    holds."""
     return {
         "out": str(path),
+        "config": str(config_file(path)),
         "studies": len(emb.study_ids),
         "volumes": len(emb.volume_modalities),
         "study_dim": int(emb.study.shape[1]),

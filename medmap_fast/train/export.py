@@ -7,20 +7,33 @@ A run folder (``medmap-fast pretrain`` / ``finetune --out RUN``) holds ``config.
     DIR/config.json  model.safetensors        the encoder: MedMAPEncoder.from_pretrained(DIR)
     DIR/heads.json   heads.safetensors        stage 1: MedMAPPretrainModel.from_pretrained(DIR)
     DIR/classifier.json  classifier.safetensors   stage 2: medmap_fast.train.finetune.load_classifier(DIR)
-    DIR/run_config.yaml  metrics.json         the run's config and held-out metrics, as the run wrote them
+    DIR/run_config.yaml                       the resolved config: the run's config.yaml plus the overrides
+    DIR/metrics.json                          the run's held-out metrics, as the run wrote them
     DIR/README.md                             the model card: model, data summary, metrics, config
 
-The model is loaded (every file checked) before anything is written, the files are copied byte for byte into a
-temporary sibling folder, and that folder is renamed to DIR: a reader sees no DIR or a complete one.
+Overrides (``--set`` / ``--config`` / ``--data``, resolved over the run's config.yaml) may change only the keys the
+weights do not depend on, :data:`USAGE_KEYS`: where the cache and the text encoder are and how the model is read
+and run (the loader, evaluation / embedding batch sizes, the speed-only training switches). Every other key shaped
+or trained the weights: the encoder and the stage models (shapes, modalities, gating), the text encoder's pooling,
+length and prompts (the text projection and the classifier's prompt embeddings were computed with them), the crop
+sizes, classes, augmentation and optimisation, the demo's data and the seed. Changing one is refused with an error
+naming the key, the value the weights were trained with and the one asked for. ``text.model`` may name another
+copy of the same text encoder, not another encoder.
+
+The model is loaded (every file checked) before anything is written, the weight files and metrics.json are copied
+byte for byte into a temporary sibling folder with the config and the card, and that folder is renamed to DIR: a
+reader sees no DIR or a complete one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +46,29 @@ from medmap_fast.models.encoder import WEIGHTS_NAME as ENCODER_WEIGHTS
 from medmap_fast.models.encoder import MedMAPEncoder, saved_encoder_dir
 from medmap_fast.models.medmap import HEADS_CONFIG, HEADS_FILE, MedMAPClassifier, MedMAPPretrainModel
 from medmap_fast.train.checkpoint import CHECKPOINT_NAME
-from medmap_fast.train.config import RUN_CONFIG, RunConfig, load_config
+from medmap_fast.train.config import RUN_CONFIG, RunConfig, as_dict, load_config
 from medmap_fast.train.data import open_cache
 from medmap_fast.train.finetune import CONFIG_FILE as CLASSIFIER_CONFIG
 from medmap_fast.train.finetune import MODEL_DIR, load_classifier
 from medmap_fast.train.finetune import WEIGHTS_FILE as CLASSIFIER_WEIGHTS
+from medmap_fast.train.rundir import RUN_METRICS
 
-RUN_METRICS, CARD = "metrics.json", "README.md"
-EXPORT_CONFIG = "run_config.yaml"  # the run's config.yaml, renamed beside the encoder's config.json
+CARD = "README.md"
+EXPORT_CONFIG = "run_config.yaml"  # the run's resolved config, renamed beside the encoder's config.json
+# The config keys an export may change (dotted, "*" any run of characters): none of them enters the weights.
+USAGE_KEYS = (
+    "data.path",
+    "data.loader",
+    "text.model",
+    "text.cache_dir",
+    "evaluate.*",
+    "*.train.num_workers",
+    "*.train.log_every",
+    "*.train.checkpoint_every",
+    "*.train.eval_every",
+    "*.train.compile",
+    "*.train.activation_checkpointing",
+)
 STAGE_FILES = {"pretrain": (HEADS_CONFIG, HEADS_FILE), "finetune": (CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS)}
 SavedModel = MedMAPEncoder | MedMAPPretrainModel | MedMAPClassifier
 
@@ -109,6 +137,33 @@ def check_run(run: str | Path) -> str:
     return stage
 
 
+def config_leaves(value: Any, path: str = "") -> dict[str, Any]:
+    """Every setting of a config tree (a dataclass) by dotted key, as plain values: ``{"encoder.embed_dim": 24,
+    "pretrain.train.lr_scale": {}, ...}`` (mapping-valued settings stay whole)."""
+    if not (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        return {path: as_dict(value)}
+    leaves: dict[str, Any] = {}
+    for f in dataclasses.fields(value):
+        leaves |= config_leaves(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
+    return leaves
+
+
+def changed_keys(trained: RunConfig, config: RunConfig, run: str | Path) -> dict[str, Any]:
+    """The settings ``config`` changes from the config ``trained`` the run's weights were trained with (dotted key
+    -> new value); a change to a key outside :data:`USAGE_KEYS` is a ValueError naming each such key, both values and
+    the keys that may change."""
+    old, new = config_leaves(trained), config_leaves(config)
+    changed = {key: value for key, value in new.items() if value != old[key]}
+    refused = [key for key in changed if not any(fnmatchcase(key, pattern) for pattern in USAGE_KEYS)]
+    if refused:
+        reasons = [f"{key}: the weights of {run} were trained with {old[key]!r}, got {new[key]!r}" for key in refused]
+        raise ValueError(
+            "; ".join(reasons)
+            + f" (an export may change only the keys the weights do not depend on: {', '.join(USAGE_KEYS)})"
+        )
+    return changed
+
+
 def data_summary(config: RunConfig) -> dict[str, Any]:
     """The cache of ``config.data``: path, studies per split (with a report, with labels), volumes per modality,
     classes and task; ``error`` instead when the cache cannot be read now."""
@@ -145,9 +200,16 @@ def _scalars(metrics: dict[str, Any]) -> list[tuple[str, str, Any]]:
 
 
 def model_card(
-    stage: str, model: SavedModel, run: Path, config: RunConfig, metrics: dict[str, Any], data: dict[str, Any]
+    stage: str,
+    model: SavedModel,
+    run: Path,
+    config: RunConfig,
+    metrics: dict[str, Any],
+    data: dict[str, Any],
+    changed: dict[str, Any] | None = None,
 ) -> str:
-    """The README.md of an export (markdown): how to load it, the model, the data, the metrics and the config."""
+    """The README.md of an export (markdown): how to load it, the model, the data, the metrics and the config (with
+    the keys ``changed`` from the run's)."""
     encoder = encoder_of(model)
     title = "stage 1 (vision-language pre-training)" if stage == "pretrain" else "stage 2 (fine-tuned classifier)"
     if stage == "pretrain":
@@ -206,10 +268,13 @@ def model_card(
         lines += [f"| {s} | {k} | {v:.4g} |" if isinstance(v, float) else f"| {s} | {k} | {v} |" for s, k, v in scalars]
     else:
         lines.append("None: the run had no held-out studies.")
+    lines += ["", f"## Config (`{EXPORT_CONFIG}`)", ""]
+    if changed:
+        lines += [
+            f"The run's {RUN_CONFIG} with, at export: " + ", ".join(f"`{k}: {v}`" for k, v in changed.items()) + ".",
+            "",
+        ]
     lines += [
-        "",
-        f"## Config (`{EXPORT_CONFIG}`)",
-        "",
         "```yaml",
         yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None, width=120).rstrip(),
         "```",
@@ -247,29 +312,35 @@ def _replace_folder(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def export_run(run: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
-    """Export the finished run folder ``run`` to ``out`` (see the module docstring); returns a summary (folder,
-    stage, files)."""
+def export_run(
+    run: str | Path, out: str | Path, force: bool = False, config: RunConfig | None = None
+) -> dict[str, Any]:
+    """Export the finished run folder ``run`` to ``out`` (see the module docstring) with ``config``, the run's config
+    with overrides (None: the run's own; a change to a key the weights depend on is a ValueError naming it); returns
+    a summary (folder, stage, files, changed keys)."""
     run, out = Path(run), Path(out)
     stage = check_run(run)
     _check_out(out, run, force)
+    trained = load_config(run / RUN_CONFIG)
+    config = trained if config is None else config
+    changed = changed_keys(trained, config, run)
     model_dir = run / MODEL_DIR
     model = load_saved_model(model_dir)  # every weight file checked before anything is written
-    config = load_config(run / RUN_CONFIG)
     metrics = read_json_object(run / RUN_METRICS, f"medmap-fast {stage}")
     sources = {name: saved_encoder_dir(model_dir) / name for name in (ENCODER_CONFIG, ENCODER_WEIGHTS)}
     sources |= {name: model_dir / name for name in STAGE_FILES[stage]}
-    sources |= {EXPORT_CONFIG: run / RUN_CONFIG, RUN_METRICS: run / RUN_METRICS}
+    sources[RUN_METRICS] = run / RUN_METRICS
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "tmp")
     tmp.mkdir()
     try:
         for name, source in sources.items():
             shutil.copyfile(source, tmp / name)
-        card = model_card(stage, model, run, config, metrics, data_summary(config))
+        config.save(tmp / EXPORT_CONFIG)
+        card = model_card(stage, model, run, config, metrics, data_summary(config), changed)
         (tmp / CARD).write_text(card, encoding="utf-8")
         _replace_folder(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return {"export": str(out), "stage": stage, "files": sorted([*sources, CARD])}
+    return {"export": str(out), "stage": stage, "files": sorted([*sources, EXPORT_CONFIG, CARD]), "changed": changed}

@@ -24,8 +24,9 @@ from medmap_fast.models.text import TextEncoder
 from medmap_fast.train.config import RunConfig, as_dict
 from medmap_fast.train.data import CacheData, stage_batches
 from medmap_fast.train.distributed import DistributedContext, unwrap
+from medmap_fast.train.evaluate import classification_metrics
 from medmap_fast.train.loop import Batch, fit, seed_everything, to_device
-from medmap_fast.train.pretrain import build_encoder
+from medmap_fast.train.pretrain import build_encoder, validation_split
 
 MODEL_DIR = "model"
 WEIGHTS_FILE, CONFIG_FILE = "classifier.safetensors", "classifier.json"
@@ -65,12 +66,12 @@ def finetune(
     ctx: DistributedContext,
     init: str | Path | MedMAPPretrainModel | None = None,
     run_dir: str | Path | None = None,
-    on_epoch_end: Any = None,
     progress: bool = True,
     resume: bool = True,
 ) -> tuple[MedMAPClassifier, list[dict[str, float]]]:
     """Train stage 2 on the cache's labelled train studies; ``init`` is the stage-1 model (or its saved folder),
-    None = a random encoder.
+    None = a random encoder. After every ``train.eval_every``-th epoch the labelled val studies are scored
+    (:func:`validation_metrics`) into the log.
 
     With ``run_dir``, checkpoints go there and rank 0 saves the classifier under ``run_dir/model``
     (:func:`load_classifier` reads it back).
@@ -97,6 +98,12 @@ def finetune(
         **config.sections("encoder", "finetune", "text", "data"),
         "init": str(init) if isinstance(init, (str, Path)) else type(init).__name__,
     }
+    desc = "stage 2 (fine-tuning)"
+    val = validation_split(cache, "labels", train, ctx, desc)
+
+    def on_epoch_end(trained: nn.Module, epoch: int) -> dict[str, float | None]:
+        return validation_metrics(cast(MedMAPClassifier, trained), val or [], cache, config, ctx)
+
     history = fit(
         model,
         batches,
@@ -104,10 +111,10 @@ def finetune(
         train,
         ctx,
         run_dir,
-        desc="stage 2 (fine-tuning)",
+        desc=desc,
         resume=resume,
         progress=progress,
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=on_epoch_end if val else None,
         run_config=run_config,
         find_unused_parameters=model.encoder.sharing == "separate",
     )
@@ -122,6 +129,30 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [S, K] (binary: [S] of "present"; multilabel: independent sigmoids), labels [S] or [S, K])
     of every study of ``entries``, in order, with all its volumes (centre crop)."""
+    probs, labels, _ = _scored(model, entries, cache, config, ctx)
+    return probs, labels
+
+
+@torch.no_grad()
+def validation_metrics(
+    model: MedMAPClassifier, entries: Sequence[CacheEntry], cache: CacheData, config: RunConfig, ctx: DistributedContext
+) -> dict[str, float | None]:
+    """Stage 2's per-epoch validation of the labelled studies ``entries``, in one pass (as :func:`predict`):
+    ``val_loss`` (the training loss, ``compute_loss``, averaged over the studies) and ``val_accuracy``,
+    ``val_auc_macro`` (None when no class has both positives and negatives) and ``val_f1_macro`` of
+    :func:`~medmap_fast.train.evaluate.classification_metrics` for the model's task, the metrics of ``evaluate``.
+
+    Every rank scores all of ``entries`` by itself, as ``evaluate`` does, so the values are the same on every rank.
+    """
+    probs, labels, loss = _scored(model, entries, cache, config, ctx)
+    metrics = classification_metrics(probs, labels, list(cache.label_space().class_names), task=model.task)
+    return {"val_loss": loss, **{f"val_{k}": metrics[k] for k in ("accuracy", "auc_macro", "f1_macro")}}
+
+
+def _scored(
+    model: MedMAPClassifier, entries: Sequence[CacheEntry], cache: CacheData, config: RunConfig, ctx: DistributedContext
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`predict`'s probabilities and labels, and the loss (``compute_loss``) averaged over the studies."""
     model.eval().to(ctx.device)
     batches = stage_batches(
         entries,
@@ -133,14 +164,15 @@ def predict(
         config.evaluate.batch_size,
         size_of="finetune",
     )
-    probs, labels = [], []
+    probs, labels, total = [], [], 0.0
     for batch in batches.epoch(0):
         batch = to_device(batch, ctx.device)
-        logits = model(batch["volumes"], batch["modality_ids"], batch["study_index"], batch["num_studies"]).logits
-        logits = logits.float()
+        out = model(batch["volumes"], batch["modality_ids"], batch["study_index"], batch["num_studies"])
+        total += float(model.compute_loss(out, batch["labels"])) * batch["num_studies"]
+        logits = out.logits.float()
         probs.append((logits.softmax(1) if model.task == "multiclass" else logits.sigmoid().squeeze(-1)).cpu())
         labels.append(batch["labels"].cpu())
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), total / len(entries)
 
 
 def save_classifier(

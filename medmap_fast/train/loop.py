@@ -14,8 +14,8 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +26,14 @@ from torch import nn
 
 from medmap_fast.models.encoder import MedMAPEncoder
 from medmap_fast.models.swin_layers import SwinBlock3D
-from medmap_fast.train.checkpoint import CHECKPOINT_NAME, TrainState, load_checkpoint, save_checkpoint
+from medmap_fast.train.checkpoint import (
+    CHECKPOINT_NAME,
+    TrainState,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from medmap_fast.train.distributed import DistributedContext, unwrap, wrap_model
 from medmap_fast.train.guard import NonFiniteGuard
 from medmap_fast.train.runlog import RunLog, StepMeter
@@ -50,6 +57,8 @@ class TrainConfig:
     skipped; this many skipped in a row stop the run (:mod:`medmap_fast.train.guard`). compile: ``torch.compile``
     the model's encoders in place before training (:func:`apply_train_options`); activation_checkpointing: every Swin
     block recomputes its activations in the backward instead of keeping them (MONAI's ``use_checkpoint``).
+    eval_every: evaluate on the validation split after every n-th epoch and after the last one (0 = never; see
+    :func:`fit`'s ``on_epoch_end``).
     """
 
     epochs: int = 10
@@ -70,12 +79,15 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     compile: bool = False
     activation_checkpointing: bool = False
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 fail(name, "an int >= 1", repr(value))
+        if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 0:
+            fail("eval_every", "an int >= 0 (0: no per-epoch evaluation)", repr(self.eval_every))
         for name in ("compile", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "true or false", repr(getattr(self, name)))
@@ -101,6 +113,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether the 0-based ``epoch`` ends with a per-epoch evaluation (``eval_every``)."""
+        return self.eval_every > 0 and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs)
 
 
 def seed_everything(seed: int) -> None:
@@ -216,6 +232,18 @@ class BatchSource(Protocol):
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterable[Batch]: ...
 
 
+@contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Run the block, then put every random generator training draws from back as it was (Python, NumPy, torch CPU
+    and CUDA: :func:`~medmap_fast.train.checkpoint.rng_state`). Evaluation draws from them (a DataLoader's base seed
+    comes from the torch generator); training must not see that."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -245,13 +273,19 @@ def fit(
     resume: bool = True,
     progress: bool = True,
     find_unused_parameters: bool = False,
-    on_epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    on_epoch_end: Callable[[nn.Module, int], Mapping[str, float | None]] | None = None,
     run_config: dict[str, Any] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; returns the log (the rows of :mod:`medmap_fast.train.runlog`): one dict per logged
     optimiser step (``step``, ``epoch``, ``lr``, ``loss`` and the stage's logs averaged since the previous row,
-    throughput and skipped updates) and one per epoch (``epoch_end`` = 1, plus whatever ``on_epoch_end(model,
-    epoch)`` returns, e.g. validation metrics).
+    throughput and skipped updates) and one per evaluated epoch (``epoch_end`` = 1, plus what ``on_epoch_end``
+    returns).
+
+    ``on_epoch_end(model, epoch)`` is the per-epoch evaluation (the validation metrics, named ``val_*``): called after
+    the epochs that ``config.evaluates_after``, on every rank, with the unwrapped model in eval mode, under
+    ``torch.no_grad`` and with the random generators restored afterwards (:func:`rng_untouched`), so a run with
+    evaluation trains exactly the weights of one without; train mode is restored after it. Its time is left out of
+    the step timings.
 
     With ``run_dir``, rank 0 writes ``checkpoint.pt`` there at the end of every epoch (and every
     ``checkpoint_every`` steps), and the log as ``metrics.csv`` and TensorBoard event files; if a checkpoint exists
@@ -354,13 +388,12 @@ def fit(
                         checkpoint()
             state.epoch, state.batches_in_epoch = epoch + 1, 0
             with meter.paused():
-                if on_epoch_end is not None:
+                if on_epoch_end is not None and config.evaluates_after(epoch):
                     model.eval()
-                    with torch.no_grad():
-                        runlog.log(
-                            {"step": state.step, "epoch": epoch + 1, "epoch_end": 1, **on_epoch_end(unwrap(ddp), epoch)}
-                        )
+                    with torch.no_grad(), rng_untouched():
+                        metrics = on_epoch_end(unwrap(ddp), epoch)
                     model.train()
+                    runlog.log({"step": state.step, "epoch": epoch + 1, "epoch_end": 1, **metrics})
                 checkpoint()
                 runlog.flush()
     bar.close()

@@ -6,6 +6,7 @@ matplotlib (the ``demo`` extra) is imported lazily with the non-interactive Agg 
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,10 @@ import numpy as np
 
 from medmap_fast.fileio import atomic_path
 from medmap_fast.train.evaluate import roc_auc, roc_curve
-from medmap_fast.train.runlog import read_metrics
+from medmap_fast.train.runlog import VAL_PREFIX, read_metrics, validation_rows
+
+VAL_LOSS = f"{VAL_PREFIX}loss"
+_METRIC_COLORS = ["tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink", "tab:gray"]
 
 
 def _pyplot() -> Any:
@@ -38,8 +42,8 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 def plot_loss_curves(runs: Mapping[str, str | Path], path: str | Path) -> Path:
     """One column per run (e.g. "stage 1", "stage 2": its run folder or ``metrics.csv``), drawn from the run's
-    log: training loss against optimiser step (per-epoch evaluation metrics on a second axis, updates skipped as
-    non-finite marked), and the learning rate under it."""
+    log: training loss against optimiser step with the per-epoch validation loss (the other validation metrics, all
+    in [0, 1], on a second axis; updates skipped as non-finite marked), and the learning rate under it."""
     logs = {name: read_metrics(run) for name, run in runs.items()}  # a missing log fails before any drawing
     plt = _pyplot()
     fig, axes = plt.subplots(
@@ -52,15 +56,22 @@ def plot_loss_curves(runs: Mapping[str, str | Path], path: str | Path) -> Path:
         for i, r in enumerate(r for r in steps if r.get("nonfinite_steps")):
             ax.axvline(r["step"], color="tab:red", lw=0.8, ls=":", label="skipped (non-finite)" if i == 0 else None)
         ax.set(title=name, ylabel="loss")
-        epochs = [r for r in rows if r.get("epoch_end")]
-        keys = sorted({k for r in epochs for k in r} - {"step", "epoch", "epoch_end"})
+        epochs = validation_rows(rows)
+        if any(VAL_LOSS in r for r in epochs):
+            ax.plot(
+                [r["step"] for r in epochs],
+                [r.get(VAL_LOSS, np.nan) for r in epochs],
+                color="tab:orange",
+                marker="o",
+                label="validation loss",
+            )
+        keys = sorted({k for r in epochs for k in r} - {"step", "epoch", VAL_LOSS})
         if keys:
             twin = ax.twinx()
-            for key in keys:
-                twin.plot(
-                    [r["step"] for r in epochs], [r.get(key, np.nan) for r in epochs], marker="o", ls="--", label=key
-                )
-            twin.set(ylabel="validation", ylim=(0, 1.02))
+            for key, color in zip(keys, itertools.cycle(_METRIC_COLORS)):  # colours the loss axis does not use
+                values = [np.nan if r.get(key) is None else r[key] for r in epochs]
+                twin.plot([r["step"] for r in epochs], values, color=color, marker="o", ls="--", label=key)
+            twin.set(ylabel="validation metrics", ylim=(0, 1.02))
             twin.legend(loc="center right", fontsize=7)
         ax.legend(loc="upper right", fontsize=7)
         lr_ax.plot([r["step"] for r in steps if "lr" in r], [r["lr"] for r in steps if "lr" in r], color="tab:green")

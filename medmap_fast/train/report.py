@@ -1,5 +1,5 @@
 """``report.md`` of a demo run: what was trained on what, the held-out results, the ablation, training as its
-run logs recorded it, and the figures."""
+run logs recorded it (with the per-epoch validation), and the figures."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from medmap_fast.fileio import atomic_path
+from medmap_fast.train.runlog import VAL_PREFIX
 
 # A difference in macro AUC smaller than this is reported as "no clear difference" (one seed, a few hundred test
 # studies).
@@ -98,6 +99,50 @@ def _training_table(training: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+_VAL_LABELS = {
+    "loss": "loss",
+    "accuracy": "accuracy",
+    "auc_macro": "macro AUC",
+    "f1_macro": "macro F1",
+    "retrieval_r1": "R@1 (study to report)",
+    "retrieval_r5": "R@5 (study to report)",
+}
+
+
+def _validation_tables(training: dict[str, dict[str, Any]]) -> list[str]:
+    """Per run that evaluated after its epochs, one table of its validation rows (``summarize``'s ``validation``)."""
+    lines: list[str] = []
+    for name, t in training.items():
+        rows = t.get("validation") or []
+        if not rows:
+            continue
+        keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith(VAL_PREFIX)))
+        labels = [_VAL_LABELS.get(k.removeprefix(VAL_PREFIX), k) for k in keys]
+        lines += [
+            f"{name}:",
+            "",
+            f"| epoch | optimiser step | {' | '.join(labels)} |",
+            "|---:|---:|" + "---:|" * len(keys),
+        ]
+        lines += [
+            f"| {int(r['epoch'])} | {int(r['step'])} | {' | '.join(_fmt(r.get(k)) for k in keys)} |" for r in rows
+        ]
+        lines.append("")
+    if not lines:
+        return [
+            "No run evaluated on a validation split after its epochs (the data has no `val` studies, or "
+            "`train.eval_every` is 0).",
+            "",
+        ]
+    head = (
+        "Validation after each evaluated epoch (`train.eval_every`), from the same logs: the `val` studies, centre "
+        "crops, all of each study's volumes, scored with the metrics of the held-out evaluation (stage 1: the "
+        "contrastive loss over batches of a training step's size and study-to-report retrieval; stage 2: the "
+        "supervised loss, accuracy, macro AUC and F1)."
+    )
+    return [head, "", *lines]
+
+
 def write_report(path: str | Path, metrics: dict[str, Any], figures: dict[str, str]) -> None:
     """Write the markdown report of a demo run (``metrics`` as in metrics.json, ``figures`` name -> file name)."""
     test, pre, data, cfg = metrics["test"], metrics["pretrain"], metrics["data"], metrics["config"]
@@ -162,6 +207,7 @@ def write_report(path: str | Path, metrics: dict[str, Any], figures: dict[str, s
             "its terms, learning rate, gradient norm, volumes/s, data and step time, skipped steps) and the "
             "same values as TensorBoard event files (`tensorboard --logdir RUN`).",
             "",
+            *_validation_tables(metrics["training"]),
         ]
     lines += ["## Figures", "", f"![loss and learning-rate curves]({figures.get('loss_curves', '')})", ""]
     lines += [f"![{name}]({file})" for name, file in figures.items() if name.startswith("studies_")]

@@ -5,8 +5,13 @@ stage's other terms (means since the previous row), ``lr``, ``grad_norm`` (mean 
 ``nonfinite_steps`` (updates skipped since the previous row because the loss or a gradient was NaN/Inf),
 ``volumes_per_s`` (all ranks), ``data_s`` / ``step_s`` (seconds per optimiser step spent waiting for batches / in
 all; evaluation and checkpoint writes excluded), ``gpu_mem_gb`` (peak allocated since the previous row, CUDA only)
-and ``elapsed_s``. One row per epoch where the stage evaluates: ``epoch_end`` = 1 and the evaluation metrics. A
-cell is empty where a row has no such value.
+and ``elapsed_s``. One row per evaluated epoch (``train.eval_every``): ``epoch_end`` = 1, ``step``, ``epoch`` (whole)
+and the validation metrics, named ``val_*`` (stage 1: ``val_loss``, ``val_retrieval_r1``, ``val_retrieval_r5``; stage
+2: ``val_loss``, ``val_accuracy``, ``val_auc_macro``, ``val_f1_macro``). A cell is empty where a row has no such value
+(an AUC is undefined when a class has no positive or no negative study).
+
+TensorBoard tags: ``train/<column>`` for the step rows' training values, ``perf/<column>`` for their timings and
+``val/<name>`` for the ``val_<name>`` columns of epoch rows, all at ``step``.
 
 The CSV holds exactly the rows of the run's log: a resumed run rewrites it from the log its checkpoint saved (rows a
 killed run wrote after its last checkpoint are dropped, as the resumed run logs those steps again) and appends from
@@ -34,6 +39,7 @@ METRICS_CSV = "metrics.csv"
 # Wall-clock measurements: they differ between two runs that are otherwise bit-identical.
 TIMING_KEYS = ("volumes_per_s", "data_s", "step_s", "gpu_mem_gb", "elapsed_s")
 _POSITION_KEYS = ("step", "epoch", "epoch_end")
+VAL_PREFIX = "val_"  # the columns of the per-epoch validation metrics
 
 Row = dict[str, Any]  # column -> number (None: no value, an empty cell)
 
@@ -116,7 +122,7 @@ class StepMeter:
 
 def _tag(key: str, row: Row) -> str:
     if row.get("epoch_end"):
-        return f"eval/{key}"
+        return f"val/{key.removeprefix(VAL_PREFIX)}"
     return f"perf/{key}" if key in TIMING_KEYS else f"train/{key}"
 
 
@@ -209,10 +215,17 @@ def read_metrics(run: str | Path) -> list[Row]:
     return rows
 
 
-def summarize(rows: list[Row]) -> dict[str, float | None]:
+def validation_rows(rows: list[Row]) -> list[Row]:
+    """The per-epoch validation of a run's rows: per evaluated epoch, its ``epoch``, ``step`` and ``val_*`` values."""
+    keep = ("epoch", "step")
+    return [{k: v for k, v in r.items() if k in keep or k.startswith(VAL_PREFIX)} for r in rows if r.get("epoch_end")]
+
+
+def summarize(rows: list[Row]) -> dict[str, Any]:
     """What a report says about a run's training from its rows: optimiser ``steps``, ``final_loss`` (the last
     row's), median ``volumes_per_s``, ``data_fraction`` (time waiting for batches over step time), peak
-    ``gpu_mem_gb`` (None without CUDA) and the total of ``nonfinite_steps``."""
+    ``gpu_mem_gb`` (None without CUDA), the total of ``nonfinite_steps`` and ``validation`` (the per-epoch rows of
+    :func:`validation_rows`; empty when the run did not evaluate)."""
     steps = [r for r in rows if not r.get("epoch_end")]
     losses = [r["loss"] for r in steps if "loss" in r]
     step_time = sum(r.get("step_s", 0.0) for r in steps)
@@ -225,4 +238,5 @@ def summarize(rows: list[Row]) -> dict[str, float | None]:
         "data_fraction": sum(r.get("data_s", 0.0) for r in steps) / step_time if step_time else None,
         "gpu_mem_gb": max(memory) if memory else None,
         "nonfinite_steps": int(sum(r.get("nonfinite_steps", 0.0) for r in steps)),
+        "validation": validation_rows(rows),
     }
