@@ -1,7 +1,8 @@
 """Shifted-window attention as a MONAI Swin block runs it, with the attention done by each contender on the same
 inputs: x [B, D, H, W, C] (the normalised tokens) -> out [B, D, H, W, C], through one MONAI ``WindowAttention``'s
 weights (qkv Linear with bias, relative-position bias table, output projection), so every row computes the same
-function of the same leaves (x and those weights).
+function of the same leaves (x and those weights). 2-D problems (MONAI's spatial_dims=2: x [B, H, W, C], 7 x 7
+windows, MONAI's 2-D block) run the same rows; the op takes them as 2-D (a unit last axis inside).
 
 Rows (name -> what it runs; the shift mask and window geometry are built once, outside the timed region, for all):
   MONAI eager           ``SwinTransformerBlock.forward_part1`` (norm = identity): pad, roll, ``window_partition``,
@@ -41,20 +42,36 @@ MONAI, MONAI_FLASH, SDPA, FLEX, XFORMERS = ("MONAI WindowAttention eager", "MONA
 OP_TORCH, OP_TRITON = "op (torch backend)", "op (triton)"
 ROWS = (MONAI, MONAI_FLASH, SDPA, FLEX, XFORMERS, OP_TORCH, OP_TRITON)
 REFERENCE = SDPA  # the same-dtype reference of the flash rule (fp32 softmax inside SDPA, as flash kernels keep)
-WINDOW = (7, 7, 7)
+WINDOW = 7  # the window side: 7^3 (3-D) or 7^2 (2-D) tokens
 Rows = dict[str, Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclasses.dataclass
 class Problem:
-    """One case: x [B, t, t, t, C] (a leaf), a MONAI Swin block (norm = identity, qkv bias) holding the weights,
-    its copy with ``use_flash_attention=True`` and the shift mask [nW, n, n] (None when unshifted)."""
+    """One case: x [B, t, t, t, C] (2-D: [B, t, t, C]; a leaf), a MONAI Swin block (norm = identity, qkv bias)
+    holding the weights, its copy with ``use_flash_attention=True`` and the shift mask [nW, n, n] (None when
+    unshifted)."""
 
     x: torch.Tensor
     block: nn.Module
     flash_block: nn.Module
-    shift: tuple[int, int, int]
+    shift: tuple[int, ...]
     mask: torch.Tensor | None
+
+    @property
+    def window(self) -> tuple[int, ...]:
+        """The window, (7, 7, 7) or (7, 7)."""
+        return (WINDOW,) * len(self.shift)
+
+    @property
+    def dims(self) -> int:
+        return len(self.shift)
+
+    def unit_depth(self) -> tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int, int]]:
+        """Token grid, window and shift as the op runs them: 3-D, a 2-D problem with a unit last axis."""
+        pad = 3 - self.dims
+        return ((*self.x.shape[1:-1], *(1,) * pad), (*self.window, *(1,) * pad),  # type: ignore[return-value]
+                (*self.shift, *(0,) * pad))
 
     @property
     def attn(self) -> nn.Module:
@@ -72,49 +89,52 @@ class Problem:
 
 
 def make_problem(batch: int, tokens: int, channels: int, heads: int, shift: int, device: str,
-                 dtype: torch.dtype, seed: int = 0) -> Problem:
-    """A case of ``tokens``^3 tokens, ``channels`` channels, ``heads`` heads, shift 0 or 3 (tokens >= 7)."""
+                 dtype: torch.dtype, seed: int = 0, dims: int = 3) -> Problem:
+    """A case of ``tokens``^dims tokens (dims 3, or 2 for MONAI's 2-D Swin), ``channels`` channels, ``heads`` heads,
+    shift 0 or 3 (tokens >= 7)."""
     from monai.networks.nets.swin_unetr import SwinTransformerBlock, compute_mask
 
-    if tokens < WINDOW[0]:
-        raise ValueError(f"tokens {tokens} < window {WINDOW[0]} (MONAI would shrink the window: not benched)")
+    if tokens < WINDOW:
+        raise ValueError(f"tokens {tokens} < window {WINDOW} (MONAI would shrink the window: not benched)")
     torch.manual_seed(seed)
-    shifts = (shift,) * 3
-    block = SwinTransformerBlock(channels, heads, WINDOW, shifts, qkv_bias=True, norm_layer=nn.Identity)
+    shifts, window = (shift,) * dims, (WINDOW,) * dims
+    block = SwinTransformerBlock(channels, heads, window, shifts, qkv_bias=True, norm_layer=nn.Identity)
     with torch.no_grad():  # MONAI initialises the qkv bias to zero: a non-zero one exercises the padded keys
         block.attn.qkv.bias.normal_(0.0, 0.1)
     flash = copy.deepcopy(block)
     flash.attn.use_flash_attention = True
     block, flash = block.to(device, dtype), flash.to(device, dtype)
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, tokens, tokens, tokens, channels, generator=gen).to(device, dtype).requires_grad_()
-    padded = [math.ceil(tokens / w) * w for w in WINDOW]
-    mask = compute_mask(padded, WINDOW, shifts, device).to(dtype) if shift else None
+    x = torch.randn(batch, *(tokens,) * dims, channels, generator=gen).to(device, dtype).requires_grad_()
+    padded = [math.ceil(tokens / w) * w for w in window]
+    mask = compute_mask(padded, window, shifts, device).to(dtype) if shift else None
     return Problem(x, block, flash, shifts, mask)
 
 
 def swin_windows(x: torch.Tensor, core: Callable[[torch.Tensor], torch.Tensor], shift) -> torch.Tensor:
     """MONAI's path around the attention: pad with zeros, roll by -shift, partition into windows [B, nd, nh, nw, n,
-    C], ``core`` (same shape out), reverse, roll back, crop."""
+    C] (2-D: [B, nh, nw, n, C]), ``core`` (same shape out), reverse, roll back, crop."""
     from monai.networks.nets.swin_unetr import window_partition, window_reverse
 
-    b, d, h, w, c = x.shape
-    pads = [(-s) % k for s, k in zip((d, h, w), WINDOW)]
-    x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
-    padded = x.shape[1:4]
+    b, *size, c = x.shape
+    dims, window = len(size), (WINDOW,) * len(size)
+    pads = [(-s) % k for s, k in zip(size, window)]
+    x = F.pad(x, [0, 0] + [p for pad in reversed(pads) for p in (0, pad)])
+    padded = x.shape[1:-1]
+    axes = tuple(range(1, dims + 1))
     if any(shift):
-        x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-    counts = [p // k for p, k in zip(padded, WINDOW)]
-    out = core(window_partition(x, WINDOW).view(b, *counts, -1, c))
-    out = window_reverse(out.reshape(-1, *WINDOW, c), WINDOW, [b, *padded])
+        x = torch.roll(x, shifts=tuple(-s for s in shift), dims=axes)
+    counts = [p // k for p, k in zip(padded, window)]
+    out = core(window_partition(x, window).view(b, *counts, -1, c))
+    out = window_reverse(out.reshape(-1, *window, c), window, [b, *padded])
     if any(shift):
-        out = torch.roll(out, shifts=tuple(shift), dims=(1, 2, 3))
-    return out[:, :d, :h, :w]
+        out = torch.roll(out, shifts=tuple(shift), dims=axes)
+    return out[(slice(None), *(slice(s) for s in size))]
 
 
 def bias_of(attn: nn.Module) -> torch.Tensor:
     """The relative-position bias [heads, n, n] gathered from the table as MONAI's forward does (differentiable)."""
-    n = math.prod(WINDOW)
+    n = math.prod(attn.window_size)
     index = attn.relative_position_index[:n, :n].reshape(-1)
     return attn.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1)
 
@@ -126,12 +146,14 @@ def split_qkv(windows: torch.Tensor, attn: nn.Module) -> tuple[torch.Tensor, tor
 
 
 def mask_classes(mask: torch.Tensor | None, counts) -> list[tuple[tuple[slice, ...], torch.Tensor | None]]:
-    """Groups of windows sharing one shift mask: (slices over the [nd, nh, nw] window grid, mask [n, n] or None).
+    """Groups of windows sharing one shift mask: (slices over the [nd, nh, nw] (2-D: [nh, nw]) window grid, mask
+    [n, n] or None).
 
     Along a shifted axis only the last window straddles regions of the rolled grid, and its pattern is the same
-    for every such window: interior / last per axis gives at most 8 classes (one, maskless, when unshifted)."""
+    for every such window: interior / last per axis gives at most 8 classes (4 in 2-D; one, maskless, when
+    unshifted)."""
     if mask is None:
-        return [((slice(None),) * 3, None)]
+        return [((slice(None),) * len(counts), None)]
     grid = mask.view(*counts, *mask.shape[-2:])
     per_axis = [[s for s in (slice(0, c - 1), slice(c - 1, c)) if s.start < s.stop] for c in counts]
     classes = []
@@ -148,9 +170,9 @@ def sdpa_row(p: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
     def core(windows: torch.Tensor) -> torch.Tensor:  # [B, nd, nh, nw, n, C]
         bias = bias_of(attn).to(windows.dtype)
         out = torch.empty_like(windows)
-        for slices, cmask in mask_classes(p.mask, windows.shape[1:4]):
+        for slices, cmask in mask_classes(p.mask, windows.shape[1 : 1 + p.dims]):
             part = windows[(slice(None), *slices)]
-            q, k, v = (t.flatten(0, 3).transpose(1, 2) for t in split_qkv(part, attn))  # [m, heads, n, d]
+            q, k, v = (t.flatten(0, p.dims).transpose(1, 2) for t in split_qkv(part, attn))  # [m, heads, n, d]
             mask = bias if cmask is None else bias + cmask
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None], scale=attn.scale)
             out[(slice(None), *slices)] = o.transpose(1, 2).reshape(part.shape)
@@ -165,8 +187,8 @@ def flex_row(p: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
     the CPU: Inductor's CPU template wants the score_mod's tensors as graph inputs)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    attn, n = p.attn, math.prod(WINDOW)
-    length = n * math.prod(math.ceil(s / k) for s, k in zip(p.x.shape[1:4], WINDOW))
+    attn, n = p.attn, math.prod(p.window)
+    length = n * math.prod(math.ceil(s / k) for s, k in zip(p.x.shape[1:-1], p.window))
     # region of every token as the first token of its window in the same region: within a window (all the block
     # mask lets through), equal ids <=> mask 0
     region = None if p.mask is None else (p.mask == 0).int().argmax(-1).reshape(-1)
@@ -188,7 +210,7 @@ def flex_row(p: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
         o = compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=attn.scale)
         return F.linear(o.transpose(1, 2).reshape(windows.shape), attn.proj.weight, attn.proj.bias)
 
-    compiled = torch.compile(flex_attention)
+    compiled = torch.compile(flex_attention, dynamic=False)  # static per shape: 2-D and 3-D cases share a process
     return lambda x: swin_windows(x, core, p.shift)
 
 
@@ -200,12 +222,12 @@ def xformers_row(p: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def core(windows: torch.Tensor) -> torch.Tensor:  # [B, nd, nh, nw, n, C]
         b, n = windows.shape[0], windows.shape[-2]
-        nw = math.prod(windows.shape[1:4])
+        nw = math.prod(windows.shape[1 : 1 + p.dims])
         bias = bias_of(attn).to(windows.dtype)[None]
         if p.mask is not None:
             bias = bias + p.mask[:, None]  # [nW, heads, n, n]
         full = F.pad(bias.expand(b, nw, *bias.shape[1:]), (0, (-n) % 8))  # materialised, rows 8-aligned
-        q, k, v = (t.flatten(0, 3) for t in split_qkv(windows, attn))  # [B*nW, n, heads, d]
+        q, k, v = (t.flatten(0, p.dims) for t in split_qkv(windows, attn))  # [B*nW, n, heads, d]
         o = memory_efficient_attention(q, k, v, attn_bias=full.flatten(0, 1)[..., :n], scale=attn.scale)
         return F.linear(o.reshape(windows.shape), attn.proj.weight, attn.proj.bias)
 
@@ -214,18 +236,22 @@ def xformers_row(p: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def op_row(p: Problem, backend: str, dropout_p: float = 0.0,
            attention: Callable[..., torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The public op on ``backend`` (or ``attention``, a function with its signature) between the same qkv Linear
-    and projection, with attention dropout ``dropout_p``."""
+    """The public op on ``backend`` between the same qkv Linear and projection, with attention dropout
+    ``dropout_p``; or ``attention``, a 3-D function with the op's signature (a window_attn path), which gets a 2-D
+    problem with the unit last axis the op adds."""
     attn = p.attn
     c = p.x.shape[-1]
+    _, window, shift = p.unit_depth() if attention else (None, p.window, p.shift)
     attend = attention or mf.kernels.window_attention
 
     def run(x: torch.Tensor) -> torch.Tensor:
         qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias)
+        if attention and p.dims == 2:
+            qkv = qkv.unsqueeze(3)
         with mf.kernels.backend(backend):
-            out = attend(qkv, attn.num_heads, WINDOW, p.shift, attn.relative_position_bias_table, table_window=WINDOW,
-                         pad_kv=attn.qkv.bias[c:], dropout_p=dropout_p)
-        return F.linear(out, attn.proj.weight, attn.proj.bias)
+            out = attend(qkv, attn.num_heads, window, shift, attn.relative_position_bias_table,
+                         table_window=window, pad_kv=attn.qkv.bias[c:], dropout_p=dropout_p)
+        return F.linear(out.view(*x.shape[:-1], -1), attn.proj.weight, attn.proj.bias)
 
     return run
 

@@ -5,10 +5,16 @@ before it is timed, and is not timed if it fails.
 
     python bench/bench_window_attention.py                  # CPU, stage 1 of a 96^3 input: 2 x 48^3 tokens, C 48
     python bench/bench_window_attention.py --tokens 64      # stage 1 of 128^3 (about 20 GiB for the fp64 check)
+    python bench/bench_window_attention.py --dims 2         # 2-D (MONAI spatial_dims=2, 7 x 7 windows): stage 1 of
+                                                            # eight 256^2 images, 8 x 128^2 tokens, C 48
 
-``pytest bench/bench_window_attention.py``: every row at a small size (1 x 12^3 tokens, 8 windows) on the present
-device; rows that cannot run here skip with the reason. ``gpu_rows()`` (bench/gpu_check.py): the stage-1 shapes in
-bf16 on a CUDA GPU, the Triton op against every baseline.
+``pytest bench/bench_window_attention.py``: every row at a small size (1 x 12^3 tokens, 8 windows; 2-D 1 x 12^2
+tokens, 4 windows) on the present device; rows that cannot run here skip with the reason. ``gpu_rows()``
+(bench/gpu_check.py): the stage-1 shapes in bf16 on a CUDA GPU (3-D, and 2-D images of 512^2), the Triton op against
+every baseline.
+
+2-D: the op takes [B, H, W, 3C] and 2-D windows and runs the 3-D kernels and PyTorch paths with a unit last axis;
+the MONAI rows run MONAI's 2-D block (its 2-D window partition, index and mask).
 
 Attention dropout rows (MONAI's ``attn_drop``, p = 0.1): the op with dropout on each backend, whose baseline is the
 same op without it (the cost of the mask). Each is checked first against float64 with the mask it applies: the
@@ -29,10 +35,12 @@ import torch
 from _compare import Checked, cpu_table, keep_passing, step_or_skip  # bench/ is on sys.path
 from _timing import interleaved_cpu, time_cuda
 from _window_rows import (
+    MONAI,
+    MONAI_FLASH,
     OP_TORCH,
     OP_TRITON,
     ROWS,
-    WINDOW,
+    SDPA,
     Problem,
     make_problem,
     op_row,
@@ -46,9 +54,11 @@ from medmap_fast.kernels.window_attn_cpu import window_attention_cpu
 
 SHIFTS = (0, 3)
 PASSES = ("fwd", "fwd+bwd")
-SMALL = dict(batch=1, tokens=12, channels=48, heads=3)  # 2^3 windows of 7^3 tokens, padded from 12^3
+SMALL = dict(batch=1, tokens=12, channels=48, heads=3)  # 2^3 windows of 7^3 tokens, padded from 12^3 (2-D: 2^2)
 STAGE1 = {"stage1 128^3": dict(batch=2, tokens=64, channels=48, heads=3),
-          "stage1 96^3": dict(batch=2, tokens=48, channels=48, heads=3)}
+          "stage1 96^3": dict(batch=2, tokens=48, channels=48, heads=3),
+          "2-D stage1 512^2": dict(batch=16, tokens=256, channels=48, heads=3, dims=2)}
+CPU_DEFAULTS = {3: dict(batch=2, tokens=48), 2: dict(batch=8, tokens=128)}  # stage 1 of 2 x 96^3, of 8 x 256^2
 
 
 DROPOUT = 0.1
@@ -88,18 +98,19 @@ def check_dropout(p: Problem, passes: str, names: Sequence[str] = tuple(DROPOUT_
     dout, device = _upstream(p, passes), p.x.device
     skipped = {name: reason for name in names if (reason := unavailable(DROPOUT_ROWS[name], device.type, passes))}
     p64, dropout_p = p.to(torch.float64), window_attn.rounded_dropout_p(DROPOUT)  # the p the op applies
+    size, window, _ = p.unit_depth()  # the keep masks of a 2-D problem are those of its unit-depth grid
     result = Checked({}, skipped, {})
     for name in (name for name in names if name not in skipped):
         backend = "triton" if DROPOUT_ROWS[name] == OP_TRITON else "torch"
         torch.manual_seed(0)
         if backend == "triton":
-            keep = window_attn.window_dropout_mask(window_attn.draw_dropout_seed(device), DROPOUT, p.x.shape[0],
-                                                   tuple(p.x.shape[1:4]), WINDOW, p.attn.num_heads)
+            keep = window_attn.window_dropout_mask(window_attn.draw_dropout_seed(device), DROPOUT, p.x.shape[0], size,
+                                                   window, p.attn.num_heads)
             run = step(op_row(p, backend, DROPOUT), p, dout)
             known = lambda run=run: (torch.manual_seed(0), run())[1]  # noqa: E731 - the seed keep was drawn from
         else:
-            windows = p.x.shape[0] * math.prod(-(-s // w) for s, w in zip(p.x.shape[1:4], WINDOW, strict=True))
-            keep = torch.rand(windows, p.attn.num_heads, math.prod(WINDOW), math.prod(WINDOW), device=device) >= DROPOUT
+            windows = p.x.shape[0] * math.prod(-(-s // w) for s, w in zip(size, window, strict=True))
+            keep = torch.rand(windows, p.attn.num_heads, math.prod(window), math.prod(window), device=device) >= DROPOUT
             torch_path = window_attention_cpu if device.type == "cpu" else window_attn.window_attention_reference
             known = step(op_row(p, backend, dropout_p, functools.partial(torch_path, dropout_mask=keep)), p, dout)
         reference = functools.partial(window_attn.window_attention_reference, dropout_mask=keep)
@@ -126,8 +137,10 @@ def device_line() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=48, help="tokens per side (default 48: stage 1 of 96^3)")
+    parser.add_argument("--dims", type=int, default=3, choices=(3, 2), help="3-D volumes or 2-D images")
+    parser.add_argument("--batch", type=int, default=None, help="default 2 (3-D), 8 (2-D)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per side (default 48: stage 1 of 96^3; 2-D 128: stage 1 of 256^2)")
     parser.add_argument("--channels", type=int, default=48)
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--shifts", type=int, nargs="+", default=list(SHIFTS), choices=SHIFTS)
@@ -138,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = dict(batch=args.batch, tokens=args.tokens, channels=args.channels, heads=args.heads)
+    batch, tokens = (args.batch or CPU_DEFAULTS[args.dims]["batch"]), (args.tokens or CPU_DEFAULTS[args.dims]["tokens"])
+    size = dict(batch=batch, tokens=tokens, channels=args.channels, heads=args.heads, dims=args.dims)
     print(f"device: {device_line()}; fp32; median of {args.repeats} interleaved repeats after 1 warm-up")
     failed = False
     for shift in args.shifts:
@@ -146,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         for passes in args.passes:
             checked = check(p, passes, args.rows)
             medians = interleaved_cpu(checked.steps, args.repeats)
-            print(f"\n{args.batch} x {args.tokens}^3 tokens, C {args.channels}, {args.heads} heads, shift {shift}, "
+            print(f"\n{batch} x {tokens}^{args.dims} tokens, C {args.channels}, {args.heads} heads, shift {shift}, "
                   f"{passes}\n")
             print(cpu_table(medians, checked))
             print(dropout_costs({name: wall for name, (wall, _) in medians.items()}), flush=True)
@@ -159,22 +173,23 @@ def main(argv: list[str] | None = None) -> int:
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@functools.lru_cache(maxsize=4)
-def small_check(shift: int, passes: str) -> Checked:
-    """Every row of the small case, parity-checked once per (shift, pass)."""
+@functools.lru_cache(maxsize=8)
+def small_check(shift: int, passes: str, dims: int) -> Checked:
+    """Every row of the small case, parity-checked once per (shift, pass, dims)."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    return check(make_problem(**SMALL, shift=shift, device=DEVICE, dtype=dtype), passes)
+    return check(make_problem(**SMALL, shift=shift, device=DEVICE, dtype=dtype, dims=dims), passes)
 
 
+@pytest.mark.parametrize("dims", (3, 2), ids=lambda d: f"{d}d")
 @pytest.mark.parametrize("shift", SHIFTS, ids=lambda s: f"shift{s}")
 @pytest.mark.parametrize("passes", PASSES)
 @pytest.mark.parametrize("name", ALL_ROWS)
-def test_window_attention(benchmark, name: str, passes: str, shift: int) -> None:
+def test_window_attention(benchmark, name: str, passes: str, shift: int, dims: int) -> None:
     pytest.importorskip("monai.networks.nets.swin_unetr", reason="the MONAI baselines need MONAI")
-    checked = small_check(shift, passes)
+    checked = small_check(shift, passes, dims)
     run = step_or_skip(checked, name)
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-    benchmark.group = f"window_attention {passes} shift{shift}"
+    benchmark.group = f"window_attention {dims}-D {passes} shift{shift}"
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if DEVICE == "cuda" else device_line(),
                                 max_err=checked.errors[name][0], ref_err=checked.errors[name][1], **SMALL)
     benchmark.pedantic(lambda: (run(), sync()), rounds=5, warmup_rounds=1)
@@ -182,27 +197,34 @@ def test_window_attention(benchmark, name: str, passes: str, shift: int) -> None
 
 # ------------------------------------------------------------------------------------------------------- gpu_rows
 
-def gpu_rows(cases: tuple[str, ...] = ("stage1 128^3",)) -> list[dict]:
+# the rows gpu_rows times per case: in 2-D the op against MONAI's 2-D attention (eager and flash) and the SDPA
+# reference only, to keep the GPU check's time (FlexAttention would compile for every new shape)
+GPU_CASES = {"stage1 128^3": ALL_ROWS, "2-D stage1 512^2": (MONAI, MONAI_FLASH, SDPA, OP_TRITON)}
+
+
+def gpu_rows(cases: tuple[str, ...] = tuple(GPU_CASES)) -> list[dict]:
     """bf16 on the current CUDA device: the Triton op against every baseline, and with attention dropout against
     itself without, each parity-checked (flash rule against float64) before it is timed; a row that fails the check
-    or cannot run carries its reason."""
+    or cannot run carries its reason. 3-D, and 2-D (MONAI's 2-D block against the op on 2-D tokens; GPU_CASES)."""
     table = []
     for label in cases:
-        size = STAGE1[label]
-        n, head_dim = math.prod((7, 7, 7)), size["channels"] // size["heads"]
-        windows = size["batch"] * math.ceil(size["tokens"] / 7) ** 3
+        size, names = STAGE1[label], GPU_CASES[label]
+        dims = size.get("dims", 3)
+        n, head_dim = 7**dims, size["channels"] // size["heads"]
+        windows = size["batch"] * math.ceil(size["tokens"] / 7) ** dims
         fwd_flop = 4 * windows * size["heads"] * n * n * head_dim
         for shift in SHIFTS:
             p = make_problem(**size, shift=shift, device="cuda", dtype=torch.bfloat16)
             for passes in PASSES:
-                checked = check(p, passes)
+                checked = check(p, passes, names)
                 timed = {name: time_cuda(run) for name, run in checked.steps.items()}
                 torch.cuda.empty_cache()
                 flop = fwd_flop * (1 if passes == "fwd" else 3.5)
-                case = f"{label} {size['batch']}x{size['tokens']}^3 C{size['channels']} h{size['heads']} shift{shift}"
+                case = (f"{label} {size['batch']}x{size['tokens']}^{dims} C{size['channels']} h{size['heads']} "
+                        f"shift{shift}")
                 # the op against every baseline; the op with dropout against the op without it (its baseline)
-                pairs = [(OP_TRITON, name) for name in ROWS if name != OP_TRITON]
-                pairs += [(name, base) for name, base in DROPOUT_ROWS.items() if base == OP_TRITON]
+                pairs = [(OP_TRITON, name) for name in ROWS if name != OP_TRITON and name in names]
+                pairs += [(name, base) for name, base in DROPOUT_ROWS.items() if base == OP_TRITON and name in names]
                 for row, name in pairs:
                     ms, peak = timed.get(row, (None, None))
                     err, ref_err = checked.errors.get(row, (None, None))

@@ -4,6 +4,10 @@ Layouts (flash-attention style, one place documents them all):
   patch_embed_3d    x [V, Cin, D, H, W] -> [V, D', H', W', C] channels-last (see ``patch_embed.py``)
   window_attention  qkv [B, D, H, W, 3C] -> [B, D, H, W, C] (see ``window_attn.py``)
   gated_attention   q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> [B, Lq, H, Dh] (see ``gated_attn.py``)
+The two Swin ops also take 2-D images (x [V, Cin, H, W], qkv [B, H, W, 3C], 2-D windows, patches and weights): they
+run as volumes with a unit last axis (window (wh, ww, 1), shift (sh, sw, 0), patch (ph, pw, 1)) through the same
+kernels and PyTorch paths. The kernels' window geometry lives in host-side tables, so a unit axis costs nothing in
+them, and the relative-position index of a (wh, ww, 1) window is MONAI's 2-D index (the unit axis adds 0).
 
 The Triton path is one registered torch op per call (``ops.py``); the PyTorch path is ordinary torch code. Either way
 ``torch.compile(fullgraph=True)`` traces through the op. The checks here read shapes and dtypes only: no value scans
@@ -20,6 +24,7 @@ autocast off, in those dtypes, on every backend.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
@@ -66,15 +71,16 @@ def _check_float(name: str, t: object, expected: str, ndims: tuple[int, ...]) ->
         fail(name, expected, describe(t))
 
 
-def _triple(value: object, name: str) -> Triple:
-    """Three non-negative ints (a window, shift or table size) as a tuple."""
+def _spatial(value: object, name: str, dims: int, unit: int) -> Triple:
+    """``dims`` (2 or 3) non-negative ints (a window, shift or table size) as a 3-tuple: a 2-D one gets the unit last
+    axis, ``unit`` (1 for a window, 0 for a shift)."""
     if not (
         isinstance(value, (tuple, list))
-        and len(value) == 3
+        and len(value) == dims
         and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
     ):
-        fail(name, "3 non-negative ints", repr(value))
-    return triple(value)
+        fail(name, f"{dims} non-negative ints", repr(value))
+    return triple([*value, unit][:3])
 
 
 def patch_embed_3d(
@@ -94,17 +100,27 @@ def patch_embed_3d(
     x [V, Cin, D, H, W]; weight [M, C, Cin, pd, ph, pw] (or a plain Conv3d weight [C, Cin, pd, ph, pw], M = 1);
     bias [M, C] (or [C]); modality_ids [V] long in [0, M) (may be None when M = 1; the range is the caller's to
     check). Sides that are not multiples of the patch are zero-padded at the end. Returns
-    [V, ceil(D/pd), ceil(H/ph), ceil(W/pw), C].
+    [V, ceil(D/pd), ceil(H/ph), ceil(W/pw), C]. 2-D images: x [V, Cin, H, W] with weight [M, C, Cin, ph, pw] (or a
+    Conv2d weight [C, Cin, ph, pw]) -> [V, ceil(H/ph), ceil(W/pw), C], run as volumes with a unit last axis.
     """
-    _check_float("weight", weight, "a float tensor [M, C, Cin, pd, ph, pw] or [C, Cin, pd, ph, pw]", (5, 6))
+    dims = 2 if isinstance(x, torch.Tensor) and x.ndim == 4 else 3
+    patch = "ph, pw" if dims == 2 else "pd, ph, pw"
+    expected = f"a float tensor [M, C, Cin, {patch}] or [C, Cin, {patch}]"
+    _check_float("weight", weight, expected, (dims + 2, dims + 3))
     if bias is not None:
-        _check_float("bias", bias, "a float tensor [M, C] (or [C] for a 5-D weight)", (weight.ndim - 4,))
-    if weight.ndim == 5:
+        _check_float(
+            "bias", bias, f"a float tensor [M, C] (or [C] for a {dims + 2}-D weight)", (weight.ndim - dims - 1,)
+        )
+    if weight.ndim == dims + 2:
         weight = weight[None]
         bias = None if bias is None else bias[None]
-    _check_float("x", x, f"a float tensor [V, {weight.shape[2]}, D, H, W] (Cin as in weight)", (5,))
+    sides = "H, W" if dims == 2 else "D, H, W"
+    expected = f"a float tensor [V, {weight.shape[2]}, {sides}] (Cin as in weight)"
+    _check_float("x", x, expected, (dims + 2,))
     if x.shape[1] != weight.shape[2]:
-        fail("x", f"a float tensor [V, {weight.shape[2]}, D, H, W] (Cin as in weight)", describe(x))
+        fail("x", expected, describe(x))
+    if dims == 2:  # a unit last axis: patch (ph, pw, 1)
+        x, weight = x[..., None], weight[..., None]
     m, c = weight.shape[:2]
     if bias is not None and tuple(bias.shape) != (m, c):
         fail("bias", f"shape {(m, c)}", describe(bias))
@@ -122,7 +138,7 @@ def patch_embed_3d(
     triton = use_triton(x, "patch_embed_3d") and torch.float64 not in (x.dtype, weight.dtype)
     with autocast_off:
         if not triton:
-            return patch_embed_3d_reference(
+            out = patch_embed_3d_reference(
                 x,
                 weight,
                 bias,
@@ -133,20 +149,22 @@ def patch_embed_3d(
                 eps=eps,
                 out_dtype=out_dtype,
             )
-        ln_weight, ln_bias = (ln_weight, ln_bias) if layer_norm else (None, None)
-        return ops.patch_embed_3d(
-            x, weight, bias, modality_ids, ln_weight, ln_bias, layer_norm, eps, out_dtype or x.dtype
-        )
+        else:
+            ln_weight, ln_bias = (ln_weight, ln_bias) if layer_norm else (None, None)
+            out = ops.patch_embed_3d(
+                x, weight, bias, modality_ids, ln_weight, ln_bias, layer_norm, eps, out_dtype or x.dtype
+            )
+    return out.squeeze(3) if dims == 2 else out
 
 
 def window_attention(
     qkv: torch.Tensor,
     num_heads: int,
-    window_size: Triple,
-    shift_size: Triple = (0, 0, 0),
+    window_size: Sequence[int],
+    shift_size: Sequence[int] | None = None,
     bias_table: torch.Tensor | None = None,
     *,
-    table_window: Triple | None = None,
+    table_window: Sequence[int] | None = None,
     pad_kv: torch.Tensor | None = None,
     gate_logits: torch.Tensor | None = None,
     scale: float | None = None,
@@ -154,13 +172,18 @@ def window_attention(
 ) -> torch.Tensor:
     """Shifted-window 3D attention on a channels-last qkv tensor [B, D, H, W, 3C] -> [B, D, H, W, C].
 
-    ``window_size``/``shift_size`` are the effective ones (MONAI's get_window_size); ``table_window`` is the window
-    ``bias_table`` [(2td-1)(2th-1)(2tw-1), heads] was built for; ``pad_kv`` [2C] are the k/v of padded voxels (the
-    qkv bias in MONAI); ``gate_logits`` [B, D, H, W, heads] scale head h by 2*sigmoid(logit). ``dropout_p`` in
-    [0, 1): attention dropout, MONAI's ``attn_drop`` (pass 0 in eval mode): each softmax probability is dropped
-    with probability p (rounded to a multiple of 2^-16: ``window_attn.rounded_dropout_p``) and the kept ones are
-    scaled by 1 / (1 - p), before @ v; the masks come from torch's generator of qkv's device (the Triton path draws
-    one Philox seed per call from it), so ``torch.manual_seed`` reproduces them.
+    ``window_size``/``shift_size`` (None: no shift) are the effective ones (MONAI's get_window_size);
+    ``table_window`` is the window ``bias_table`` [(2td-1)(2th-1)(2tw-1), heads] was built for; ``pad_kv`` [2C] are
+    the k/v of padded voxels (the qkv bias in MONAI); ``gate_logits`` [B, D, H, W, heads] scale head h by
+    2*sigmoid(logit). ``dropout_p`` in [0, 1): attention dropout, MONAI's ``attn_drop`` (pass 0 in eval mode): each
+    softmax probability is dropped with probability p (rounded to a multiple of 2^-16:
+    ``window_attn.rounded_dropout_p``) and the kept ones are scaled by 1 / (1 - p), before @ v; the masks come from
+    torch's generator of qkv's device (the Triton path draws one Philox seed per call from it), so
+    ``torch.manual_seed`` reproduces them.
+
+    2-D (MONAI's spatial_dims=2 Swin): qkv [B, H, W, 3C] -> [B, H, W, C] with 2-D windows, shifts and table window
+    (table [(2th-1)(2tw-1), heads], MONAI's 2-D index) and gate_logits [B, H, W, heads]; it runs as the 3-D op with
+    a unit last axis.
     """
     if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
         fail("num_heads", "a positive int", repr(num_heads))
@@ -168,60 +191,72 @@ def window_attention(
         fail("dropout_p", "a probability in [0, 1) (1 would drop every attention weight)", repr(dropout_p))
     dropout_p = rounded_dropout_p(dropout_p)
     expected = (
-        f"a float tensor [B, D, H, W, 3C] with every size >= 1 and 3C divisible by 3 * num_heads = {3 * num_heads}"
+        "a float tensor [B, D, H, W, 3C] (2-D: [B, H, W, 3C]) with every size >= 1 and 3C divisible by "
+        f"3 * num_heads = {3 * num_heads}"
     )
-    _check_float("qkv", qkv, expected, (5,))
+    _check_float("qkv", qkv, expected, (4, 5))
     if 0 in qkv.shape or qkv.shape[-1] % (3 * num_heads):
         fail("qkv", expected, describe(qkv))
-    b, d, h, w, c3 = qkv.shape
-    window_size, shift_size = _triple(window_size, "window_size"), _triple(shift_size, "shift_size")
-    table_window = _triple(table_window or window_size, "table_window")
-    if any(s >= k for s, k in zip(shift_size, window_size, strict=True)) or any(
-        k > t for k, t in zip(window_size, table_window, strict=True)
+    dims, c3 = qkv.ndim - 2, qkv.shape[-1]
+    window = _spatial(window_size, "window_size", dims, 1)
+    shift = _spatial([0] * dims if shift_size is None else shift_size, "shift_size", dims, 0)
+    table = window if table_window is None else _spatial(table_window, "table_window", dims, 1)
+    if any(s >= k for s, k in zip(shift, window, strict=True)) or any(
+        k > t for k, t in zip(window, table, strict=True)
     ):
-        fail("window_size/shift_size", f"shift < window <= table_window {table_window}", f"{window_size}/{shift_size}")
+        fail(
+            "window_size/shift_size",
+            f"shift < window <= table_window {table[:dims]}",
+            f"{window[:dims]}/{shift[:dims]}",
+        )
     if bias_table is not None:
-        rows = (2 * table_window[0] - 1) * (2 * table_window[1] - 1) * (2 * table_window[2] - 1)
+        rows = (2 * table[0] - 1) * (2 * table[1] - 1) * (2 * table[2] - 1)
         _check_float("bias_table", bias_table, f"a float tensor {(rows, num_heads)}", (2,))
         if tuple(bias_table.shape) != (rows, num_heads):
             fail("bias_table", f"a float tensor {(rows, num_heads)}", describe(bias_table))
     if pad_kv is not None and tuple(pad_kv.shape) != (2 * c3 // 3,):
         fail("pad_kv", f"shape {(2 * c3 // 3,)}", describe(pad_kv))
     if gate_logits is not None:
-        _check_float("gate_logits", gate_logits, f"a float tensor {(b, d, h, w, num_heads)}", (5,))
-        if tuple(gate_logits.shape) != (b, d, h, w, num_heads):
-            fail("gate_logits", f"a float tensor {(b, d, h, w, num_heads)}", describe(gate_logits))
+        gate_shape = (*qkv.shape[:-1], num_heads)
+        _check_float("gate_logits", gate_logits, f"a float tensor {gate_shape}", (dims + 2,))
+        if tuple(gate_logits.shape) != gate_shape:
+            fail("gate_logits", f"a float tensor {gate_shape}", describe(gate_logits))
+    if dims == 2:  # the unit last axis: views, no copy
+        qkv = qkv.unsqueeze(3)
+        gate_logits = None if gate_logits is None else gate_logits.unsqueeze(3)
     dtype, autocast_off = _autocast(qkv.device.type)
     qkv, gate_logits = _cast(qkv, dtype), _cast(gate_logits, dtype)
     with autocast_off:
         if use_triton(qkv, "window_attention"):
             seed = draw_dropout_seed(qkv.device) if dropout_p else None
-            return ops.window_attention(
+            out = ops.window_attention(
                 qkv,
                 bias_table,
                 pad_kv,
                 gate_logits,
                 seed,
                 num_heads,
-                list(window_size),
-                list(shift_size),
-                list(table_window),
+                list(window),
+                list(shift),
+                list(table),
                 scale,
                 dropout_p,
             )[0]
-        fn = window_attention_cpu if qkv.device.type == "cpu" else window_attention_reference
-        return fn(
-            qkv,
-            num_heads,
-            window_size,
-            shift_size,
-            bias_table,
-            table_window=table_window,
-            pad_kv=pad_kv,
-            gate_logits=gate_logits,
-            scale=scale,
-            dropout_p=dropout_p,
-        )
+        else:
+            fn = window_attention_cpu if qkv.device.type == "cpu" else window_attention_reference
+            out = fn(
+                qkv,
+                num_heads,
+                window,
+                shift,
+                bias_table,
+                table_window=table,
+                pad_kv=pad_kv,
+                gate_logits=gate_logits,
+                scale=scale,
+                dropout_p=dropout_p,
+            )
+    return out.squeeze(3) if dims == 2 else out
 
 
 def _modality_ids(ids: object, name: str, batch: int, length: int, upper: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ Reference semantics (the Triton kernel must match them):
                                  backward; the reference takes it from SDPA or as ``dropout_mask``
   out          [B, D, H, W, C]   attention output per head (before the output projection), un-shifted, cropped
 Shifted windows mask pairs of tokens from different regions of the rolled grid with -100 (MONAI's compute_mask).
+2-D windows (MONAI's spatial_dims=2) arrive here as (wh, ww, 1) on a [B, H, W, 1, 3C] grid (``interface.py``).
 """
 
 from __future__ import annotations
@@ -824,6 +825,19 @@ def _launch_config(kernel: str, n: int, head_dim: int, heads: int, dtype: torch.
 
 
 @functools.lru_cache(maxsize=64)
+def window_rows(size: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int]) -> torch.Tensor:
+    """[nW, n] int32 on the CPU: the voxel (d * H + h) * W + w of a grid ``size`` that token t of window ``win`` of
+    the rolled grid padded to a multiple of ``window`` holds (the roll, the padding and the partition of
+    :func:`window_qkv` as one index), -1 for a padded voxel."""
+    padded = padded_grid(size, window)
+    voxels = torch.full(padded, -1, dtype=torch.int32)
+    voxels[: size[0], : size[1], : size[2]] = torch.arange(math.prod(size), dtype=torch.int32).view(size)
+    if any(shift):
+        voxels = torch.roll(voxels, shifts=tuple(-s for s in shift), dims=(0, 1, 2))
+    return partition(voxels[None, ..., None], window)[..., 0]
+
+
+@functools.lru_cache(maxsize=64)
 def _window_tables(
     size: tuple[int, int, int],
     window: tuple[int, int, int],
@@ -835,11 +849,7 @@ def _window_tables(
     n = math.prod(window)
     np_ = tokens_padded(n)
     padded = padded_grid(size, window)
-    voxels = torch.full(padded, -1, dtype=torch.int32)
-    voxels[: size[0], : size[1], : size[2]] = torch.arange(math.prod(size), dtype=torch.int32).view(size)
-    if any(shift):
-        voxels = torch.roll(voxels, shifts=tuple(-s for s in shift), dims=(0, 1, 2))
-    rows = F.pad(partition(voxels[None, ..., None], window)[..., 0], (0, np_ - n), value=-1)
+    rows = F.pad(window_rows(size, window, shift), (0, np_ - n), value=-1)
     patterns, classes = torch.unique(_window_regions(padded, window, shift), dim=0, return_inverse=True)
     masks = torch.zeros(len(patterns), np_, np_)
     masks[:, :n, :n] = _region_mask(patterns, SHIFT_MASK_VALUE, torch.float32)

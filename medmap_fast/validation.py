@@ -45,9 +45,11 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 def check_volumes(
     volumes: object, name: str = "volumes", in_chans: int = 1, min_size: Sequence[int] = (1, 1, 1)
 ) -> torch.Tensor:
-    """A float batch of volumes [V, in_chans, D, H, W], finite, each side at least ``min_size``."""
-    expected = f"[V, {in_chans}, D, H, W] with D, H, W >= {tuple(min_size)}"
-    x = check_float_tensor(volumes, name, expected, 5)
+    """A float batch of volumes [V, in_chans, D, H, W], finite, each side at least ``min_size`` (2 entries: images
+    [V, in_chans, H, W])."""
+    sides = "D, H, W"[3 * (3 - len(min_size)) :]
+    expected = f"[V, {in_chans}, {sides}] with {sides} >= {tuple(min_size)}"
+    x = check_float_tensor(volumes, name, expected, 2 + len(min_size))
     if x.shape[1] != in_chans or any(s < m for s, m in zip(x.shape[2:], min_size, strict=True)) or x.shape[0] == 0:
         fail(name, f"a float tensor {expected}", describe(x))
     return x

@@ -68,6 +68,12 @@ def test_swin_compiles_fullgraph() -> None:
     _compiled_equals_eager(model, torch.randn(2, 1, 8, 10, 8), modality_ids=torch.tensor([1, 0]))
 
 
+def test_2d_swin_compiles_fullgraph() -> None:
+    """A 2-D trunk (MONAI's spatial_dims=2) runs the 3-D ops with a unit depth axis; that reshaping traces too."""
+    model = SwinViT3D(**TINY, spatial_dims=2, use_v2=True)
+    _compiled_equals_eager(model, torch.randn(2, 1, 8, 10))
+
+
 def test_swin_with_attention_dropout_compiles_fullgraph() -> None:
     """Train mode with attention dropout: the compiled graph draws the masks from torch's generator as eager does
     (same seed, same outputs and gradients)."""

@@ -3,8 +3,10 @@ Parameter objects and state_dict, checkpoints loading either way, the Triton bac
 
 Sizes: SwinUNETR (feature 12, window 7 or 5x6x7) on 2 x C x 32 x 32 x 64, the smallest volumes it accepts (sides
 divisible by 32, more than one voxel at the bottleneck): stage grids 16x16x32 and 8x8x16 are padded and shifted,
-4x4x8 and 2x2x4 shrink the window below 7 (MONAI's get_window_size). The bare trunk runs on 19 x 24 x 27 (padded
-patch embedding), the Triton interpreter case on a tiny trunk.
+4x4x8 and 2x2x4 shrink the window below 7 (MONAI's get_window_size); in 2-D (spatial_dims=2, window 5x6) on
+2 x 2 x 32 x 64 images, stage grids 16x32 down to 1x2 alike. The bare trunk runs on 19 x 24 x 27 (padded patch
+embedding), the Triton interpreter cases on tiny trunks, 3-D and 2-D. MONAI's own SwinUNETR cases:
+test_swin_unetr_cases.py.
 """
 
 from __future__ import annotations
@@ -77,15 +79,17 @@ def assert_parity(ref: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor)
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, size",
     [
-        dict(in_channels=1, window_size=7),
-        dict(in_channels=2, window_size=(5, 6, 7), downsample="mergingv2", use_v2=True, patch_norm=True, qkv_bias=False,
-             use_checkpoint=True, dropout_path_rate=0.2, normalize=False),
+        (dict(in_channels=1, window_size=7), (32, 32, 64)),
+        (dict(in_channels=2, window_size=(5, 6, 7), downsample="mergingv2", use_v2=True, patch_norm=True,
+              qkv_bias=False, use_checkpoint=True, dropout_path_rate=0.2, normalize=False), (32, 32, 64)),
+        (dict(in_channels=2, window_size=(5, 6), spatial_dims=2, use_v2=True, patch_norm=True, use_checkpoint=True),
+         (32, 64)),
     ],
-    ids=["in1-window7", "in2-aniso-v2-patchnorm-nobias-ckpt"],
+    ids=["in1-window7", "in2-aniso-v2-patchnorm-nobias-ckpt", "2d-in2-aniso-v2-patchnorm-ckpt"],
 )
-def test_patched_swinunetr_equals_monai(kwargs: dict) -> None:
+def test_patched_swinunetr_equals_monai(kwargs: dict, size: tuple[int, ...]) -> None:
     """Outputs and every gradient equal MONAI's in float64. Not the float32 rule of :func:`assert_parity`: SwinUNETR's
     InstanceNorm over its 2-voxel bottleneck amplifies float32 rounding to ~1e-3 relative, so the max-error ratio of
     two float32 runs swings past 2x with the seed (the trunk alone meets the float32 rule, tested below)."""
@@ -95,7 +99,7 @@ def test_patched_swinunetr_equals_monai(kwargs: dict) -> None:
     trunk = model.swinViT
     assert isinstance(trunk.patch_embed, MonaiPatchEmbed)
     assert all(isinstance(getattr(trunk, f"layers{i}")[0], MonaiSwinStage) for i in range(1, 5))
-    x = torch.randn(2, kwargs["in_channels"], 32, 32, 64, dtype=torch.float64)
+    x = torch.randn(2, kwargs["in_channels"], *size, dtype=torch.float64)
     exact = outputs_and_gradients(copy.deepcopy(ref).double(), x)
     ours = outputs_and_gradients(copy.deepcopy(model).double(), x)
     assert ours.keys() == exact.keys()
@@ -168,6 +172,16 @@ def test_patching_twice_changes_nothing_and_a_bare_block_is_returned() -> None:
     assert isinstance(mf.patch_monai(block), MonaiSwinBlock)
 
 
+def test_bare_2d_block_takes_monais_2d_tokens() -> None:
+    """A bare 2-D SwinTransformerBlock, patched, takes and returns MONAI's [B, H, W, C] (shifted, padded windows)."""
+    ref = perturbed(swin_unetr.SwinTransformerBlock(12, 3, (4, 5), (2, 2)))
+    block = mf.patch_monai(copy.deepcopy(ref))
+    x = torch.randn(2, 9, 11, 12)
+    mask = swin_unetr.compute_mask([12, 15], (4, 5), (2, 2), "cpu")
+    with torch.no_grad():
+        assert_close(block(x, mask), ref(x, mask), "bare 2-D block")
+
+
 def _subclassed_block(trunk: torch.nn.Module) -> None:
     class MyBlock(swin_unetr.SwinTransformerBlock):
         pass
@@ -178,15 +192,13 @@ def _subclassed_block(trunk: torch.nn.Module) -> None:
 @pytest.mark.parametrize(
     "build, error, match",
     [
-        (lambda: swin_unetr.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=2),
-         NotImplementedError, r"swinViT\.patch_embed is a spatial_dims=2"),
         (lambda: torch.nn.Sequential(swin_unetr.WindowAttention(12, 3, (7, 7, 7))),
          TypeError, r"0 is a WindowAttention outside a SwinTransformerBlock"),
         (lambda: torch.nn.Linear(3, 3), TypeError, "Linear contains no MONAI"),
         (lambda: mf.SwinViT3D(**TRUNK), TypeError, "SwinViT3D contains no MONAI"),
         (lambda: "swin.pt", TypeError, "expected a torch.nn.Module"),
     ],
-    ids=["2d", "bare-window-attention", "no-swin", "medmap-fast-swin", "not-a-module"],
+    ids=["bare-window-attention", "no-swin", "medmap-fast-swin", "not-a-module"],
 )
 def test_unsupported_models_raise(build, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
@@ -217,11 +229,21 @@ def test_other_layouts_raise_naming_the_module_and_change_nothing(alter, match: 
 @pytest.mark.skipif(not mf.kernels.triton_available(), reason="Triton is not installed")
 @pytest.mark.skipif(not mf.kernels.interpreting(), reason="runs the kernels on CPU tensors, which needs "
                     "TRITON_INTERPRET=1 (conftest sets it when no GPU is present)")
-def test_patched_model_runs_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "overrides, shape",
+    [
+        # window 3 on 3x3x4 tokens: shrunk along D and H, padded and shifted along W (the interpreter is slow)
+        (dict(window_size=(3, 3, 3)), (2, 1, 5, 6, 7)),
+        # 2-D, window 3 on 6x7 tokens: padded and shifted along both axes, then shrunk
+        (dict(window_size=(3, 3), patch_size=(2, 2), spatial_dims=2, downsample="mergingv2", patch_norm=True),
+         (2, 1, 11, 14)),
+    ],
+    ids=["3d", "2d"],
+)
+def test_patched_model_runs_the_triton_kernels(monkeypatch: pytest.MonkeyPatch, overrides: dict, shape) -> None:
     """Under ``backend("triton")`` (the interpreter on CPU) both ops run their kernels; MONAI parity with gradients."""
     calls = spy_triton_forwards(monkeypatch)
-    # window 3 on 3x3x4 tokens: shrunk along D and H, padded and shifted along W (a tiny trunk: the interpreter is slow)
-    ref = perturbed(swin_unetr.SwinTransformer(**{**TRUNK, "window_size": (3, 3, 3), "depths": (2, 1, 1, 1)}))
+    ref = perturbed(swin_unetr.SwinTransformer(**{**TRUNK, "depths": (2, 1, 1, 1), **overrides}))
     with mf.backend("triton"):
-        assert_parity(ref, patched_copy(ref), torch.randn(2, 1, 5, 6, 7))
+        assert_parity(ref, patched_copy(ref), torch.randn(shape))
     assert calls.count("patch_embed_3d") == 1 and calls.count("window_attention") == 5

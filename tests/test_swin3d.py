@@ -1,9 +1,11 @@
 """SwinViT3D against MONAI 1.6.1's SwinTransformer: keys, outputs, gradients, loading, unsupported arguments, the
-modality extras (per-modality patch embedding, head-wise gate) and the Triton backend dispatch.
+modality extras (per-modality patch embedding, head-wise gate) and the Triton backend dispatch, in 3-D and 2-D.
 
 Small fp32 models (feature 12, window 5) on 2 x 1 x 30 x 28 x 34 volumes: stage grids 15x14x17, 8x7x9, 4x4x5, 2x2x3,
 1x1x2, so windows are padded, shifted, and shrunk below the configured window (MONAI's table_window quirk). The
 paper's window 7 (343-token windows) runs once on the same volumes (a window of 7 fits stage 2's side 7 exactly).
+2-D (spatial_dims=2, window 5 x 4, two input channels) on 2 x 2 x 37 x 50 images: stage grids 19x25, 10x13, 5x7,
+3x4, 2x2, padded, shifted and shrunk alike.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import medmap_fast.kernels as K
+from medmap_fast.models.encoder import MedMAPEncoder
 from medmap_fast.models.swin3d import SwinViT3D
 
 swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr", reason="MONAI is needed for the parity tests")
@@ -20,6 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(in_chans=1, embed_dim=12, window_size=(5, 5, 5), patch_size=(2, 2, 2), depths=(2, 2, 2, 2),
              num_heads=(3, 6, 12, 24))
 SHAPE = (2, 1, 30, 28, 34)
+SMALL_2D = dict(in_chans=2, window_size=(5, 4), patch_size=(2, 2), spatial_dims=2)  # overrides of SMALL
+SHAPE_2D = (2, 2, 37, 50)
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +70,13 @@ def run_both(ours: torch.nn.Module, ref: torch.nn.Module, normalize: bool = True
         (dict(downsample="mergingv2", use_v2=True), True, SHAPE),
         (dict(patch_norm=True, qkv_bias=False, use_checkpoint=True, drop_rate=0.1, attn_drop_rate=0.4,
               drop_path_rate=0.2), True, SHAPE),
+        (dict(SMALL_2D, downsample="merging"), True, SHAPE_2D),
+        (dict(SMALL_2D, downsample="mergingv2", use_v2=True, patch_norm=True, qkv_bias=False, use_checkpoint=True,
+              attn_drop_rate=0.4), False, SHAPE_2D),
+        (dict(SMALL_2D, window_size=(7, 7), patch_size=(1, 3)), True, SHAPE_2D),
     ],
-    ids=["merging-window7", "merging-v2-raw", "mergingv2-anisotropic-raw", "mergingv2-v2", "patchnorm-nobias-ckpt-drop"],
+    ids=["merging-window7", "merging-v2-raw", "mergingv2-anisotropic-raw", "mergingv2-v2", "patchnorm-nobias-ckpt-drop",
+         "2d-merging", "2d-mergingv2-v2-patchnorm-nobias-ckpt-raw", "2d-window7-patch1x3"],
 )
 def test_outputs_and_gradients_match_monai(overrides: dict, normalize: bool, shape: tuple) -> None:
     ref = monai_swin(**overrides)
@@ -102,9 +112,10 @@ def test_train_mode_stochastic_depth_matches_monai_with_the_same_seed() -> None:
 
 
 def test_state_dict_keys_and_shapes_equal_monai() -> None:
-    for overrides in (dict(), dict(use_v2=True, patch_norm=True), dict(qkv_bias=False, downsample="mergingv2")):
+    for overrides in (dict(), dict(use_v2=True, patch_norm=True), dict(qkv_bias=False, downsample="mergingv2"),
+                      dict(SMALL_2D, use_v2=True, patch_norm=True), dict(SMALL_2D, downsample="mergingv2")):
         ref = {k: tuple(v.shape) for k, v in swin_unetr.SwinTransformer(**{**SMALL, **overrides}).state_dict().items()}
-        ours = {k: tuple(v.shape) for k, v in SwinViT3D(**SMALL, **overrides).state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in SwinViT3D(**{**SMALL, **overrides}).state_dict().items()}
         assert ours == ref, overrides
 
 
@@ -112,6 +123,10 @@ def test_channels_last_outputs() -> None:
     outs = SwinViT3D(**SMALL)(torch.randn(SHAPE))
     assert [o.shape[1] for o in outs] == [12, 24, 48, 96, 192]
     assert all(o.permute(0, 2, 3, 4, 1).is_contiguous() for o in outs)
+    outs = SwinViT3D(**{**SMALL, **SMALL_2D})(torch.randn(SHAPE_2D))
+    sides = [(-(-37 // 2**(i + 1)), -(-50 // 2**(i + 1))) for i in range(5)]
+    assert [tuple(o.shape) for o in outs] == [(2, 12 * 2**i, *hw) for i, hw in enumerate(sides)]
+    assert all(o.permute(0, 2, 3, 1).is_contiguous() for o in outs)
 
 
 def test_from_monai_sources_give_the_same_model() -> None:
@@ -129,12 +144,15 @@ def test_from_monai_sources_give_the_same_model() -> None:
             assert_close(model(x)[-1], expected, f"from_monai({type(source).__name__})")
 
 
-def test_from_monai_state_dict_infers_the_configuration() -> None:
-    ref = monai_swin(use_v2=True, patch_norm=True, qkv_bias=False, mlp_ratio=2.0)
+@pytest.mark.parametrize("dims", [3, 2])
+def test_from_monai_state_dict_infers_the_configuration(dims: int) -> None:
+    extra = {} if dims == 3 else dict(SMALL_2D, window_size=(5, 5))
+    ref = monai_swin(use_v2=True, patch_norm=True, qkv_bias=False, mlp_ratio=2.0, **extra)
     model = SwinViT3D.from_monai(ref.state_dict())
-    for key in ("in_chans", "embed_dim", "window_size", "patch_size", "depths", "num_heads", "mlp_ratio", "qkv_bias",
-                "patch_norm", "use_v2"):
+    for key in ("in_chans", "embed_dim", "window_size", "patch_size", "spatial_dims", "depths", "num_heads",
+                "mlp_ratio", "qkv_bias", "patch_norm", "use_v2"):
         assert model.config[key] == SwinViT3D.from_monai(ref).config[key], key
+    assert model.config["spatial_dims"] == dims
 
 
 def test_from_monai_errors_name_the_problem() -> None:
@@ -165,12 +183,24 @@ def test_from_monai_errors_name_the_problem() -> None:
         (dict(use_hyena=True), "use_hyena"),
         (dict(hyena_stages=(True, False, False, False)), "hyena_stages"),
         (dict(hyena_kernel_size=5), "hyena_kernel_size"),
-        (dict(spatial_dims=2), "spatial_dims"),
     ],
 )
 def test_unsupported_arguments_raise(kwargs: dict, name: str) -> None:
     with pytest.raises(NotImplementedError, match=name):
         SwinViT3D(**SMALL, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(spatial_dims=1), r"^spatial_dims: expected 2 or 3 \(as MONAI's\), got 1$"),
+        (dict(spatial_dims=2), r"^window_size: expected a positive int or 2 positive ints, got \(5, 5, 5\)$"),
+        (dict(spatial_dims=2, window_size=5), r"^patch_size: expected a positive int or 2 positive ints"),
+    ],
+)
+def test_spatial_dims_and_sizes_are_checked(kwargs: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        SwinViT3D(**{**SMALL, **kwargs})
 
 
 # shifted and padded windows of 2: two stages on 2 x 8 x 10 x 8 volumes; one stage, one head on 1 x 8 x 8 x 6 for
@@ -273,6 +303,23 @@ def test_gate_is_exactly_one_at_init_and_wired() -> None:
         before = [o.detach() for o in gated_out]
     assert torch.equal(moved[1][0], before[1][0]) and torch.equal(moved[2][0], before[2][0])  # volume 0: modality 0
     assert not torch.allclose(moved[2][1], before[2][1])  # volume 1: modality 1, gated stage 2 changes it
+
+
+def test_2d_modality_extras_and_input_check() -> None:
+    """2-D: per-modality Conv2d-shaped patch weights [M, C, Cin, ph, pw], gates, MONAI parity at initialisation."""
+    ref = monai_swin(**SMALL_2D)
+    model = modality_model(ref)
+    assert tuple(model.patch_embed.proj.weight.shape) == (3, 12, 2, 2, 2)
+    x = torch.randn(SHAPE_2D)
+    with torch.no_grad():
+        assert_close(model(x, modality_ids=torch.tensor([2, 0]))[-1], ref(x)[-1], "2-D modalities [2, 0]")
+    with pytest.raises(ValueError, match=r"x: expected a float tensor \[V, 2, H, W\] with H, W >= \(2, 2\)"):
+        model(torch.randn(2, 2, 8, 8, 8), modality_ids=torch.tensor([0, 0]))
+
+
+def test_encoder_refuses_a_2d_trunk() -> None:
+    with pytest.raises(ValueError, match=r"^spatial_dims: expected 3 \(MedMAPEncoder encodes volumes"):
+        MedMAPEncoder(spatial_dims=2, window_size=(7, 7), patch_size=(2, 2))
 
 
 def test_modality_ids_are_checked() -> None:

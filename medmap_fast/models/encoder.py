@@ -95,6 +95,12 @@ class MedMAPEncoder(nn.Module):
                 fail(
                     name, "not to be given (MedMAPEncoder sets it from modalities and sharing)", repr(swin_kwargs[name])
                 )
+        if swin_kwargs.get("spatial_dims", 3) != 3:
+            fail(
+                "spatial_dims",
+                "3 (MedMAPEncoder encodes volumes; a 2-D trunk is SwinViT3D(spatial_dims=2))",
+                repr(swin_kwargs["spatial_dims"]),
+            )
         self.modalities = modalities if isinstance(modalities, ModalityRegistry) else ModalityRegistry(modalities)
         self.sharing = sharing
         self.swin_kwargs = {**SWIN_DEFAULTS, **swin_kwargs}

@@ -65,6 +65,7 @@ def _module_config(m: Any) -> dict[str, Any]:
         embed_dim=m.embed_dim,
         window_size=tuple(m.window_size),
         patch_size=tuple(m.patch_size),
+        spatial_dims=len(m.patch_embed.patch_size),
         depths=tuple(len(s.blocks) for s in stages),
         num_heads=tuple(s.blocks[0].num_heads for s in stages),
         mlp_ratio=block.mlp_ratio,
@@ -94,12 +95,13 @@ def _state_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         depths.append(len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)}))
         heads.append(state[prefix + "0.attn.relative_position_bias_table"].shape[1])
     block = "layers1.0.blocks.0."
-    n = state[block + "attn.relative_position_index"].shape[0]
-    side = round(n ** (1 / 3))
+    n, dims = state[block + "attn.relative_position_index"].shape[0], len(patch)  # a Conv2d weight: 2-D
+    side = round(n ** (1 / dims))
     config: dict[str, Any] = dict(
         in_chans=in_chans,
         embed_dim=embed_dim,
         patch_size=tuple(patch),
+        spatial_dims=dims,
         depths=tuple(depths),
         num_heads=tuple(heads),
         mlp_ratio=state[block + "mlp.linear1.weight"].shape[0] / embed_dim,
@@ -107,8 +109,8 @@ def _state_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         patch_norm="patch_embed.norm.weight" in state,
         use_v2="layers1c.0.layer.conv1.conv.weight" in state,
     )
-    if side**3 == n and (2 * side - 1) ** 3 == state[block + "attn.relative_position_bias_table"].shape[0]:
-        config["window_size"] = (side,) * 3  # an anisotropic window cannot be told from the shapes: pass it
+    if side**dims == n and (2 * side - 1) ** dims == state[block + "attn.relative_position_bias_table"].shape[0]:
+        config["window_size"] = (side,) * dims  # an anisotropic window cannot be told from the shapes: pass it
     return config
 
 

@@ -4,6 +4,11 @@ Every module works on channels-last tokens ``[B, D, H, W, C]``; the attribute na
 are MONAI's, so MONAI checkpoints load unchanged. The attention itself is :func:`medmap_fast.kernels.window_attention`
 (padding, cyclic shift, windows, relative-position bias and shift mask happen inside the op), the patch embedding is
 :func:`medmap_fast.kernels.patch_embed_3d`.
+
+A 2-D Swin (MONAI's ``spatial_dims=2``) runs as a 3-D one of depth 1: tokens ``[B, H, W, 1, C]``, windows (wh, ww, 1),
+shifts (sh, sw, 0) (:func:`unit_depth`), so one code path serves both. Only what MONAI stores or calls in 2-D
+shapes is 2-D: the patch-embedding weight [C, Cin, ph, pw], the patch merging (its 2-D channel order, called on
+[B, H, W, C] as MONAI's is) and the swinunetr-v2 convolutions.
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ from medmap_fast.validation import fail
 from .gating import ModalityGate
 
 Triple = tuple[int, int, int]
+
+
+def unit_depth(values: Sequence[int], unit: int) -> Triple:
+    """A 3-D window, shift or patch as it is; a 2-D one (MONAI's spatial_dims=2) with a unit last axis ``unit`` (1 for
+    a window or patch, 0 for a shift): 2-D Swins run as volumes of depth 1. The relative-position index of a
+    (wh, ww, 1) window is MONAI's 2-D one (the last axis adds 0)."""
+    return triple([*values, unit][:3])
 
 
 def effective_window(size: Sequence[int], window: Triple, shift: Triple) -> tuple[Triple, Triple]:
@@ -172,29 +184,36 @@ class SwinBlock3D(nn.Module):
 
 class PatchMerging3D(nn.Module):
     """MONAI's ``PatchMergingV2`` on channels-last tokens: pad odd sides, concatenate the 8 voxels of every 2x2x2
-    block along channels (raster order of the offsets), LayerNorm(8C), Linear(8C -> 2C, no bias)."""
+    block along channels (raster order of the offsets), LayerNorm(8C), Linear(8C -> 2C, no bias). With
+    ``spatial_dims=2`` (MONAI's API: called on [B, H, W, C]) the 4 pixels of every 2x2 block, the H offset fastest
+    (MONAI's 2-D order, the same for both MONAI mergings), LayerNorm(4C), Linear(4C -> 2C)."""
 
-    offsets: tuple[Triple, ...] = tuple((i, j, k) for i in range(2) for j in range(2) for k in range(2))
+    offsets: tuple[tuple[int, ...], ...] = tuple((i, j, k) for i in range(2) for j in range(2) for k in range(2))
+    offsets_2d: tuple[tuple[int, ...], ...] = ((0, 0), (1, 0), (0, 1), (1, 1))
 
     def __init__(self, dim: int, norm_layer: type[nn.Module] = nn.LayerNorm, spatial_dims: int = 3) -> None:
         super().__init__()
-        if spatial_dims != 3:
-            raise NotImplementedError(f"spatial_dims={spatial_dims}: medmap-fast's Swin is 3D only")
-        self.dim = dim
-        self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
-        self.norm = norm_layer(8 * dim)
+        if spatial_dims not in (2, 3):
+            fail("spatial_dims", "2 or 3", repr(spatial_dims))
+        self.dim, self.spatial_dims = dim, spatial_dims
+        blocks = 2**spatial_dims
+        self.reduction = nn.Linear(blocks * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(blocks * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, D, H, W, C] -> [B, ceil(D/2), ceil(H/2), ceil(W/2), 2C]."""
-        d, h, w = x.shape[1:4]
-        if d % 2 or h % 2 or w % 2:
-            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
-        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in self.offsets], -1)
+        """[B, D, H, W, C] -> [B, ceil(D/2), ceil(H/2), ceil(W/2), 2C]; 2-D: [B, H, W, C] -> [B, ceil(H/2),
+        ceil(W/2), 2C]."""
+        sides = x.shape[1:-1]
+        if any(s % 2 for s in sides):
+            x = F.pad(x, [0, 0] + [p for s in reversed(sides) for p in (0, s % 2)])
+        offsets = self.offsets if self.spatial_dims == 3 else self.offsets_2d
+        x = torch.cat([x[(slice(None), *(slice(o, None, 2) for o in offset))] for offset in offsets], -1)
         return self.reduction(self.norm(x))
 
 
 class PatchMergingV1(PatchMerging3D):
-    """MONAI 1.6.1's ``PatchMerging`` ("merging", the v0.9 layer): the same as v2 with the 8 offsets in another order.
+    """MONAI 1.6.1's ``PatchMerging`` ("merging", the v0.9 layer): the same as v2 with the 8 offsets in another order
+    (in 2-D it is v2: MONAI's PatchMerging hands 4-D tokens to PatchMergingV2).
 
     MONAI 1.6.1 takes each of the 8 offsets once (no duplicated slice); this order is reproduced for weight parity.
     """
@@ -206,17 +225,23 @@ MERGING = {"merging": PatchMergingV1, "mergingv2": PatchMerging3D}
 
 
 class PatchProjection(nn.Module):
-    """The patch-embedding weights: ``weight`` [C, Cin, p, p, p] and ``bias`` [C] (a Conv3d's, MONAI's keys), or with
-    ``num_modalities`` M one set per modality, ``weight`` [M, C, Cin, p, p, p] and ``bias`` [M, C]."""
+    """The patch-embedding weights: ``weight`` [C, Cin, p, p, p] and ``bias`` [C] (a Conv3d's, MONAI's keys; a 2-D
+    ``patch_size`` gives a Conv2d's [C, Cin, p, p]), or with ``num_modalities`` M one set per modality, ``weight``
+    [M, C, Cin, p, p, p] and ``bias`` [M, C]."""
 
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: Triple, num_modalities: int | None = None) -> None:
+    def __init__(
+        self, in_chans: int, embed_dim: int, patch_size: Sequence[int], num_modalities: int | None = None
+    ) -> None:
         super().__init__()
         lead = () if num_modalities is None else (num_modalities,)
         self.weight = nn.Parameter(torch.empty(*lead, embed_dim, in_chans, *patch_size))
         self.bias = nn.Parameter(torch.empty(*lead, embed_dim))
         with torch.no_grad():
             for i in range(num_modalities or 1):  # each slot initialised like its own Conv3d
-                conv_init(self.weight.view(-1, *self.weight.shape[-5:])[i], self.bias.view(-1, embed_dim)[i])
+                conv_init(
+                    self.weight.view(-1, *self.weight.shape[-2 - len(patch_size) :])[i],
+                    self.bias.view(-1, embed_dim)[i],
+                )
 
 
 def conv_init(weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -227,11 +252,12 @@ def conv_init(weight: torch.Tensor, bias: torch.Tensor) -> None:
 
 
 class PatchEmbed3D(nn.Module):
-    """Per-modality 3D patch embedding to channels-last tokens (MONAI ``PatchEmbed`` keys: ``proj``, ``norm``)."""
+    """Per-modality 3D patch embedding to channels-last tokens (MONAI ``PatchEmbed`` keys: ``proj``, ``norm``); a 2-D
+    ``patch_size`` embeds 2-D images as tokens of depth 1."""
 
     def __init__(
         self,
-        patch_size: Triple,
+        patch_size: Sequence[int],
         in_chans: int,
         embed_dim: int,
         norm_layer: type[nn.Module] | None = None,
@@ -243,7 +269,12 @@ class PatchEmbed3D(nn.Module):
         self.norm = None if norm_layer is None else norm_layer(embed_dim)
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, Cin, D, H, W], modality_ids [B] -> [B, ceil(D/p), ceil(H/p), ceil(W/p), C]."""
+        """x [B, Cin, D, H, W], modality_ids [B] -> [B, ceil(D/p), ceil(H/p), ceil(W/p), C]; 2-D: x [B, Cin, H, W]
+        -> [B, ceil(H/p), ceil(W/p), 1, C]."""
+        out = self._embed(x, modality_ids)
+        return out.unsqueeze(3) if x.ndim == 4 else out
+
+    def _embed(self, x: torch.Tensor, modality_ids: torch.Tensor | None) -> torch.Tensor:
         norm = self.norm
         if isinstance(norm, nn.LayerNorm):  # fused into the op
             return patch_embed_3d(
@@ -263,26 +294,32 @@ class PatchEmbed3D(nn.Module):
 class ConvResBlock(nn.Module):
     """MONAI's ``UnetrBasicBlock(kernel_size=3, stride=1, norm_name="instance", res_block=True)`` with equal in/out
     channels (the swinunetr-v2 block before each stage), on channels-last tokens, with MONAI's keys
-    (``layer.conv1.conv.weight``, ``layer.conv2.conv.weight``)."""
+    (``layer.conv1.conv.weight``, ``layer.conv2.conv.weight``); 2-D (``spatial_dims=2``) with MONAI's 2-D convolutions
+    and instance norms."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, spatial_dims: int = 3) -> None:
         super().__init__()
-        self.layer = _UnetResLayer(channels)
+        self.spatial_dims = spatial_dims
+        self.layer = _UnetResLayer(channels, spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, D, H, W, C] -> [B, D, H, W, C]; the convolutions see a channels-last-3d [B, C, D, H, W] view."""
-        return self.layer(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        """[B, D, H, W, C] -> [B, D, H, W, C] (2-D: [B, H, W, 1, C]); the convolutions see a channels-last
+        [B, C, D, H, W] (2-D: [B, C, H, W]) view."""
+        if self.spatial_dims == 2:
+            return self.layer(x.squeeze(3).movedim(-1, 1)).movedim(1, -1).unsqueeze(3)
+        return self.layer(x.movedim(-1, 1)).movedim(1, -1)
 
 
 class _UnetResLayer(nn.Module):
     """conv3 -> instance norm -> leaky ReLU -> conv3 -> instance norm, + identity, leaky ReLU (MONAI UnetResBlock)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, spatial_dims: int = 3) -> None:
         super().__init__()
-        self.conv1 = _Convolution(channels)
-        self.conv2 = _Convolution(channels)
-        self.norm1 = nn.InstanceNorm3d(channels)
-        self.norm2 = nn.InstanceNorm3d(channels)
+        norm = nn.InstanceNorm3d if spatial_dims == 3 else nn.InstanceNorm2d
+        self.conv1 = _Convolution(channels, spatial_dims)
+        self.conv2 = _Convolution(channels, spatial_dims)
+        self.norm1 = norm(channels)
+        self.norm2 = norm(channels)
         self.lrelu = nn.LeakyReLU(0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,11 +328,12 @@ class _UnetResLayer(nn.Module):
 
 
 class _Convolution(nn.Module):
-    """A bias-free 3x3x3 Conv3d stored under ``conv`` (MONAI's ``Convolution`` wrapper)."""
+    """A bias-free 3x3x3 Conv3d (3x3 Conv2d in 2-D) stored under ``conv`` (MONAI's ``Convolution`` wrapper)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, spatial_dims: int = 3) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(channels, channels, 3, padding=1, bias=False)
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        self.conv = conv(channels, channels, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
