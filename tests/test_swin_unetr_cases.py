@@ -13,8 +13,8 @@ What is compared, and why (CPU, one thread, busy 2-core machine): the 2-D cases 
 in float64 (under 1 s per case). A 3-D case at MONAI's 64 x 32 x 192 costs about 50 s for one float64 SwinUNETR
 forward pair (MONAI's float64 convolutions at full resolution dominate), so the 3-D cases compare what patch_monai
 replaces, the Swin trunk's five maps that the untouched MONAI decoder reads (test_patching_keeps_the_decoder), in
-float64 on one of the two volumes, and train the whole patched SwinUNETR on one volume: about 10 s per 3-D case,
-40 s for the module.
+float64 on one of the two volumes, and train the whole patched SwinUNETR on one volume: about 10 s per 3-D case.
+One 3-D case also compares the whole SwinUNETR's outputs in float64 (test_one_3d_case_equals_monai_in_full).
 """
 
 from __future__ import annotations
@@ -92,6 +92,20 @@ def test_train_mode_runs_forward_and_backward(kwargs: dict, image: tuple[int, ..
     assert x.grad is not None and x.grad.shape == x.shape
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.shape == p.shape and bool(torch.isfinite(p.grad).all()), name
+
+
+def test_one_3d_case_equals_monai_in_full() -> None:
+    """The first 3-D case end to end, as MONAI's test runs it (one volume of 64 x 32 x 192, float64, eval mode): the
+    SwinUNETR outputs themselves, decoder included, not only the trunk maps the other 3-D cases compare."""
+    kwargs, image = CASES[0].values
+    torch.manual_seed(0)
+    ref = perturbed(swin_unetr.SwinUNETR(**kwargs)).eval()
+    ref, model = ref.double(), patched_copy(ref).double()
+    x = torch.randn(1, 1, *image, dtype=torch.float64)
+    with torch.no_grad():
+        expected, got = ref(x), model(x)
+    assert got.shape == expected.shape == (1, 2, *image)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * expected.abs().max().item())
 
 
 def test_the_cases_are_monais() -> None:
