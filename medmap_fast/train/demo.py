@@ -41,7 +41,7 @@ from medmap_fast.train.evaluate import classification_metrics
 from medmap_fast.train.finetune import finetune, predict
 from medmap_fast.train.pretrain import pretrain, retrieval_metrics
 from medmap_fast.train.report import write_report
-from medmap_fast.train.rundir import begin_run, end_run, write_json
+from medmap_fast.train.rundir import begin_run, end_run
 from medmap_fast.train.runlog import read_metrics, summarize
 
 
@@ -246,7 +246,6 @@ def run_demo(
         t = lap("plots_s", t)
         metrics["timings_s"] = timings
         metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
-        config.save(out / RUN_CONFIG)
-        write_json(out / "metrics.json", metrics)
+        end_run(out, config, metrics, ctx)  # the demo's folder is a run folder too: config.yaml, then metrics.json
         write_report(out / "report.md", metrics, {k: p.name for k, p in figures.items()})
     return metrics
