@@ -18,6 +18,7 @@ import yaml
 from medmap_fast import configs
 from medmap_fast.data.augment import AugmentConfig
 from medmap_fast.losses import AsymmetricContrastiveLoss
+from medmap_fast.models.encoder import MedMAPEncoder
 from medmap_fast.models.medmap import MedMAPClassifier, MedMAPPretrainModel
 from medmap_fast.models.swin3d import SwinViT3D
 from medmap_fast.train.config import (
@@ -79,7 +80,8 @@ def test_model_sections_take_their_constructors_arguments_and_defaults():
     where the config does not choose its own."""
     own = {"embed_dim", "depths", "num_heads", "window_size", "patch_size"}  # the config's smaller default trunk
     cases = [
-        (EncoderConfig, [SwinViT3D], {"norm_layer", "spatial_dims", "num_modalities", "modality_gate"}, own),
+        (EncoderConfig, [MedMAPEncoder, SwinViT3D], {"norm_layer", "spatial_dims", "num_modalities", "modality_gate"},
+         own),
         (PretrainModelConfig, [MedMAPPretrainModel, AsymmetricContrastiveLoss], {"encoder", "text_dim"}, {"embed_dim"}),
         (
             ClassifierConfig,
@@ -96,7 +98,7 @@ def test_model_sections_take_their_constructors_arguments_and_defaults():
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self"
         }
         fields = {f.name: f.default for f in dataclasses.fields(section)}
-        assert set(fields) - {"modalities", "sharing"} == set(params) - not_configurable, section
+        assert set(fields) == set(params) - not_configurable, section
         for name, default in fields.items():
             if name in params and name not in own_defaults and params[name].default is not inspect.Parameter.empty:
                 assert default == params[name].default, (section, name)

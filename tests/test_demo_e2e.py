@@ -16,8 +16,9 @@ from medmap_fast.train.runlog import read_metrics
 
 QUICK_BUDGET_S = 240  # the bound for --quick on 2 CPU cores (not asserted: CI machines may be shared)
 QUICK_MIN_AUC = 0.75
-# The liver classes (steatosis, iron, cirrhosis, three focal lesions) are learned within the quick budget (0.78
-# measured for seed 0); the brain classes are not yet (see report.md), so only the liver's own AUC is bounded.
+# The liver classes (steatosis, iron, cirrhosis, three focal lesions) are learned within the quick budget (0.87
+# measured for seed 0 with the CNN branch); the brain classes need the full demo's studies (0.54 here, 0.81 there;
+# README), so only the liver's own AUC is bounded.
 QUICK_MIN_LIVER_AUC = 0.65
 
 

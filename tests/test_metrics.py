@@ -119,3 +119,32 @@ def test_invalid_inputs_name_the_argument(probs, labels, task, match):
         classification_metrics(probs, labels, task=task)
     with pytest.raises(ValueError, match="class_names"):
         classification_metrics(np.ones((2, 2)) / 2, [0, 1], ["only one"])
+
+
+@pytest.mark.parametrize("order", ["organ", "alphabetical"])
+def test_organ_metrics_in_any_class_order(order: str) -> None:
+    """A cache read outside the demo lists its classes alphabetically, interleaving the organs: each organ's metrics
+    are still over its own studies and classes, identical to those in the demo's order."""
+    from medmap_fast.train.demo import organ_metrics
+
+    organs = {"brain": ["normal_brain", "brain_tumour"], "liver": ["normal_liver", "steatosis", "cirrhosis"]}
+    demo_order = [c for names in organs.values() for c in names]
+    names = sorted(demo_order) if order == "alphabetical" else demo_order
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 5, 40)  # indices into demo_order
+    scores = rng.random((40, 5)) + 2 * np.eye(5)[truth]
+    perm = [demo_order.index(n) for n in names]
+    out = organ_metrics(scores[:, perm], np.array([names.index(demo_order[t]) for t in truth]), organs, names)
+    brain = truth < 2
+    p = scores[brain][:, :2] / scores[brain][:, :2].sum(1, keepdims=True)
+    assert out["brain"]["auc_macro"] == pytest.approx(classification_metrics(p, truth[brain], organs["brain"])["auc_macro"])
+    assert out["liver"]["num_samples"] == int((~brain).sum()) and out["liver"]["auc_macro"] > 0.5
+
+
+def test_organ_metrics_of_a_model_that_knows_one_organ() -> None:
+    from medmap_fast.train.demo import organ_metrics
+
+    organs = {"brain": ["normal_brain", "brain_tumour"], "liver": ["normal_liver", "steatosis"]}
+    names = ["brain_tumour", "normal_brain"]  # a brain-only cache, alphabetical
+    out = organ_metrics(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), np.array([0, 1, 0]), organs, names)
+    assert list(out) == ["brain"] and out["brain"]["auc_macro"] == 1.0 and out["brain"]["num_samples"] == 3

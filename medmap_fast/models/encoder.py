@@ -27,6 +27,7 @@ from medmap_fast.fileio import atomic_path, load_safetensors, read_json_object, 
 from medmap_fast.modalities import ModalityRegistry
 from medmap_fast.validation import check_index, check_json_fields, check_volumes, fail
 
+from .conv_branch import ConvBranch, branch_settings
 from .swin3d import SwinViT3D, as_triple
 
 SHARING = ("gated", "separate")
@@ -58,16 +59,19 @@ SWIN_JSON_KINDS = {
     "use_flash_attention": "bool",
 }
 FORMAT = "medmap-fast/MedMAPEncoder"
-FORMAT_VERSION = 1
+# 2: may hold "conv_branch"; a config.json without one is written as version 1, which every release reads.
+FORMAT_VERSION = 2
 
 
 class EncoderOutput(NamedTuple):
     """``tokens`` [V, N, C] (normalised last stage, N = D4*H4*W4), ``pooled`` [V, C] (token mean), ``features``
-    (the 5 normalised stage maps [V, C_i, D_i, H_i, W_i], channels-last memory)."""
+    (the 5 normalised stage maps [V, C_i, D_i, H_i, W_i], channels-last memory), ``detections`` [V, C_b] (the conv
+    branch's output; None without one)."""
 
     tokens: torch.Tensor
     pooled: torch.Tensor
     features: list[torch.Tensor]
+    detections: torch.Tensor | None = None
 
 
 class MedMAPEncoder(nn.Module):
@@ -77,6 +81,9 @@ class MedMAPEncoder(nn.Module):
         modalities: None (the twelve default modalities) or anything :class:`ModalityRegistry` accepts.
         sharing: "gated" (one trunk, per-modality patch embedding + modality-gated attention) or "separate"
             (one trunk per modality).
+        conv_branch: None (default: the trunk alone, MONAI's outputs) or a :class:`ConvBranch`'s settings
+            (``{"stages": [[16], [32, 64]], "unshuffle": 2}``): a small CNN beside the trunk, a focal-lesion detector
+            for small data, whose output is ``EncoderOutput.detections``; the trunk's outputs are unchanged.
         **swin_kwargs: :class:`SwinViT3D` (= MONAI ``SwinTransformer``) arguments; unset ones take the paper's
             values (``SWIN_DEFAULTS``: in_chans 1, embed_dim 48, window 7, patch 2, depths 2-2-2-2, heads 3-6-12-24).
     """
@@ -85,6 +92,7 @@ class MedMAPEncoder(nn.Module):
         self,
         modalities: Sequence[Any] | Mapping[str, str] | ModalityRegistry | None = None,
         sharing: str = "gated",
+        conv_branch: Mapping[str, Any] | None = None,
         **swin_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -113,10 +121,15 @@ class MedMAPEncoder(nn.Module):
         # normalised as the trunk stores them (e.g. window 7 -> (7, 7, 7))
         self.swin_kwargs = {k: first.config.get(k, v) for k, v in self.swin_kwargs.items()}
         self.in_chans, self.patch_size, self.num_features = first.in_chans, first.patch_size, first.num_features
+        self.min_size = self.patch_size
+        self.conv_branch: ConvBranch | None = None
+        if conv_branch is not None:
+            self.conv_branch = ConvBranch(self.in_chans, **branch_settings(conv_branch))
+            self.min_size = tuple(max(p, self.conv_branch.min_size) for p in self.patch_size)
 
     def forward(self, volumes: torch.Tensor, modality_ids: torch.Tensor | Sequence[int | str]) -> EncoderOutput:
         """volumes [V, Cin, D, H, W] float, modality_ids [V] long (or a list of ids / modality names)."""
-        volumes = check_volumes(volumes, "volumes", self.in_chans, min_size=self.patch_size)
+        volumes = check_volumes(volumes, "volumes", self.in_chans, min_size=self.min_size)
         ids = self.modality_id_tensor(modality_ids, volumes.shape[0], volumes.device)
         if self.sharing == "gated":
             features = self.trunk.stage_maps(volumes, True, ids)
@@ -124,7 +137,8 @@ class MedMAPEncoder(nn.Module):
             features = self._separate(volumes, ids)
         last = features[-1].permute(0, 2, 3, 4, 1)  # a channels-last view: the reshape below copies nothing
         tokens = last.reshape(last.shape[0], -1, last.shape[-1])
-        return EncoderOutput(tokens, tokens.mean(1), features)
+        detections = self.conv_branch(volumes) if self.conv_branch is not None else None
+        return EncoderOutput(tokens, tokens.mean(1), features, detections)
 
     def modality_id_tensor(
         self, modality_ids: torch.Tensor | Sequence[int | str], num_volumes: int, device: torch.device
@@ -182,13 +196,16 @@ class MedMAPEncoder(nn.Module):
                     "only plain values (not classes) are supported"
                 )
             swin[key] = value
-        return {
+        config: dict[str, Any] = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": 1,
             "modalities": self.modalities.to_config(),
             "sharing": self.sharing,
             "swin": swin,
         }
+        if self.conv_branch is not None:
+            config.update(format_version=FORMAT_VERSION, conv_branch=self.conv_branch.settings())
+        return config
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed), each atomically."""
@@ -212,7 +229,10 @@ class MedMAPEncoder(nn.Module):
         config = _read_config(path)
         try:
             model = cls(
-                modalities=[tuple(m) for m in config["modalities"]], sharing=config["sharing"], **config["swin"]
+                modalities=[tuple(m) for m in config["modalities"]],
+                sharing=config["sharing"],
+                conv_branch=config.get("conv_branch"),
+                **config["swin"],
             )
         except (TypeError, ValueError, NotImplementedError) as err:
             raise ValueError(f"{path}: describes no valid MedMAPEncoder ({err})") from err
@@ -230,10 +250,12 @@ class MedMAPEncoder(nn.Module):
         return model.to(device)
 
     def settings(self) -> dict[str, Any]:
-        """Every setting, defaults included: modality names, sharing and the full :class:`SwinViT3D` configuration."""
+        """Every setting, defaults included: modality names, sharing, the conv branch's settings (None: no branch)
+        and the full :class:`SwinViT3D` configuration."""
         first = self.slot_trunks()[0]
         swin = {k: v for k, v in first.config.items() if k not in ("num_modalities", "modality_gate")}
-        return {"modalities": self.modalities.names, "sharing": self.sharing, **swin}
+        branch = self.conv_branch.settings() if self.conv_branch is not None else None
+        return {"modalities": self.modalities.names, "sharing": self.sharing, "conv_branch": branch, **swin}
 
     def architecture_differences(self, other: MedMAPEncoder) -> list[str]:
         """The settings that give ``other``'s weights another meaning than this encoder's (training-time settings

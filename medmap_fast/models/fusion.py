@@ -59,6 +59,12 @@ def pack_by_study(
     )
 
 
+def study_max(x: torch.Tensor, study_index: torch.Tensor, num_studies: int) -> torch.Tensor:
+    """[V, C] per volume -> [S, C]: each study's maximum over its volumes (every study has one)."""
+    out = x.new_full((num_studies, x.shape[1]), float("-inf"))
+    return out.scatter_reduce(0, study_index[:, None].expand_as(x), x, "amax", include_self=True)
+
+
 def masked_mean(x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
     """Mean over the non-padded tokens: x [S, L, dim], padding [S, L] -> [S, dim]."""
     keep = (~padding).to(x.dtype)[..., None]

@@ -18,7 +18,12 @@ from torch import nn
 from medmap_fast.fileio import atomic_path, load_safetensors, read_json_object, save_safetensors
 from medmap_fast.losses import AsymmetricContrastiveLoss, FocalLoss, LabelPromptAlignmentLoss
 from medmap_fast.models.encoder import MedMAPEncoder, check_state_dict, saved_encoder_dir
-from medmap_fast.models.fusion import CrossCognitionTransformer, CrossModalSemanticAggregation, pack_by_study
+from medmap_fast.models.fusion import (
+    CrossCognitionTransformer,
+    CrossModalSemanticAggregation,
+    pack_by_study,
+    study_max,
+)
 from medmap_fast.validation import check_float_tensor, check_index, check_json_fields, describe, fail
 
 TASKS = ("multiclass", "binary", "multilabel")
@@ -55,7 +60,8 @@ class MedMAPPretrainModel(nn.Module):
     space, trained with the asymmetric contrastive loss.
 
     Args:
-        encoder: the vision encoder (its pooled last-stage features are projected).
+        encoder: the vision encoder (its pooled last-stage features are projected; with a conv branch, a projection of
+            its detections is added).
         text_dim: width E_text of the report embeddings (384 for the MiniLM-L6 default).
         embed_dim: width of the joint space.
         lam, local_loss and ``loss_kwargs`` (logit_scale_init, logit_scale_max, learnable_scale): see
@@ -81,12 +87,16 @@ class MedMAPPretrainModel(nn.Module):
             **loss_kwargs,
         }
         self.vision_proj = nn.Linear(token_dim(encoder), embed_dim)
+        if encoder.conv_branch is not None:
+            self.detection_proj = nn.Linear(encoder.conv_branch.out_channels, embed_dim)
         self.text_proj = nn.Linear(text_dim, embed_dim)
         self.loss_fn = AsymmetricContrastiveLoss(lam=lam, local_loss=local_loss, **loss_kwargs)
 
     def embed_volumes(self, volumes: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
         """[V, 1, D, H, W], [V] -> projected volume embeddings [V, E]."""
-        return self.vision_proj(self.encoder(volumes, modality_ids).pooled)
+        out = self.encoder(volumes, modality_ids)
+        emb = self.vision_proj(out.pooled)
+        return emb if out.detections is None else emb + self.detection_proj(out.detections)
 
     def embed_reports(self, report_embeddings: torch.Tensor) -> torch.Tensor:
         """Frozen text embeddings [S, E_text] -> projected report embeddings [S, E]."""
@@ -140,14 +150,16 @@ class MedMAPPretrainModel(nn.Module):
 
 
 class ClassifierOutput(NamedTuple):
-    """logits [S, K] (K = 1 for a binary task); features [S, cct.out_dim]: the fused, pooled CCT streams."""
+    """logits [S, K] (K = 1 for a binary task); features [S, cct.out_dim]: the fused, pooled CCT streams (what the
+    head reads; with a conv branch, the logits also hold its detection head's term)."""
 
     logits: torch.Tensor
     features: torch.Tensor
 
 
 class MedMAPClassifier(nn.Module):
-    """Stage 2: encoder -> CSA (visual and vision-language streams) -> CCT -> head, one prediction per study.
+    """Stage 2: encoder -> CSA (visual and vision-language streams) -> CCT -> head, one prediction per study. With an
+    encoder conv branch, a linear detection head on each study's maximum of its volumes' detections adds to the logits.
 
     Args:
         encoder: the vision encoder (fine-tuned; load stage-1 weights with :meth:`load_pretrained_encoder`).
@@ -203,6 +215,8 @@ class MedMAPClassifier(nn.Module):
         self.head = nn.Sequential(
             nn.LayerNorm(fused), nn.Linear(fused, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, outputs)
         )
+        if encoder.conv_branch is not None:
+            self.detection_head = nn.Linear(encoder.conv_branch.out_channels, outputs)
         loss = {"multiclass": "ce"}.get(task, "focal") if loss == "auto" else loss
         if loss not in ("ce", "bce", "focal") or (loss == "ce") != (task == "multiclass"):
             fail("loss", f"'auto', or 'ce' for multiclass and 'bce'/'focal' otherwise (task={task!r})", repr(loss))
@@ -242,7 +256,10 @@ class MedMAPClassifier(nn.Module):
         both = pack_by_study(torch.cat([visual, vision_language], -1), modality_ids, study_index, num_studies)
         visual_packed, vl_packed = both.tokens.chunk(2, dim=-1)
         features = self.cct(both._replace(tokens=visual_packed), vl_packed)
-        return ClassifierOutput(self.head(features), features)
+        logits = self.head(features)
+        if out.detections is not None:
+            logits = logits + self.detection_head(study_max(out.detections, study_index, num_studies))
+        return ClassifierOutput(logits, features)
 
     def compute_loss(self, output: ClassifierOutput, labels: torch.Tensor) -> torch.Tensor:
         """Supervised loss (+ the label-prompt alignment term when label embeddings were given).

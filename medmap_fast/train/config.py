@@ -51,6 +51,7 @@ from medmap_fast.data.loaders import LOADER_KINDS
 from medmap_fast.fileio import atomic_write_bytes
 from medmap_fast.losses import AsymmetricContrastiveLoss
 from medmap_fast.modalities import ModalityRegistry
+from medmap_fast.models.conv_branch import branch_settings
 from medmap_fast.models.encoder import SHARING
 from medmap_fast.models.fusion import POOLINGS as CCT_POOLINGS
 from medmap_fast.models.medmap import MedMAPClassifier
@@ -129,11 +130,13 @@ class DemoDataConfig:
 @dataclass
 class EncoderConfig:
     """``encoder``: the arguments of :class:`~medmap_fast.models.encoder.MedMAPEncoder`: ``modalities`` (null = the
-    twelve defaults; names, [name, description] pairs or a mapping), ``sharing`` and :class:`SwinViT3D`'s (= MONAI
-    ``SwinTransformer``'s) arguments."""
+    twelve defaults; names, [name, description] pairs or a mapping), ``sharing``, ``conv_branch`` (null = none, or
+    a :class:`~medmap_fast.models.conv_branch.ConvBranch`'s ``stages`` and ``unshuffle``) and :class:`SwinViT3D`'s
+    (= MONAI ``SwinTransformer``'s) arguments."""
 
     modalities: list[str | tuple[str, str]] | dict[str, str] | None = None
     sharing: str = "gated"
+    conv_branch: dict[str, Any] | None = None
     in_chans: int = 1
     embed_dim: int = 24
     patch_size: int | tuple[int, int, int] = 2
@@ -155,6 +158,8 @@ class EncoderConfig:
         if self.sharing not in SHARING:
             fail("sharing", f"one of {SHARING}", repr(self.sharing))
         ModalityRegistry(self.modalities)  # checks the names
+        if self.conv_branch is not None:
+            self.conv_branch = branch_settings(self.conv_branch, "encoder.conv_branch")
         as_triple(self.patch_size, "patch_size")
         as_triple(self.window_size, "window_size")
         if not self.depths or len(self.depths) != len(self.num_heads):

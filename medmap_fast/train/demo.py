@@ -53,20 +53,24 @@ def configs_dir() -> Path:
 def organ_metrics(
     probs: np.ndarray, labels: np.ndarray, organ_classes: Mapping[str, Sequence[str]], class_names: Sequence[str]
 ) -> dict[str, Any]:
-    """Metrics of each organ's own task: its studies only, probabilities renormalised over its classes.
+    """Metrics of each organ's own task: its studies only, probabilities renormalised over its classes (those of
+    ``class_names``: a model may know a subset, in any order).
 
     The macro one-vs-rest AUC over all classes also rewards telling brain from liver, which is easy; these numbers
     measure the abnormality detection within an organ.
     """
     out = {}
-    for organ, names in organ_classes.items():
+    for organ, all_names in organ_classes.items():
+        names = [n for n in all_names if n in class_names]
         idx = [class_names.index(n) for n in names]
         rows = np.isin(labels, idx)
         if not rows.any():
             continue
         p = probs[rows][:, idx]
         p = p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
-        y = np.searchsorted(np.array(idx), labels[rows])  # idx is sorted: the organ's classes are contiguous
+        position = np.full(len(class_names), -1)
+        position[idx] = np.arange(len(idx))  # class index -> its place among the organ's classes (any class order)
+        y = position[labels[rows]]
         out[organ] = classification_metrics(p, y, list(names))
     return out
 
