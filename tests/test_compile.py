@@ -86,8 +86,9 @@ def test_gated_encoder_compiles_fullgraph() -> None:
     _compiled_equals_eager(model, torch.randn(3, 1, 8, 10, 8), torch.tensor([2, 0, 2]))
 
 
-def test_classifier_compiles_fullgraph() -> None:
-    encoder = MedMAPEncoder(modalities=MODALITIES, sharing="gated", **TINY)
+@pytest.mark.parametrize("conv_branch", [None, {"stages": [[4], [8]]}], ids=["trunk", "conv-branch"])
+def test_classifier_compiles_fullgraph(conv_branch) -> None:
+    encoder = MedMAPEncoder(modalities=MODALITIES, sharing="gated", conv_branch=conv_branch, **TINY)
     model = MedMAPClassifier(encoder, 3, torch.randn(len(MODALITIES), 16), dim=16, num_heads=2, dropout=0.0)
     # study 0 has two volumes, study 1 one: key padding in the cross-attention
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
