@@ -1,0 +1,73 @@
+"""The encoder's conv branch: what it adds to a training step of the demo's encoder, on the CPU.
+
+    python bench/bench_conv_branch.py --threads 2       # the demo's encoder and batch: 8 studies x 3 volumes, 32^3
+
+Rows (each one AdamW step of the encoder alone, forward + backward of a loss on its tokens and detections, the same
+volumes): ``trunk`` (the demo's Swin, no branch: the baseline), ``+ branch`` (the demo's ``conv_branch``: 2^3
+space-to-depth, 16 | 32-64 channels), ``+ full-res CNN`` (the same widths as three full-resolution stages,
+``unshuffle: 1``, stages [[16], [32], [64]]: the three-layer CNN the branch stands in for). Steps run in turn within
+each repeat; the ratio is each row's median wall time over the trunk's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+import torch
+from _timing import interleaved_cpu
+from bench_swin_cpu import device_line
+
+from medmap_fast.models.encoder import MedMAPEncoder
+
+DEMO_TRUNK = dict(embed_dim=24, patch_size=4, window_size=4, depths=(2, 2), num_heads=(3, 6), use_v2=True)
+ROWS = {
+    "trunk": None,
+    "+ branch": {"stages": [[16], [32, 64]], "unshuffle": 2},
+    "+ full-res CNN": {"stages": [[16], [32], [64]], "unshuffle": 1},
+}
+
+
+def step(encoder: MedMAPEncoder, optimiser: torch.optim.Optimizer, volumes: torch.Tensor, ids: torch.Tensor) -> None:
+    """One AdamW step of ``encoder`` on a loss of its tokens (and detections, where it has a branch)."""
+    out = encoder(volumes, ids)
+    loss = out.tokens.amax(1).sum() + (out.detections.sum() if out.detections is not None else 0)
+    loss.backward()
+    optimiser.step()
+    encoder.zero_grad(set_to_none=True)
+
+
+def rows(volumes: int, size: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    x, ids = torch.randn(volumes, 1, size, size, size), torch.randint(0, 12, (volumes,))
+    encoders = {name: MedMAPEncoder(conv_branch=branch, **DEMO_TRUNK) for name, branch in ROWS.items()}
+    optimisers = {name: torch.optim.AdamW(e.parameters(), lr=1e-4) for name, e in encoders.items()}
+    return {name: (lambda e=e, o=optimisers[name]: step(e, o, x, ids)) for name, e in encoders.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--volumes", type=int, default=24, help="volumes per step (default 24: 8 studies x 3)")
+    parser.add_argument("--size", type=int, default=32, help="cubic volume side (default 32, the demo's)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    medians = interleaved_cpu(rows(args.volumes, args.size), args.repeats)
+    base = medians["trunk"][0]
+    print(f"{device_line()}; {args.volumes} volumes of {args.size}^3, median of {args.repeats} interleaved steps")
+    print("| row | ms per step | x trunk |\n|---|---:|---:|")
+    for name, (wall, _) in medians.items():
+        print(f"| {name} | {1e3 * wall:.1f} | {wall / base:.2f} |")
+    return 0
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_conv_branch_step_cpu(benchmark, name: str) -> None:
+    benchmark(rows(4, 16)[name])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
