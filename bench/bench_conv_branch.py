@@ -1,22 +1,25 @@
-"""The encoder's conv branch: what it adds to a training step of the demo's encoder, on the CPU.
+"""The encoder's conv branch: what it adds to a training step of the demo's encoder, on the CPU and on CUDA.
 
     python bench/bench_conv_branch.py --threads 2       # the demo's encoder and batch: 8 studies x 3 volumes, 32^3
+    python bench/gpu_check.py --only bench_conv_branch  # CUDA rows (bf16 autocast): the demo's batch and 8 x 64^3
 
 Rows (each one AdamW step of the encoder alone, forward + backward of a loss on its tokens and detections, the same
 volumes): ``trunk`` (the demo's Swin, no branch: the baseline), ``+ branch`` (the demo's ``conv_branch``: 2^3
 space-to-depth, 16 | 32-64 channels), ``+ full-res CNN`` (the same widths as three full-resolution stages,
 ``unshuffle: 1``, stages [[16], [32], [64]]: the three-layer CNN the branch stands in for). Steps run in turn within
-each repeat; the ratio is each row's median wall time over the trunk's.
+each repeat; the ratio is each row's median wall time over the trunk's. The branch is cuDNN / oneDNN convolutions,
+BatchNorm, ReLU and max-pooling (no kernel of ours), so the rows time it and check nothing against a reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
-from _timing import interleaved_cpu
+from _timing import cuda_time_ms, interleaved_cpu, peak_mib
 from bench_swin_cpu import device_line
 
 from medmap_fast.models.encoder import MedMAPEncoder
@@ -38,12 +41,44 @@ def step(encoder: MedMAPEncoder, optimiser: torch.optim.Optimizer, volumes: torc
     encoder.zero_grad(set_to_none=True)
 
 
-def rows(volumes: int, size: int) -> dict[str, object]:
+def rows(volumes: int, size: int, device: str = "cpu") -> dict[str, Callable[[], None]]:
+    """Each row's step on the same ``volumes`` x 1 x ``size``^3 batch (bf16 autocast on CUDA)."""
     torch.manual_seed(0)
-    x, ids = torch.randn(volumes, 1, size, size, size), torch.randint(0, 12, (volumes,))
-    encoders = {name: MedMAPEncoder(conv_branch=branch, **DEMO_TRUNK) for name, branch in ROWS.items()}
+    x = torch.randn(volumes, 1, size, size, size, device=device)
+    ids = torch.randint(0, 12, (volumes,), device=device)
+    encoders = {name: MedMAPEncoder(conv_branch=branch, **DEMO_TRUNK).to(device) for name, branch in ROWS.items()}
     optimisers = {name: torch.optim.AdamW(e.parameters(), lr=1e-4) for name, e in encoders.items()}
-    return {name: (lambda e=e, o=optimisers[name]: step(e, o, x, ids)) for name, e in encoders.items()}
+    autocast = torch.autocast(device, torch.bfloat16, enabled=device == "cuda")
+
+    def run(name: str) -> Callable[[], None]:
+        def one() -> None:
+            with autocast:
+                step(encoders[name], optimisers[name], x, ids)
+
+        return one
+
+    return {name: run(name) for name in encoders}
+
+
+def gpu_rows(cases: tuple[tuple[int, int], ...] = ((24, 32), (8, 64))) -> list[dict]:
+    """Rows for bench/gpu_check.py: each branch row against the trunk alone, per (volumes, size) case."""
+    out = []
+    for volumes, size in cases:
+        steps = rows(volumes, size, "cuda")
+        timed = {name: (cuda_time_ms(fn, warmup=3, repeats=10), peak_mib(fn)) for name, fn in steps.items()}
+        base_ms, base_peak = timed["trunk"]
+        for name in ROWS:
+            if name == "trunk":
+                continue
+            ms, peak = timed[name]
+            out.append({"op": f"encoder step ({name})", "case": f"{volumes}x1x{size}^3 demo trunk",
+                        "dtype": "bf16-autocast", "pass": "fwd+bwd+AdamW", "ms": ms, "baseline": "trunk",
+                        "baseline_ms": base_ms, "speedup": base_ms / ms, "peak_mib": peak,
+                        "baseline_peak_mib": base_peak, "metric": "volumes/s", "value": volumes / ms * 1e3,
+                        "note": "cuDNN convolutions: timed, no kernel of ours to check"})
+        del steps
+        torch.cuda.empty_cache()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

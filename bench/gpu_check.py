@@ -23,7 +23,7 @@ import torch
 
 # the train-step bench last: its compiled rows compile the encoder once per stage before they are timed
 MODULES = ("bench_patch_embed_3d", "bench_window_attention", "bench_gated_attention", "bench_swin_gpu",
-           "bench_train_step")
+           "bench_conv_branch", "bench_train_step")
 COLUMNS = ("op", "case", "dtype", "pass", "ms", "baseline", "baseline_ms", "speedup", "peak_mib",
            "baseline_peak_mib", "metric", "value", "max_err", "ref_err", "ok", "note")
 
