@@ -6,7 +6,8 @@
 Rows (each one AdamW step of the encoder alone, forward + backward of a loss on its tokens and detections, the same
 volumes): ``trunk`` (the demo's Swin, no branch: the baseline), ``+ branch`` (the demo's ``conv_branch``: 2^3
 space-to-depth, 16 | 32-64 channels), ``+ full-res CNN`` (the same widths as three full-resolution stages,
-``unshuffle: 1``, stages [[16], [32], [64]]: the three-layer CNN the branch stands in for). Steps run in turn within
+``unshuffle: 1``, stages [[16], [32], [64]]: the three-layer CNN the branch stands in for), ``quick trunk + branch``
+(demo_quick's encoder: one Swin block per stage, no v2 conv blocks, the same branch). Steps run in turn within
 each repeat; the ratio is each row's median wall time over the trunk's. The branch is cuDNN / oneDNN convolutions,
 BatchNorm, ReLU and max-pooling (no kernel of ours), so the rows time it and check nothing against a reference.
 """
@@ -25,10 +26,13 @@ from bench_swin_cpu import device_line
 from medmap_fast.models.encoder import MedMAPEncoder
 
 DEMO_TRUNK = dict(embed_dim=24, patch_size=4, window_size=4, depths=(2, 2), num_heads=(3, 6), use_v2=True)
-ROWS = {
-    "trunk": None,
-    "+ branch": {"stages": [[16], [32, 64]], "unshuffle": 2},
-    "+ full-res CNN": {"stages": [[16], [32], [64]], "unshuffle": 1},
+QUICK_TRUNK = {**DEMO_TRUNK, "depths": (1, 1), "use_v2": False}  # demo_quick's
+BRANCH = {"stages": [[16], [32, 64]], "unshuffle": 2}
+ROWS = {  # name: (trunk, conv_branch)
+    "trunk": (DEMO_TRUNK, None),
+    "+ branch": (DEMO_TRUNK, BRANCH),
+    "+ full-res CNN": (DEMO_TRUNK, {"stages": [[16], [32], [64]], "unshuffle": 1}),
+    "quick trunk + branch": (QUICK_TRUNK, BRANCH),
 }
 
 
@@ -46,7 +50,7 @@ def rows(volumes: int, size: int, device: str = "cpu") -> dict[str, Callable[[],
     torch.manual_seed(0)
     x = torch.randn(volumes, 1, size, size, size, device=device)
     ids = torch.randint(0, 12, (volumes,), device=device)
-    encoders = {name: MedMAPEncoder(conv_branch=branch, **DEMO_TRUNK).to(device) for name, branch in ROWS.items()}
+    encoders = {name: MedMAPEncoder(conv_branch=branch, **trunk).to(device) for name, (trunk, branch) in ROWS.items()}
     optimisers = {name: torch.optim.AdamW(e.parameters(), lr=1e-4) for name, e in encoders.items()}
     autocast = torch.autocast(device, torch.bfloat16, enabled=device == "cuda")
 
@@ -71,7 +75,7 @@ def gpu_rows(cases: tuple[tuple[int, int], ...] = ((24, 32), (8, 64))) -> list[d
             if name == "trunk":
                 continue
             ms, peak = timed[name]
-            out.append({"op": f"encoder step ({name})", "case": f"{volumes}x1x{size}^3 demo trunk",
+            out.append({"op": f"encoder step ({name})", "case": f"{volumes}x1x{size}^3",
                         "dtype": "bf16-autocast", "pass": "fwd+bwd+AdamW", "ms": ms, "baseline": "trunk",
                         "baseline_ms": base_ms, "speedup": base_ms / ms, "peak_mib": peak,
                         "baseline_peak_mib": base_peak, "metric": "volumes/s", "value": volumes / ms * 1e3,

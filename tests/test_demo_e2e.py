@@ -16,9 +16,10 @@ from medmap_fast.train.runlog import read_metrics
 
 QUICK_BUDGET_S = 240  # the bound for --quick on 2 CPU cores (not asserted: CI machines may be shared)
 QUICK_MIN_AUC = 0.75
-# The liver classes (steatosis, iron, cirrhosis, three focal lesions) are learned within the quick budget (0.87
-# measured for seed 0 with the CNN branch); the brain classes need the full demo's studies (0.54 here, 0.81 there;
-# README), so only the liver's own AUC is bounded.
+# Each organ's own macro AUC (its studies only, its classes only): the bound for the brain findings, and the
+# liver's (steatosis, iron, cirrhosis, three focal lesions). Measured on 2 CPU cores: brain 0.689, liver 0.871 for
+# this seed; over seeds 0-2 see README.
+QUICK_MIN_BRAIN_AUC = 0.65
 QUICK_MIN_LIVER_AUC = 0.65
 
 
@@ -47,6 +48,7 @@ def test_quick_demo_learns_and_writes_its_run_folder(tmp_path):
         assert 0.0 <= pretrain[key] <= 1.0, key
     assert test["auc_macro"] >= QUICK_MIN_AUC, test["auc_macro"]
     assert test["accuracy"] > 2 * test["chance_accuracy"]
+    assert test["per_organ"]["brain"]["auc_macro"] >= QUICK_MIN_BRAIN_AUC, test["per_organ"]
     assert test["per_organ"]["liver"]["auc_macro"] >= QUICK_MIN_LIVER_AUC, test["per_organ"]
     assert (out / "stage2" / "model" / "classifier.json").is_file()
     assert metrics["config"] == load_config(out / RUN_CONFIG).to_dict()  # the resolved config, reloadable
