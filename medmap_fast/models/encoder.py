@@ -61,6 +61,7 @@ SWIN_JSON_KINDS = {
 FORMAT = "medmap-fast/MedMAPEncoder"
 # 2: may hold "conv_branch"; a config.json without one is written as version 1, which every release reads.
 FORMAT_VERSION = 2
+PLAIN_FORMAT_VERSION = 1
 
 
 class EncoderOutput(NamedTuple):
@@ -198,7 +199,7 @@ class MedMAPEncoder(nn.Module):
             swin[key] = value
         config: dict[str, Any] = {
             "format": FORMAT,
-            "format_version": 1,
+            "format_version": PLAIN_FORMAT_VERSION,
             "modalities": self.modalities.to_config(),
             "sharing": self.sharing,
             "swin": swin,
