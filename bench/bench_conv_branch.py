@@ -7,9 +7,10 @@ Rows (each one AdamW step of the encoder alone, forward + backward of a loss on 
 volumes): ``trunk`` (the demo's Swin, no branch: the baseline), ``+ branch`` (the demo's ``conv_branch``: 2^3
 space-to-depth, 16 | 32-64 channels), ``+ full-res CNN`` (the same widths as three full-resolution stages,
 ``unshuffle: 1``, stages [[16], [32], [64]]: the three-layer CNN the branch stands in for), ``quick trunk + branch``
-(demo_quick's encoder: one Swin block per stage, no v2 conv blocks, the same branch). Steps run in turn within
-each repeat; the ratio is each row's median wall time over the trunk's. The branch is cuDNN / oneDNN convolutions,
-BatchNorm, ReLU and max-pooling (no kernel of ours), so the rows time it and check nothing against a reference.
+(demo_quick's encoder: 8^3 patches, one Swin block per stage, no v2 conv blocks, the same branch). Steps run in
+turn within each repeat; the ratio is each row's median wall time over the trunk's. The branch is cuDNN / oneDNN
+convolutions, BatchNorm, ReLU and max-pooling (no kernel of ours), so the rows time it and check nothing against a
+reference.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bench_swin_cpu import device_line
 from medmap_fast.models.encoder import MedMAPEncoder
 
 DEMO_TRUNK = dict(embed_dim=24, patch_size=4, window_size=4, depths=(2, 2), num_heads=(3, 6), use_v2=True)
-QUICK_TRUNK = {**DEMO_TRUNK, "depths": (1, 1), "use_v2": False}  # demo_quick's
+QUICK_TRUNK = {**DEMO_TRUNK, "patch_size": 8, "depths": (1, 1), "use_v2": False}  # demo_quick's
 BRANCH = {"stages": [[16], [32, 64]], "unshuffle": 2}
 ROWS = {  # name: (trunk, conv_branch)
     "trunk": (DEMO_TRUNK, None),

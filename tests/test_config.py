@@ -56,12 +56,12 @@ def test_shipped_configs_load_into_the_typed_tree_with_their_meaning():
     train = paper.pretrain.train
     assert (train.lr, train.weight_decay, train.epochs) == (1e-4, 1e-5, 100)
     assert (paper.finetune.model.dim, paper.finetune.model.depth, paper.pretrain.model.embed_dim) == (256, 2, 512)
-    for name, studies, epochs, v2, depths in (("demo", 2400, (6, 10), True, (2, 2)),
-                                              ("demo_quick", 1200, (1, 12), False, (1, 1))):
+    for name, studies, epochs, v2, depths, patch in (("demo", 2400, (6, 10), True, (2, 2), 4),
+                                                     ("demo_quick", 1200, (1, 14), False, (1, 1), 8)):
         demo = loaded[name]
         assert demo.demo.num_studies == studies and demo.crop_size("finetune") == (32, 32, 32)
         assert (demo.pretrain.train.epochs, demo.finetune.train.epochs) == epochs
-        assert demo.encoder.use_v2 == v2 and demo.encoder.depths == depths and demo.encoder.patch_size == 4
+        assert demo.encoder.use_v2 == v2 and demo.encoder.depths == depths and demo.encoder.patch_size == patch
         assert demo.finetune.model.pool == "max" and demo.finetune.train.lr == 3e-4 and demo.pretrain.max_volumes == 2
         assert demo.augment("pretrain", training=True) == AugmentConfig.eval((32, 32, 32))  # augment: false
 
