@@ -88,7 +88,11 @@ def test_apply_matches_numpy(tmp_path: Path, k: int, start: tuple[int, int, int]
     p = AugmentParams(start, flip, k, np.array([1.1, 0.9], np.float32), np.array([0.2, -0.1], np.float32))
     want = reference(x, p, size)
     np.testing.assert_array_equal(apply(np.load(tmp_path / "x.npy", mmap_mode="r"), p, size).numpy(), want)
+    np.testing.assert_array_equal(apply(np.load(tmp_path / "x.npy"), p, size).numpy(), want)  # read whole
     np.testing.assert_array_equal(apply(torch.from_numpy(x), p, size).numpy(), want)
+    x32 = torch.from_numpy(x.astype(np.float32))
+    np.testing.assert_array_equal(apply(x32, p, size).numpy(), want)
+    assert torch.equal(x32, torch.from_numpy(x.astype(np.float32)))  # scaled and shifted in a copy, not in place
 
 
 def test_sample_params_placement() -> None:

@@ -4,6 +4,8 @@ The CLI stages end to end: tests/test_cli_real_mri.py; the run config: tests/tes
 
 from __future__ import annotations
 
+import copy
+
 import math
 import os
 import random
@@ -19,7 +21,7 @@ from torch import nn
 from medmap_fast.train.checkpoint import CHECKPOINT_NAME
 from medmap_fast.train.data import StageBatches, keep_volumes, with_report_embeddings
 from medmap_fast.train.distributed import DistributedContext, ShardedSampler, init_distributed, shutdown
-from medmap_fast.train.loop import TrainConfig, WarmupCosine, fit, param_groups
+from medmap_fast.train.loop import TrainConfig, WarmupCosine, adamw, fit, param_groups
 from medmap_fast.train.runlog import TIMING_KEYS, read_metrics
 
 CPU = DistributedContext()
@@ -50,6 +52,26 @@ def test_param_groups_skip_decay_on_1d_and_scale_lr_by_prefix():
     assert found[(5e-4, 0.0)] == {id(enc_norm.weight), id(enc_norm.bias)}  # the longest prefix wins
     assert found[(1e-3, 0.05)] == {id(model["head"].weight)}  # the frozen bias is left out
     assert sum(len(g["params"]) for g in groups) == 5
+
+
+def test_cpu_adamw_takes_the_multi_tensor_path_with_the_per_tensor_results():
+    """The run's optimiser on the CPU uses AdamW's foreach path, which must not move a bit against the per-tensor
+    loop that torch picks by default there (seeded CPU runs repeat bit for bit, and the README's numbers with them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+    twin = copy.deepcopy(model)
+    config = TrainConfig(lr=3e-3, weight_decay=0.05, lr_scale={"2.": 3.0})
+    fast = adamw(model, config, torch.device("cpu"))
+    loop = torch.optim.AdamW(param_groups(twin, 0.05, 3e-3, {"2.": 3.0}), lr=3e-3, betas=config.betas, foreach=False)
+    assert fast.defaults["foreach"] and not fast.defaults["fused"]
+    for step in range(20):
+        grads = [torch.randn_like(p) * (step + 1) for p in model.parameters()]
+        for net, opt in ((model, fast), (twin, loop)):
+            for p, g in zip(net.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
 
 
 @pytest.mark.parametrize(

@@ -122,8 +122,8 @@ def crop_windows(shape: Sequence[int], start: Sequence[int], size: Size) -> tupl
 
 
 def apply(array: np.ndarray | torch.Tensor, params: AugmentParams, size: Size) -> torch.Tensor:
-    """Augment one study: ``array`` [M, X, Y, Z] (a float16 memmap: only the crop is read; or a tensor) ->
-    float32 tensor [M, *size]."""
+    """Augment one study: ``array`` [M, X, Y, Z] (a float16 array, a memmap of which only the crop is read, or a
+    tensor) -> float32 tensor [M, *size]."""
     if array.ndim != 4 or len(params.scale) != array.shape[0] or len(params.shift) != array.shape[0]:
         fail(
             "array",
@@ -134,11 +134,17 @@ def apply(array: np.ndarray | torch.Tensor, params: AugmentParams, size: Size) -
         fail("params.k", "an even number of quarter turns for a non-square (X, Y) size", f"k={params.k}, size {size}")
     src, dst = crop_windows(array.shape[1:], params.start, size)
     region = array[(slice(None), *src)]
-    region = (
-        region.float() if isinstance(region, torch.Tensor) else torch.from_numpy(np.array(region, dtype=np.float32))
-    )  # the one read of the memmap
-    out = torch.zeros((array.shape[0], *size), dtype=torch.float32)
-    out[(slice(None), *dst)] = region
+    # The one read of the memmap (or a copy of the tensor): a new float32 tensor, ours to change in place.
+    crop = (
+        region.to(torch.float32, copy=True)
+        if isinstance(region, torch.Tensor)
+        else torch.from_numpy(np.array(region, dtype=np.float32))
+    )
+    if tuple(crop.shape[1:]) == tuple(size):
+        out = crop  # the crop fills the output: nothing to pad
+    else:
+        out = torch.zeros((array.shape[0], *size), dtype=torch.float32)
+        out[(slice(None), *dst)] = crop
     dims = [axis + 1 for axis, f in enumerate(params.flip) if f]
     if dims:
         out = out.flip(dims)
