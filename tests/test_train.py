@@ -5,7 +5,6 @@ The CLI stages end to end: tests/test_cli_real_mri.py; the run config: tests/tes
 from __future__ import annotations
 
 import copy
-
 import math
 import os
 import random
@@ -62,7 +61,8 @@ def test_cpu_adamw_takes_the_multi_tensor_path_with_the_per_tensor_results():
     twin = copy.deepcopy(model)
     config = TrainConfig(lr=3e-3, weight_decay=0.05, lr_scale={"2.": 3.0})
     fast = adamw(model, config, torch.device("cpu"))
-    loop = torch.optim.AdamW(param_groups(twin, 0.05, 3e-3, {"2.": 3.0}), lr=3e-3, betas=config.betas, foreach=False)
+    groups = param_groups(twin, config.weight_decay, config.lr, config.lr_scale)
+    loop = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, foreach=False)
     assert fast.defaults["foreach"] and not fast.defaults["fused"]
     for step in range(20):
         grads = [torch.randn_like(p) * (step + 1) for p in model.parameters()]

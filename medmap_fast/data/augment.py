@@ -11,6 +11,7 @@ Order: crop/pad (pad value 0 = background of the z-scored cache), flips, rot90 i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -108,6 +109,12 @@ def sample_params(
 def study_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The RNG of study ``index`` in ``epoch``: the same whatever the worker, rank or resume point."""
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, index]))
+
+
+def crop_reads_most(shape: Sequence[int], size: Size) -> bool:
+    """Does a ``size`` crop of a study of spatial ``shape`` (X, Y, Z) read at least half of its voxels? Then one read
+    of the whole file beats a memory map, which only pays when the crop leaves most of the array unread."""
+    return 2 * math.prod(min(side, out) for side, out in zip(shape, size, strict=True)) >= math.prod(shape)
 
 
 def crop_windows(shape: Sequence[int], start: Sequence[int], size: Size) -> tuple[tuple[slice, ...], tuple[slice, ...]]:

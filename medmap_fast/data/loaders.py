@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medmap_fast.data.augment import AugmentConfig, AugmentParams, apply, sample_params, study_rng
+from medmap_fast.data.augment import AugmentConfig, AugmentParams, apply, crop_reads_most, sample_params, study_rng
 from medmap_fast.data.cache import CacheEntry, LabelSpace
 from medmap_fast.data.manifest import Modalities, as_registry
 from medmap_fast.modalities import ModalityRegistry
@@ -91,11 +91,8 @@ class StudyDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> StudyItem:
         epoch, index = key
         entry, size = self.entries[index], self.augment.size
-        # Memory-map only when the crop reads less than half of the array: else one read of the file is faster.
-        mapped = 2 * math.prod(min(s, c) for s, c in zip(entry.shape[1:], size, strict=True)) < math.prod(
-            entry.shape[1:]
-        )
-        return self.item(index, apply(entry.load(self.cache_dir, mmap=mapped), self.params(epoch, index), size))
+        array = entry.load(self.cache_dir, mmap=not crop_reads_most(entry.shape[1:], size))
+        return self.item(index, apply(array, self.params(epoch, index), size))
 
 
 def assemble_batch(volumes: torch.Tensor, items: Sequence[StudyItem]) -> Batch:
