@@ -73,15 +73,21 @@ def _upstream(p: Problem, passes: str) -> torch.Tensor | None:
     return torch.randn(p.x.shape, generator=torch.Generator().manual_seed(2)).to(p.x)
 
 
-def check(p: Problem, passes: str, names: Sequence[str] = ALL_ROWS) -> Checked:
-    """Build the rows, run each once (compiling those that compile) and keep those within the flash rule against a
-    float64 run of MONAI's block, SDPA in ``p``'s dtype being the reference; then the dropout rows
-    (:func:`check_dropout`)."""
+def references(p: Problem, passes: str) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+    """The flash rule's inputs for ``passes``: the output gradient (None for fwd), the reference run (SDPA in ``p``'s
+    dtype) and the exact one (MONAI's block in float64), each as the output followed by the gradients."""
     dout = _upstream(p, passes)
     p64 = p.to(torch.float64)
     exact = step(lambda x: p64.block.forward_part1(x, p64.mask), p64, None if dout is None else dout.double())()
     del p64
-    ref = step(sdpa_row(p), p, dout)()
+    return dout, step(sdpa_row(p), p, dout)(), exact
+
+
+def check(p: Problem, passes: str, names: Sequence[str] = ALL_ROWS) -> Checked:
+    """Build the rows, run each once (compiling those that compile) and keep those within the flash rule against a
+    float64 run of MONAI's block, SDPA in ``p``'s dtype being the reference; then the dropout rows
+    (:func:`check_dropout`)."""
+    dout, ref, exact = references(p, passes)
     fns, skipped = rows(p, [name for name in names if name in ROWS], passes)
     checked = keep_passing({name: step(fn, p, dout) for name, fn in fns.items()}, ref, exact, skipped)
     dropped = check_dropout(p, passes, [name for name in names if name in DROPOUT_ROWS])

@@ -3,6 +3,7 @@
 # plus monai / einops / nibabel, which the GPU image lacks), run the GPU check table and the GPU tests.
 #   here:   bash bench/run_gpu.sh --build          (fills wheelhouse/, which the device call carries)
 #   there:  bash bench/run_gpu.sh                  (writes into $OUT, or bench/gpu_results)
+#   then:   bash bench/run_gpu.sh --tune [KIND..]  (times the window-attention launch configs: fwd, bwd, bias)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--build" ]; then
@@ -15,6 +16,12 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 out=${OUT:-bench/gpu_results}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+if [ "${1:-}" = "--tune" ]; then
+    shift
+    timeout "${GPU_TUNE_TIMEOUT:-540}" python3 bench/tune_window_attention.py --time ${1:+--kinds "$@"} \
+        --json "$out/tune.json" 2>&1 | tee "$out/tune.log"
+    exit "${PIPESTATUS[0]}"
+fi
 timeout "${GPU_CHECK_TIMEOUT:-330}" python3 bench/gpu_check.py --out "$out" 2>&1 | tee "$out/gpu_check.log"
 # -P: the repo root must not shadow the installed wheel (its medmap_fast/ has no kernels/ subpackage)
 timeout "${GPU_TEST_TIMEOUT:-150}" python3 -P -m pytest tests/ -q -p no:cacheprovider -m "gpu or window_attention" 2>&1 | tee "$out/gpu_tests.log"

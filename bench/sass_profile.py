@@ -216,6 +216,14 @@ def _cubin_tool(tool: str, flags: list[str], data: bytes | str, suffix: str) -> 
     return run.stdout + run.stderr
 
 
+def occupancy(regs: int, smem_bytes: int, warps: int) -> tuple[int, str]:
+    """CTAs per SM of a kernel on an H100 and the limit that binds ("regs", "smem", "threads", or "max")."""
+    limits = {"regs": REGS_PER_SM // (math.ceil(regs * 32 / REG_UNIT) * REG_UNIT) // warps,
+              "smem": SMEM_PER_SM // max(smem_bytes, 1), "threads": THREADS_PER_SM // (32 * warps), "max": CTAS_PER_SM}
+    ctas = min(limits.values())
+    return ctas, min(limits, key=limits.get) if ctas < CTAS_PER_SM else "max"
+
+
 def kernel_profile(launch: Launch, trips: int | None) -> dict:
     """Registers, spills, shared memory, occupancy and the inner loop's instruction mix of one compiled launch;
     ``trips``: iterations of the inner loop per program (None where unknown) for the issue floor."""
@@ -227,16 +235,14 @@ def kernel_profile(launch: Launch, trips: int | None) -> dict:
     usage = _cubin_tool("cuobjdump", ["--dump-resource-usage"], c.asm["cubin"], ".cubin")
     smem = c.metadata.shared + int(re.search(r"SHARED:(\d+)", usage)[1])
     warps = c.metadata.num_warps
-    limits = {"regs": REGS_PER_SM // (math.ceil(regs * 32 / REG_UNIT) * REG_UNIT) // warps,
-              "smem": SMEM_PER_SM // max(smem, 1), "threads": THREADS_PER_SM // (32 * warps), "max": CTAS_PER_SM}
-    ctas = min(limits.values())
+    ctas, limit = occupancy(regs, smem, warps)
     body, loops = inner_loop(parse_sass(_cubin_tool("cuobjdump", ["-sass"], c.asm["cubin"], ".cubin")))
     mix = Counter(category(i.opcode) for i in body)
     exp = sum(i.full.startswith("MUFU.EX2") for i in body)
     programs = math.prod(launch.grid)
     return {
         "warps": warps, "regs": regs, "spill_store_bytes": spill_st, "spill_load_bytes": spill_ld, "smem_bytes": smem,
-        "ctas_per_sm": ctas, "cta_limit": min(limits, key=limits.get) if ctas < CTAS_PER_SM else "max",
+        "ctas_per_sm": ctas, "cta_limit": limit,
         "loops": loops, "loop_instructions": len(body), "mix": {k: mix.get(k, 0) for k in CATEGORIES},
         "mufu_ex2": exp, "opcodes": dict(Counter(i.opcode for i in body).most_common(12)),
         "tensor_exp_fraction": (mix["HGMMA"] + mix["HMMA"] + exp) / max(1, len(body)),
@@ -385,8 +391,9 @@ OPS = {"window_attention": window_attention_cases, "patch_embed_3d": patch_embed
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def profile_case(case: Case, dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
-    """Kernel rows and roofline rows (one per pass) of one case."""
+def profile_case(case: Case, dtype: torch.dtype, only: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Kernel rows and roofline rows (one per pass) of one case; with ``only``, the rows of that kernel alone (the
+    others are compiled, not profiled)."""
     base = {"op": case.op, "case": case.name}
     failure = None
     with compiling_for_sm90() as (launches, phase):
@@ -397,7 +404,7 @@ def profile_case(case: Case, dtype: torch.dtype) -> tuple[list[dict], list[dict]
         except Exception as e:  # the op's host code failed: report it, keep the launches compiled before
             failure = _error(e)
     rows = []
-    for launch in launches:
+    for launch in (launch for launch in launches if only in (None, launch.kernel)):
         row = {**base, "kernel": launch.kernel, "pass": launch.phase, "error": launch.error}
         if launch.error is None:
             try:

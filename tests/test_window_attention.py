@@ -238,6 +238,7 @@ def test_only_some_inputs_need_grad():
 # ------------------------------------------------------------------------------------ sm_90 compile, no GPU needed
 
 PROFILE = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "sass_profile.py")
+TUNER = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "tune_window_attention.py")
 V1_INTEGER_PER_KEY_BLOCK = {16: 990, 32: 1221}  # v1's forward, shifted (bench/RESULTS.md, static profile of 1e90a7f)
 
 
@@ -274,6 +275,26 @@ def test_kernels_compile_for_hopper(tmp_path, dtype):
     for case, passes in dropped:
         plain = floors[(case.split(" drop")[0], passes)]
         assert floors[(case, passes)] <= 3 * plain, f"{case} {passes}: issue floor {floors[(case, passes)]} us"
+
+
+def test_launch_config_sweep_compiles_each_candidate(tmp_path):
+    """bench/tune_window_attention.py (no GPU: sm_90 compiles) on the backward kernel's first two candidates in both
+    of its cases: the shipped config first, then another one; each launch took the candidate's config (the tuner
+    checks it) and was profiled; the shipped config keeps issue 10's targets."""
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton build carries no NVIDIA backend (ptxas) to compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "tune.json"
+    run = subprocess.run([sys.executable, TUNER, "--kinds", "bwd", "--limit", "2", "--json", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["kind"], r["shipped"]) for r in rows] == [("bwd", True), ("bwd", False)] * 2, rows
+    assert len({r["case"] for r in rows}) == 2 and all(not r["error"] and r["issue_floor_us"] > 0 for r in rows), rows
+    for shipped, other in (rows[:2], rows[2:]):
+        assert shipped["config"] != other["config"]
+        assert shipped["spill_bytes"] == shipped["hmma"] == 0 and shipped["ctas_per_sm"] >= 2, shipped
 
 
 # -------------------------------------------------------------------------------------------------------------- GPU
