@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The lent-GPU session script: install the carried wheels (this project built by `bench/run_gpu.sh --build` here,
 # plus monai / einops / nibabel, which the GPU image lacks), run the GPU check table and the GPU tests.
-#   here:   bash bench/run_gpu.sh --build          (fills wheelhouse/, which the device call carries)
+#   here:   bash bench/run_gpu.sh --build          (fills wheelhouse/ with the project's wheel and the pinned monai,
+#                                                  einops and nibabel ones; the device call carries it)
 #   there:  bash bench/run_gpu.sh                  (writes into $OUT, or bench/gpu_results)
 #   then:   bash bench/run_gpu.sh --tune [KIND..]  (times the window-attention launch configs: fwd, bwd, bias)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--build" ]; then
-    rm -f wheelhouse/medmap_fast-*.whl
-    python -m pip wheel -q --no-deps --no-build-isolation -w wheelhouse . && ls -la wheelhouse
+    rm -f wheelhouse/*.whl
+    python -m pip wheel -q --no-deps --no-build-isolation -w wheelhouse . &&
+        python -m pip download -q --no-deps -d wheelhouse -c requirements/constraints-cpu.txt monai einops nibabel &&
+        ls -la wheelhouse
     exit $?
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site wheelhouse/*.whl || exit 1
