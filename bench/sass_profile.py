@@ -9,7 +9,9 @@ real launch. Per kernel it prints registers, spills, shared memory, CTAs per SM 
 inner loop (the body of the backward branch holding the most tensor-core instructions: one iteration = one key
 block of the window-attention forward), and per op and pass an analytic roofline (FLOPs, HBM bytes, exponentials
 and the H100 floor from each) beside the issue floor of the pass's inner loops (their instructions issued at 4 per
-SM per clock, nothing else).
+SM per clock, nothing else) and the bytes those loops move in global memory (their loads, stores, asynchronous copies
+and atomics at the width each instruction names, every lane active: what L1 and L2 must serve, re-reads included,
+which the HBM column, each tensor once, leaves out).
 
 A kernel that fails to compile is reported with its error; the rest of the profile still runs.
 """
@@ -55,6 +57,9 @@ _INTEGER = {"LEA", "SHF", "SHL", "SHR", "LOP", "LOP3", "SEL", "PRMT", "POPC", "F
 _MEMORY = {"LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LDGDEPBAR", "LD", "ST", "LDL", "STL", "LDC",
            "UTMALDG", "UTMASTG", "UBLKCP", "CCTL"}
 _ATOMIC = {"RED", "REDG", "ATOM", "ATOMG", "ATOMS"}
+# instructions that read or write global memory (through L1 / L2), and the bytes per lane their width modifier says
+_GLOBAL = {"LDG", "STG", "LDGSTS", "RED", "REDG", "ATOM", "ATOMG"}
+_WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 _SYNC = {"WARPSYNC", "BAR", "BSSY", "BSYNC", "WARPGROUP", "DEPBAR", "SYNCS", "MEMBAR", "FENCE", "ERRBAR"}
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\S*)\s*([^;]*);")
 
@@ -94,6 +99,13 @@ class Instruction:
 def parse_sass(sass: str) -> list[Instruction]:
     """The instructions of a ``cuobjdump -sass`` listing (one kernel)."""
     return [Instruction(int(m[1], 16), m[2], m[2] + m[3], m[4]) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
+
+
+def global_bytes(code: list[Instruction]) -> int:
+    """Bytes one warp's pass over ``code`` reads or writes in global memory, every lane active: 32 x the width of each
+    global load, store, asynchronous copy or atomic (4 bytes unless a modifier says 1, 2, 8 or 16)."""
+    widths = (next((_WIDTH[m] for m in i.full.split(".")[1:] if m in _WIDTH), 4) for i in code if i.opcode in _GLOBAL)
+    return 32 * sum(widths)
 
 
 def inner_loop(code: list[Instruction]) -> tuple[list[Instruction], int]:
@@ -248,6 +260,8 @@ def kernel_profile(launch: Launch, trips: int | None) -> dict:
         "tensor_exp_fraction": (mix["HGMMA"] + mix["HMMA"] + exp) / max(1, len(body)),
         "programs": programs, "trips": trips,
         "issue_floor_us": None if trips is None else len(body) * trips * programs * warps / ISSUE_PER_S * 1e6,
+        "loop_global_bytes": global_bytes(body) * warps,  # per iteration of one program
+        "loop_global_gb": None if trips is None else global_bytes(body) * warps * trips * programs / 1e9,
     }
 
 
@@ -421,12 +435,20 @@ def profile_case(case: Case, dtype: torch.dtype, only: str | None = None) -> tup
     lines = []
     for name, work in case.roofline(dtype.itemsize).items():
         floors = work.floors_us()
-        issue = [r.get("issue_floor_us") for r in rows if r["pass"] == name and not r["error"]]
+        ran = [r for r in rows if r["pass"] == name and not r["error"]]
+        issue, loop_gb = (_total([r.get(k) for r in ran]) for k in ("issue_floor_us", "loop_global_gb"))
+        # the global-memory (L1 / L2) bandwidth the loops would draw if they ran at their issue floor
+        drawn = None if issue is None or loop_gb is None else loop_gb / issue * 1e3
         lines.append({**base, "pass": name, "gflop": work.flops / 1e9, "hbm_mb": work.bytes / 1e6,
                       "gexp": work.exps / 1e9, **{f"{k}_floor_us": v for k, v in floors.items()},
                       "floor_us": max(floors.values()), "bound": max(floors, key=floors.get),
-                      "issue_floor_us": sum(issue) if issue and None not in issue else None})
+                      "issue_floor_us": issue, "loop_global_gb": loop_gb, "loop_tb_per_s_at_issue_floor": drawn})
     return rows, lines
+
+
+def _total(values: list[float | None]) -> float | None:
+    """The sum, or None where nothing was summed or a value is unknown."""
+    return sum(values) if values and None not in values else None  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------- output
@@ -454,8 +476,8 @@ def render(kernels: list[dict], rooflines: list[dict], dtype: str) -> str:
     ops = [[r["op"], r["case"], r["kernel"], ", ".join(f"{k} {v}" for k, v in r["opcodes"].items())]
            for r in kernels if not r["error"]]
     roof = [[r["op"], r["case"], r["pass"], r["gflop"], r["hbm_mb"], r["gexp"], r["tensor_floor_us"],
-             r["hbm_floor_us"], r["exp_floor_us"], f"{r['floor_us']:.3g} ({r['bound']})", r["issue_floor_us"]]
-            for r in rooflines]
+             r["hbm_floor_us"], r["exp_floor_us"], f"{r['floor_us']:.3g} ({r['bound']})", r["issue_floor_us"],
+             r["loop_global_gb"], r["loop_tb_per_s_at_issue_floor"]] for r in rooflines]
     return "\n\n".join([
         f"sm_90 static profile, {dtype}: inner-loop instructions per iteration (window attention: fwd per key tile, "
         "bwd per (key tile, query tile) pair, bias kernel per window)",
@@ -464,9 +486,10 @@ def render(kernels: list[dict], rooflines: list[dict], dtype: str) -> str:
         _table(["op", "case", "kernel", "opcodes per iteration"], ops),
         f"Roofline on an H100 SXM5 ({TENSOR_FLOPS / 1e12:.1f} TFLOP/s dense, {HBM_BYTES_PER_S / 1e12:.2f} TB/s, "
         f"{EXP_PER_S / 1e12:.2f} T exp2/s); issue floor: the pass's inner loops at 4 warp-instructions per SM per "
-        "clock",
+        "clock; loop GB: what those loops read and write in global memory (L1 / L2 / HBM), every lane active, and "
+        "the TB/s that takes at the issue floor",
         _table(["op", "case", "pass", "GFLOP", "HBM MB", "G exp", "tensor µs", "HBM µs", "exp µs", "floor µs",
-                "issue floor µs"], roof),
+                "issue floor µs", "loop GB", "TB/s at issue floor"], roof),
     ])
 
 
@@ -537,6 +560,22 @@ def test_inner_loop_picks_the_tensor_core_loop():
     assert loops == 2 and [i.address for i in body] == list(range(0x20, 0x80, 0x10))
     assert Counter(category(i.opcode) for i in body) == {"HGMMA": 1, "MUFU": 1, "atomic": 1, "other": 2,
                                                           "integer": 1}
+
+
+
+def test_global_bytes_reads_each_width():
+    """A warp's global traffic: 16-byte loads and asynchronous copies, a 2-byte load, a default 4-byte store and
+    atomic; shared-memory and constant loads are not global."""
+    sass = """
+        /*0000*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R9], desc[UR6][R2.64] ;
+        /*0020*/               @P0 LDG.E.U16 R8, desc[UR6][R2.64] ;
+        /*0030*/                   STG.E desc[UR6][R2.64], R5 ;
+        /*0040*/                   RED.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR6][R2.64], R7 ;
+        /*0050*/                   LDS.128 R12, [R9] ;
+        /*0060*/                   LDC R1, c[0x0][0x28] ;
+    """
+    assert global_bytes(parse_sass(sass)) == 32 * (16 + 16 + 2 + 4 + 4)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ BN, num_warps, num_stages and G heads per program from ``medmap_fast.kernels.win
 
     python bench/tune_window_attention.py [--kinds fwd bwd bias] [--json F]
         no GPU needed: each candidate compiled for sm_90 at the paper shapes (bench/sass_profile.py's cases, shifted,
-        head dim 16 and 32): registers, spills, CTAs per SM, mma.sync count and the issue floor of its inner loop
+        head dim 16 and 32): registers, spills, CTAs per SM, mma.sync count, the issue floor of its inner loop and
+        the bytes that loop moves in global memory
     python bench/tune_window_attention.py --time [--json F]        (or: bash bench/run_gpu.sh --tune)
         on a CUDA GPU: stage 1 of the paper (bf16, 2 x 64^3 tokens, 3 heads of 16, shifted), each candidate run once
         through the op against float64 (the flash rule, as bench_window_attention checks it) and, if it passes,
@@ -123,7 +124,8 @@ def static_rows(kinds: list[str], limit: int | None = None) -> list[dict]:
                 if not r["error"]:
                     row |= {"regs": r["regs"], "spill_bytes": r["spill_store_bytes"] + r["spill_load_bytes"],
                             "ctas_per_sm": r["ctas_per_sm"], "hmma": r["mix"]["HMMA"],
-                            "loop_instructions": r["loop_instructions"], "issue_floor_us": r["issue_floor_us"]}
+                            "loop_instructions": r["loop_instructions"], "issue_floor_us": r["issue_floor_us"],
+                            "loop_global_gb": r["loop_global_gb"]}
                 rows.append(row)
                 print(_line(row), flush=True)
     return rows
@@ -196,7 +198,7 @@ def timed_rows(kinds: list[str], limit: int | None = None) -> list[dict]:
 # ------------------------------------------------------------------------------------------------------ output
 
 COLUMNS = ("case", "kind", "config", "shipped", "regs", "spill_bytes", "ctas_per_sm", "hmma", "loop_instructions",
-           "issue_floor_us", "ms", "x_shipped", "max_err", "ref_err", "error")
+           "issue_floor_us", "loop_global_gb", "ms", "x_shipped", "max_err", "ref_err", "error")
 
 
 def _cell(value: object) -> str:
