@@ -76,6 +76,16 @@ def copy_bandwidth_gbs(nbytes: int = 2**30) -> tuple[float, float]:
     return ms, 2 * nbytes / ms / 1e6
 
 
+def l2_copy_bandwidth_gbs(nbytes: int = 8 * 2**20, copies: int = 64) -> tuple[float, float]:
+    """Copies between two preallocated ``nbytes`` tensors, small enough to stay in L2 (16 MiB together on an H100's
+    50 MB), ``copies`` of them per CUDA graph replay so launch gaps do not count: (ms per copy, GB/s counting bytes
+    read and written). A torch copy kernel, not a tuned one: a lower bound of what L2 serves."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = graph_time_ms(lambda: [dst.copy_(src) for _ in range(copies)]) / copies
+    return ms, 2 * nbytes / ms / 1e6
+
+
 def time_cuda(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> tuple[float, float]:
     """Median milliseconds of ``fn`` (see :func:`cuda_time_ms`) and the process's peak allocated MiB meanwhile."""
     torch.cuda.synchronize()

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 from _compare import Checked, cpu_table, keep_passing, step_or_skip  # bench/ is on sys.path
-from _timing import interleaved_cpu, time_cuda
+from _timing import interleaved_cpu, l2_copy_bandwidth_gbs, time_cuda
 from _window_rows import (
     MONAI,
     MONAI_FLASH,
@@ -211,8 +211,12 @@ GPU_CASES = {"stage1 128^3": ALL_ROWS, "2-D stage1 512^2": (MONAI, MONAI_FLASH, 
 def gpu_rows(cases: tuple[str, ...] = tuple(GPU_CASES)) -> list[dict]:
     """bf16 on the current CUDA device: the Triton op against every baseline, and with attention dropout against
     itself without, each parity-checked (flash rule against float64) before it is timed; a row that fails the check
-    or cannot run carries its reason. 3-D, and 2-D (MONAI's 2-D block against the op on 2-D tokens; GPU_CASES)."""
-    table = []
+    or cannot run carries its reason. 3-D, and 2-D (MONAI's 2-D block against the op on 2-D tokens; GPU_CASES).
+    First row: an L2-resident copy's bandwidth, beside which to read the kernels' bytes per second (the static
+    profile's loop GB: bench/RESULTS.md)."""
+    copy_ms, copy_gbs = l2_copy_bandwidth_gbs()
+    table = [dict(op="device copy", case="L2-resident 8 MiB, 64 per graph", dtype="bf16", **{"pass": "copy"},
+                  ms=copy_ms, metric="GB/s", value=copy_gbs, ok=True)]
     for label in cases:
         size, names = STAGE1[label], GPU_CASES[label]
         dims = size.get("dims", 3)
