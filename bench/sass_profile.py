@@ -252,6 +252,7 @@ def kernel_profile(launch: Launch, trips: int | None) -> dict:
     mix = Counter(category(i.opcode) for i in body)
     exp = sum(i.full.startswith("MUFU.EX2") for i in body)
     programs = math.prod(launch.grid)
+    moved = global_bytes(body) * warps  # per iteration of one program
     return {
         "warps": warps, "regs": regs, "spill_store_bytes": spill_st, "spill_load_bytes": spill_ld, "smem_bytes": smem,
         "ctas_per_sm": ctas, "cta_limit": limit,
@@ -260,8 +261,7 @@ def kernel_profile(launch: Launch, trips: int | None) -> dict:
         "tensor_exp_fraction": (mix["HGMMA"] + mix["HMMA"] + exp) / max(1, len(body)),
         "programs": programs, "trips": trips,
         "issue_floor_us": None if trips is None else len(body) * trips * programs * warps / ISSUE_PER_S * 1e6,
-        "loop_global_bytes": global_bytes(body) * warps,  # per iteration of one program
-        "loop_global_gb": None if trips is None else global_bytes(body) * warps * trips * programs / 1e9,
+        "loop_global_bytes": moved, "loop_global_gb": None if trips is None else moved * trips * programs / 1e9,
     }
 
 

@@ -42,7 +42,7 @@ SPACE = {
 }
 # sass_profile's shifted cases without dropout: name -> (heads, head dim)
 STATIC_CASES = {"stage1 B2x64^3 C48 h3 shift3": (3, 16), "stage2-d32 B2x32^3 C192 h6 shift3": (6, 32)}
-TIMED = dict(batch=2, tokens=64, channels=48, heads=3, shift=3)  # stage 1 of the paper (128^3 input, patch 2)
+TIMED, TIMED_SHIFT = "stage1 128^3", 3  # bench_window_attention's stage 1 of the paper (128^3 input, patch 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,20 +159,24 @@ def timed_rows(kinds: list[str], limit: int | None = None) -> list[dict]:
     from _compare import keep_passing
     from _timing import time_cuda
     from _window_rows import make_problem, op_row, step
-    from bench_window_attention import references
+    from bench_window_attention import STAGE1, references
     from sass_profile import occupancy
 
-    p = make_problem(**TIMED, device="cuda", dtype=torch.bfloat16)
-    heads, head_dim = TIMED["heads"], TIMED["channels"] // TIMED["heads"]
+    size = STAGE1[TIMED]
+    p = make_problem(**size, shift=TIMED_SHIFT, device="cuda", dtype=torch.bfloat16)
+    heads, head_dim = size["heads"], size["channels"] // size["heads"]
     dout, ref, exact = references(p, "fwd+bwd")
-    case = f"stage1 B2x64^3 C48 h3 shift{TIMED['shift']} bf16"
+    case = f"{TIMED} {size['batch']}x{size['tokens']}^3 C{size['channels']} h{heads} shift{TIMED_SHIFT} bf16"
+    op = op_row(p, "triton")  # reads its launch configs at every call: the candidate's inside launching()
+    checked_step = step(op, p, dout)
     rows, base = [], {}
     for kind in kinds:
         first = shipped(kind, head_dim, heads)
+        timed_step = step(op, p, None if kind == "fwd" else dout)
         for cand in candidates(kind, head_dim, heads)[:limit]:
             row = {"case": case, "kind": kind, "config": cand.label(), "shipped": cand == first}
             with launching(cand, head_dim, heads), recording_launches() as compiled:
-                checked = keep_passing({"op": step(op_row(p, "triton"), p, dout)}, ref, exact, {})
+                checked = keep_passing({"op": checked_step}, ref, exact, {})
                 kernel = compiled.get(KERNELS[kind])
                 if kernel is not None:
                     regs, smem = kernel.n_regs, kernel.metadata.shared + 1024  # + the 1 KB CUDA reserves per CTA
@@ -182,8 +186,7 @@ def timed_rows(kinds: list[str], limit: int | None = None) -> list[dict]:
                     row["error"] = checked.skipped["op"]
                 else:
                     row["max_err"], row["ref_err"] = checked.errors["op"]
-                    timed = step(op_row(p, "triton"), p, None if kind == "fwd" else dout)
-                    row["ms"] = time_cuda(timed, repeats=10)[0]
+                    row["ms"] = time_cuda(timed_step, repeats=10)[0]
                     if row["shipped"]:
                         base[kind] = row["ms"]
             torch.cuda.empty_cache()
