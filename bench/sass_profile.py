@@ -340,7 +340,8 @@ def window_attention_cases() -> list[Case]:
             cases.append(Case("window_attention", f"{stage} B2x{tokens}^3 C{channels} h{heads} shift{shift}{drop}",
                               forward, roofline,
                               {"_window_attention_fwd": lambda a, g: a["NP"] // a["BN"],
-                               "_window_attention_bwd": lambda a, g: (a["NP"] // a["BN"]) * (a["NP"] // a["BM"]),
+                               "_window_attention_bwd": lambda a, g: (a["NP"] // a["BN"]) * (
+                                   1 if a["QUERY_ON_CHIP"] else a["NP"] // a["BM"]),
                                "_window_attention_bwd_bias": lambda a, g: a["WPC"]}))
     return cases
 
@@ -480,7 +481,8 @@ def render(kernels: list[dict], rooflines: list[dict], dtype: str) -> str:
              r["loop_global_gb"], r["loop_tb_per_s_at_issue_floor"]] for r in rooflines]
     return "\n\n".join([
         f"sm_90 static profile, {dtype}: inner-loop instructions per iteration (window attention: fwd per key tile, "
-        "bwd per (key tile, query tile) pair, bias kernel per window)",
+        "bwd per key tile: its pass over the window's query tiles held on chip, or one (key tile, query tile) pair where "
+        "the query side streams; bias kernel per window)",
         _table(head, rows),
         "Most frequent opcodes of each inner loop",
         _table(["op", "case", "kernel", "opcodes per iteration"], ops),

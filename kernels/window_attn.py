@@ -347,9 +347,9 @@ def _scores(q, k, tile_ptrs, offs_n, N: tl.constexpr, NP: tl.constexpr, HAS_TILE
 
 
 @_jit
-def _tile_ptrs(TILE, cls, h, offs_m, offs_n, HEADS: tl.constexpr, NP: tl.constexpr):
-    """Pointers [BM, BN] into head h's bias + mask tile of window class ``cls``."""
-    return TILE + ((cls * HEADS + h) * NP + offs_m[:, None]) * NP + offs_n[None, :]
+def _tile_ptrs(TILE, cls, h, offs_m, n0, BN: tl.constexpr, HEADS: tl.constexpr, NP: tl.constexpr):
+    """Pointers [BM, BN] into head h's bias + mask tile of window class ``cls``, queries offs_m, keys n0 .. n0+BN."""
+    return TILE + ((cls * HEADS + h) * NP * NP + n0) + (offs_m[:, None] * NP + tl.arange(0, BN)[None, :])
 
 
 @_jit
@@ -439,7 +439,14 @@ def _window_attention_fwd(
             m_next, l_next, acc_next = (), (), ()
             for g in tl.static_range(G):
                 s = _scores(
-                    qs[g], k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n, N, NP, HAS_TILE, PREC
+                    qs[g],
+                    k[g],
+                    _tile_ptrs(TILE, cls, h0 + g, offs_m, kt * BN, BN, HEADS, NP),
+                    offs_n,
+                    N,
+                    NP,
+                    HAS_TILE,
+                    PREC,
                 )
                 m_new = tl.maximum(m_i[g], tl.max(s, 1))
                 p = tl.exp2(s - m_new[:, None])
@@ -460,6 +467,29 @@ def _window_attention_fwd(
                 o = o * _gate(GATE, voxel0, rows_q, real, h0 + g, HEADS)[:, None]
             _store_head(out_ptrs, o, (h0 + g) * HD, real, HD, DPAD)
             tl.store(LSE + (bw * HEADS + h0 + g) * NP + offs_m, m_i[g] + tl.log2(l_i[g]))
+
+
+@_jit
+def _attention_dout(
+    do,
+    GATE,
+    voxel0,
+    rows_q,
+    real,
+    h,
+    drop_scale,
+    HEADS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    """dO of the attention [T, DPAD] (fp32) from head h's tile of dout: times the gate and, with dropout, 1 / (1 - p),
+    the scale of every kept probability, which dV and dP then carry."""
+    do = do.to(tl.float32)
+    if HAS_GATE:
+        do = do * _gate(GATE, voxel0, rows_q, real, h, HEADS)[:, None]
+    if HAS_DROPOUT:
+        do = do * drop_scale
+    return do
 
 
 @_jit
@@ -485,20 +515,62 @@ def _query_head(
     HAS_DROPOUT: tl.constexpr,
     DPAD: tl.constexpr,
 ):
-    """What the backward needs of head h in a query tile: q pre-scaled and dO of the attention (gate applied;
-    times 1 / (1 - p) with dropout, the scale of every kept probability, which dV and dP then carry) [BM, DPAD] in
-    q's dtype, lse and delta [BM]. One head at a time keeps the registers of the others free."""
+    """What the backward needs of head h in a query tile: q pre-scaled and dO of the attention [BM, DPAD] in q's
+    dtype, lse and delta [BM]. One head at a time keeps the registers of the others free."""
     C: tl.constexpr = HEADS * HD
     real = rows_q >= 0
     q = _load_heads(q_ptrs, h * HD, HD, DPAD, 1)[0]
-    do = _load_heads(DOUT + (voxel0 + rows_q) * C, h * HD, HD, DPAD, 1, real)[0].to(tl.float32)
-    if HAS_GATE:
-        do = do * _gate(GATE, voxel0, rows_q, real, h, HEADS)[:, None]
-    if HAS_DROPOUT:
-        do = do * drop_scale
+    do = _load_heads(DOUT + (voxel0 + rows_q) * C, h * HD, HD, DPAD, 1, real)[0]
+    do = _attention_dout(do, GATE, voxel0, rows_q, real, h, drop_scale, HEADS, HAS_GATE, HAS_DROPOUT)
     lse = tl.load(LSE + (bw * HEADS + h) * NP + offs_m)
     delta = tl.load(DELTA + (bw * HEADS + h) * NP + offs_m)
     return _scaled(q, qk_scale), do.to(q.dtype), lse, delta
+
+
+@_jit
+def _pair_grads(
+    qs,
+    do,
+    lse,
+    delta,
+    k,
+    v,
+    dv,
+    dk,
+    dq,
+    tile_ptrs,
+    offs_m,
+    offs_n,
+    kt,
+    seed,
+    threshold,
+    bw,
+    h,
+    HEADS: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_TILE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One head's (query tile, key tile) added to the sums dv, dk [BN, DPAD] and dq [BM, DPAD] (fp32; dk and dq in
+    the scores' log2 units), from q pre-scaled, dO of the attention, lse and delta of the query tile."""
+    s = _scores(qs, k, tile_ptrs, offs_n, N, NP, HAS_TILE, PREC)
+    p = tl.exp2(s - lse[:, None])
+    if HAS_DROPOUT:
+        keep = _keep(seed, threshold, bw, h, offs_m, kt * BN, HEADS, NP, BN)
+        pv = tl.where(keep, p, 0.0)
+    else:
+        pv = p
+    dv += tl.dot(tl.trans(pv.to(do.dtype)), do, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    if HAS_DROPOUT:
+        dp = tl.where(keep, dp, 0.0)
+    ds = (p * (dp - delta[:, None])).to(qs.dtype)
+    dk += tl.dot(tl.trans(ds), qs, input_precision=PREC)
+    dq += tl.dot(ds, k, input_precision=PREC)
+    return dv, dk, dq
 
 
 @_jit
@@ -532,16 +604,23 @@ def _window_attention_bwd(
     HAS_PAD: tl.constexpr,
     GRADS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    QUERY_ON_CHIP: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     DPAD: tl.constexpr,
     PREC: tl.constexpr,
     HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """One whole window for G heads. First delta = rowsum(dout * out) per query (stored for the key tiles and the
-    bias kernel) and d(gate logits); then, with GRADS, per key tile (k, v, dk, dv on chip) a pass over the query
-    tiles: dv, dk, and dq accumulated in DQ [B*voxels, C] fp32, which only this program touches (no atomics, a fixed
-    order); last, dq scaled into DQKV. Padded keys' dk/dv go, summed, to DPAD_PARTS [B*nW, NP // BN, 2C].
+    """One whole window for G heads. First delta = rowsum(dout * out) per query (stored for the bias kernel) and
+    d(gate logits); then, with GRADS, per key tile (k, v, dk, dv on chip) a pass over the window's query tiles: dv,
+    dk and dq, in a fixed order (no atomics); last, dq scaled into DQKV. Padded keys' dk/dv go, summed, to
+    DPAD_PARTS [B*nW, NP // BN, 2C].
+
+    QUERY_ON_CHIP: the window's query side (per query tile and head: q pre-scaled, dO of the attention, lse, delta
+    and the dq sum; tuples indexed query tile * G + head) is loaded once and held on chip (q and dO in shared memory,
+    the rest in registers) through the key loop, whose pass over the query tiles is unrolled; otherwise (when dq
+    [NP, G * DPAD] would not fit the registers) each pair loads the query side from L2 and dq accumulates in DQ
+    [B*voxels, C] fp32, which only this program touches.
 
     Dropout (HAS_DROPOUT; the forward's SEED and dropout_p), with P the softmax, K the forward's keep mask (regenerated
     by :func:`_keep`, never stored) and s = 1 / (1 - p): out = (P * K * s) v, so dV = (P * K)^T (s dO) and the
@@ -549,6 +628,7 @@ def _window_attention_bwd(
     dS = P * (dP - delta) as without dropout (the bias kernel takes the same dS)."""
     G: tl.constexpr = HEADS_PER_PROGRAM
     C: tl.constexpr = HEADS * HD
+    NQT: tl.constexpr = NP // BM
     _, h0, bw, b, win = _split_pid(tl.program_id(0), 1, HEADS, NWIN, G)
     voxel0 = b.to(tl.int64) * VOXELS
     dd = tl.arange(0, DPAD)
@@ -556,12 +636,17 @@ def _window_attention_bwd(
         seed, threshold, drop_scale = _dropout_setup(SEED, dropout_p)
     else:
         seed, threshold, drop_scale = None, None, None
-    for qt in tl.range(0, NP // BM):
+    # delta and d(gate logits); with the query side on chip, also what the key loop needs of each query tile
+    live, qs, dos, lses, deltas, dqs = (), (), (), (), (), ()
+    for qt in tl.static_range(NQT):
         offs_m = qt * BM + tl.arange(0, BM)
         rows_q = tl.load(ROWS + win * NP + offs_m)
         real = rows_q >= 0
         o = _load_heads(OUT + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
         do = _load_heads(DOUT + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
+        if GRADS and QUERY_ON_CHIP:
+            live = live + (tl.max(rows_q, 0) >= 0,)  # the forward wrote no lse for a tile of padding only
+            q = _load_heads(_row_ptrs(QKV, PAD_ROW, rows_q, voxel0, 3 * C), h0 * HD, HD, DPAD, G)
         for g in tl.static_range(G):
             # rowsum(dO_attn * O_attn) with the gate folded in: (dout * gate) . (out / gate)
             delta = tl.sum(o[g].to(tl.float32) * do[g].to(tl.float32), 1)
@@ -570,8 +655,16 @@ def _window_attention_bwd(
                 grow = (voxel0 + rows_q) * HEADS + h0 + g
                 x = tl.load(GATE + grow, mask=real, other=0.0).to(tl.float32)
                 tl.store(DGATE + grow, (delta * (1.0 - tl.sigmoid(x))).to(DGATE.dtype.element_ty), mask=real)
+            if GRADS and QUERY_ON_CHIP:
+                do_attn = _attention_dout(
+                    do[g], GATE, voxel0, rows_q, real, h0 + g, drop_scale, HEADS, HAS_GATE, HAS_DROPOUT
+                )
+                qs, dos = qs + (_scaled(q[g], qk_scale),), dos + (do_attn.to(q[g].dtype),)
+                lses = lses + (tl.load(LSE + (bw * HEADS + h0 + g) * NP + offs_m),)
+                deltas, dqs = deltas + (delta,), dqs + (tl.zeros([BM, DPAD], tl.float32),)
     if GRADS:
-        tl.debug_barrier()  # delta written above is read below by other threads of the program
+        if not QUERY_ON_CHIP:
+            tl.debug_barrier()  # delta written above is read below by other threads of the program
         cls = tl.load(CLASSES + win)
         for kt in tl.range(0, NP // BN):
             offs_n = kt * BN + tl.arange(0, BN)
@@ -583,65 +676,108 @@ def _window_attention_bwd(
             for _g in tl.static_range(G):
                 dk = dk + (tl.zeros([BN, DPAD], tl.float32),)
                 dv = dv + (tl.zeros([BN, DPAD], tl.float32),)
-            for qt in tl.range(0, NP // BM):
-                offs_m = qt * BM + tl.arange(0, BM)
-                rows_q = tl.load(ROWS + win * NP + offs_m)
-                if tl.max(rows_q, 0) >= 0:  # the forward wrote no lse for a tile of padding only
-                    real = rows_q >= 0
-                    q_ptrs = _row_ptrs(QKV, PAD_ROW, rows_q, voxel0, 3 * C)
-                    dq_ptrs = DQ + (voxel0 + rows_q)[:, None] * C + h0 * HD + dd[None, :]
-                    dq_mask = real[:, None] & (dd < HD)[None, :]
+            if QUERY_ON_CHIP:
+                dq_next = ()
+                for qt in tl.static_range(NQT):
+                    offs_m = qt * BM + tl.arange(0, BM)
                     dk_next, dv_next = (), ()
                     for g in tl.static_range(G):
-                        qs, do, lse, delta = _query_head(
-                            QKV,
-                            PAD_ROW,
-                            GATE,
-                            DOUT,
-                            LSE,
-                            DELTA,
-                            q_ptrs,
-                            rows_q,
-                            offs_m,
-                            voxel0,
-                            bw,
-                            h0 + g,
-                            qk_scale,
-                            drop_scale,
-                            HEADS,
-                            HD,
-                            NP,
-                            HAS_GATE,
-                            HAS_DROPOUT,
-                            DPAD,
-                        )
-                        s = _scores(
-                            qs,
-                            k[g],
-                            _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP),
-                            offs_n,
-                            N,
-                            NP,
-                            HAS_TILE,
-                            PREC,
-                        )
-                        p = tl.exp2(s - lse[:, None])
-                        if HAS_DROPOUT:
-                            keep = _keep(seed, threshold, bw, h0 + g, offs_m, kt * BN, HEADS, NP, BN)
-                            pv = tl.where(keep, p, 0.0)
-                        else:
-                            pv = p
-                        dv_next = dv_next + (dv[g] + tl.dot(tl.trans(pv.to(do.dtype)), do, input_precision=PREC),)
-                        dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
-                        if HAS_DROPOUT:
-                            dp = tl.where(keep, dp, 0.0)
-                        ds = (p * (dp - delta[:, None])).to(qs.dtype)
-                        dk_next = dk_next + (dk[g] + tl.dot(tl.trans(ds), qs, input_precision=PREC),)
-                        dq = tl.dot(ds, k[g], input_precision=PREC)
-                        prev = tl.load(dq_ptrs + g * HD, mask=dq_mask & (kt > 0), other=0.0)
-                        tl.store(dq_ptrs + g * HD, prev + dq, mask=dq_mask)
+                        dq_g, dk_g, dv_g = dqs[qt * G + g], dk[g], dv[g]
+                        if live[qt]:
+                            tile_ptrs = _tile_ptrs(TILE, cls, h0 + g, offs_m, kt * BN, BN, HEADS, NP)
+                            dv_g, dk_g, dq_g = _pair_grads(
+                                qs[qt * G + g],
+                                dos[qt * G + g],
+                                lses[qt * G + g],
+                                deltas[qt * G + g],
+                                k[g],
+                                v[g],
+                                dv_g,
+                                dk_g,
+                                dq_g,
+                                tile_ptrs,
+                                offs_m,
+                                offs_n,
+                                kt,
+                                seed,
+                                threshold,
+                                bw,
+                                h0 + g,
+                                HEADS,
+                                N,
+                                NP,
+                                BN,
+                                HAS_TILE,
+                                HAS_DROPOUT,
+                                PREC,
+                            )
+                        dk_next, dv_next, dq_next = dk_next + (dk_g,), dv_next + (dv_g,), dq_next + (dq_g,)
                     dk, dv = dk_next, dv_next
-            tl.debug_barrier()  # this key tile's dq stores before the next one's loads (other threads)
+                dqs = dq_next
+            else:
+                for qtile in tl.range(0, NQT):
+                    offs_m = qtile * BM + tl.arange(0, BM)
+                    rows_q = tl.load(ROWS + win * NP + offs_m)
+                    if tl.max(rows_q, 0) >= 0:  # the forward wrote no lse for a tile of padding only
+                        q_ptrs = _row_ptrs(QKV, PAD_ROW, rows_q, voxel0, 3 * C)
+                        dq_ptrs = DQ + (voxel0 + rows_q)[:, None] * C + h0 * HD + dd[None, :]
+                        dq_mask = (rows_q >= 0)[:, None] & (dd < HD)[None, :]
+                        dk_next, dv_next = (), ()
+                        for g in tl.static_range(G):
+                            q_g, do_g, lse, delta = _query_head(
+                                QKV,
+                                PAD_ROW,
+                                GATE,
+                                DOUT,
+                                LSE,
+                                DELTA,
+                                q_ptrs,
+                                rows_q,
+                                offs_m,
+                                voxel0,
+                                bw,
+                                h0 + g,
+                                qk_scale,
+                                drop_scale,
+                                HEADS,
+                                HD,
+                                NP,
+                                HAS_GATE,
+                                HAS_DROPOUT,
+                                DPAD,
+                            )
+                            tile_ptrs = _tile_ptrs(TILE, cls, h0 + g, offs_m, kt * BN, BN, HEADS, NP)
+                            prev = tl.load(dq_ptrs + g * HD, mask=dq_mask & (kt > 0), other=0.0)
+                            dv_g, dk_g, dq_g = _pair_grads(
+                                q_g,
+                                do_g,
+                                lse,
+                                delta,
+                                k[g],
+                                v[g],
+                                dv[g],
+                                dk[g],
+                                prev,
+                                tile_ptrs,
+                                offs_m,
+                                offs_n,
+                                kt,
+                                seed,
+                                threshold,
+                                bw,
+                                h0 + g,
+                                HEADS,
+                                N,
+                                NP,
+                                BN,
+                                HAS_TILE,
+                                HAS_DROPOUT,
+                                PREC,
+                            )
+                            dk_next, dv_next = dk_next + (dk_g,), dv_next + (dv_g,)
+                            tl.store(dq_ptrs + g * HD, dq_g, mask=dq_mask)
+                        dk, dv = dk_next, dv_next
+                tl.debug_barrier()  # this key tile's dq stores before the next one's loads (other threads)
             real_k = rows_k >= 0
             out_k = DQKV + (voxel0 + rows_k) * (3 * C)
             for g in tl.static_range(G):
@@ -653,11 +789,15 @@ def _window_attention_bwd(
                     pad = (rows_k < 0)[:, None]
                     tl.store(slot, tl.sum(tl.where(pad, dk[g] * 0.6931471805599453, 0.0), 0), mask=dd < HD)
                     tl.store(slot + C, tl.sum(tl.where(pad, dv[g], 0.0), 0), mask=dd < HD)
-        for qt in tl.range(0, NP // BM):
-            offs_m = qt * BM + tl.arange(0, BM)
-            rows_q = tl.load(ROWS + win * NP + offs_m)
+        for qt in tl.static_range(NQT):
+            rows_q = tl.load(ROWS + win * NP + qt * BM + tl.arange(0, BM))
             real = rows_q >= 0
-            dq = _load_heads(DQ + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
+            if QUERY_ON_CHIP:
+                dq = ()
+                for g in tl.static_range(G):
+                    dq = dq + (dqs[qt * G + g],)
+            else:
+                dq = _load_heads(DQ + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
             for g in tl.static_range(G):
                 _store_head(DQKV + (voxel0 + rows_q) * (3 * C), dq[g] * dq_scale, (h0 + g) * HD, real, HD, DPAD)
 
@@ -744,7 +884,14 @@ def _window_attention_bwd_bias(
                     DPAD,
                 )
                 s = _scores(
-                    qs, k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, offs_n, HEADS, NP), offs_n, N, NP, True, PREC
+                    qs,
+                    k[g],
+                    _tile_ptrs(TILE, cls, h0 + g, offs_m, (tile % NKT) * BN, BN, HEADS, NP),
+                    offs_n,
+                    N,
+                    NP,
+                    True,
+                    PREC,
                 )
                 p = tl.exp2(s - lse[:, None])
                 dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
@@ -778,14 +925,19 @@ def _window_dropout_keep(
 # takes BN 128 to halve its per-window overhead (issue floor 387 -> 293 µs at stage 1). Chosen from sm_90 compiles
 # (bench/sass_profile.py); not yet timed on a GPU.
 _GPU_CONFIGS = dict(fwd=(64, 64, 4, 2), bwd=(64, 64, 4, 1), bias=(64, 128, 4, 1))
-# channels of heads per program: the backward holds dk and dv of its heads (fp32) beside the scores, the bias
-# kernel a [BM, BN] fp32 sum per head, so they take fewer heads than the forward
-_CHANNELS = dict(fwd=64, bwd=48, bias=16)
-# With attention dropout the mask's Philox words take registers too: the forward and the backward run one head per
-# program and the bias kernel 64-wide key tiles, the sm_90 compiles' largest without spills (3 heads spilled in the
-# fp16 forward and the backward, BN 128 in the bias kernel; their issue floors were within 7% of these)
+# channels of heads per program: the backward holds its window's dq sums (fp32) and, per key tile, dk and dv beside
+# the scores, the bias kernel a [BM, BN] fp32 sum per head, so they take one head where the forward takes several
+_CHANNELS = dict(fwd=64, bwd=16, bias=16)
+# the backward holds the window's query side on chip when its dq sums take at most this many fp32 registers per
+# thread-row (tiles x G x DPAD): at 7^3 windows head dim 16 does (stage 1: issue floor 444 -> 327 µs, loop bytes
+# 5.07 -> 2.16 GB against the streamed 3 heads per program), head dim 32 spills (372 B) and streams
+_QUERY_ON_CHIP_COLUMNS = 96
+# With attention dropout the mask's Philox words take registers too: the forward runs one head per program, the
+# backward streams its query side and the bias kernel takes 64-wide key tiles, the sm_90 compiles' largest without
+# spills (3 heads spilled in the fp16 forward and the backward, BN 128 in the bias kernel, the query side on chip in
+# the backward; their issue floors were within 7% of these)
 _DROPOUT_GPU_CONFIGS = {**_GPU_CONFIGS, "bias": (64, 64, 4, 1)}
-_DROPOUT_CHANNELS = {**_CHANNELS, "fwd": 16, "bwd": 16}
+_DROPOUT_CHANNELS = {**_CHANNELS, "fwd": 16}
 _FP32_CONFIG = (32, 32, 4, 1)  # IEEE-fp32 tl.dot runs on the FMA units: small tiles keep register spills small
 
 
@@ -801,6 +953,14 @@ def _heads_per_program(head_dim: int, heads: int, channels: int = _CHANNELS["fwd
     while heads % g:
         g -= 1
     return g
+
+
+def _query_on_chip(geo: _Geometry, cfg: dict, dropout: bool) -> bool:
+    """Whether the backward holds the window's query side on chip: its dq sums [NP, G * DPAD] fp32 take at most
+    _QUERY_ON_CHIP_COLUMNS registers per thread-row at BM rows per tile (head dim 16 at 7^3 windows: 6 tiles x 16),
+    and no dropout mask's Philox words compete for the registers."""
+    tiles = geo.np // cfg["BM"]
+    return not dropout and tiles * cfg["HEADS_PER_PROGRAM"] * _head_tile(geo.head_dim) <= _QUERY_ON_CHIP_COLUMNS
 
 
 def tokens_padded(n: int) -> int:
@@ -1034,8 +1194,7 @@ def window_attention_triton_backward(
     qkv, dout, out = qkv.contiguous(), dout.contiguous(), out.contiguous()
     gate_logits = None if gate_logits is None else gate_logits.contiguous()
     geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
-    b, d, h, w, c3 = qkv.shape
-    c = c3 // 3
+    c = qkv.shape[-1] // 3
     rows, classes, tile = geo.tables(qkv, bias_table)
     pad_row = _pad_row(qkv, pad_kv)
     need_dqkv, need_dbias, need_dpad, need_dgate = needs
@@ -1047,9 +1206,11 @@ def window_attention_triton_backward(
     cfg = geo.config("bwd", qkv.dtype, drop["HAS_DROPOUT"])
     scalars, constexprs = geo.args(cfg, qkv.dtype)
     grads = need_dqkv or has_pad
+    on_chip = _query_on_chip(geo, cfg, drop["HAS_DROPOUT"])
     if grads:
         dqkv = torch.empty_like(qkv)
-        dq = torch.empty(b * d * h * w, c, device=qkv.device, dtype=torch.float32)
+        if not on_chip:
+            dq = torch.empty(qkv.shape[:-1].numel(), c, device=qkv.device, dtype=torch.float32)
         dpad_parts = torch.empty(geo.windows, geo.np // cfg["BN"], 2 * c, device=qkv.device, dtype=torch.float32)
     common = (qkv, pad_row, rows, classes, qkv if tile is None else tile, qkv if gate_logits is None else gate_logits)
     with on_device(qkv):
@@ -1059,7 +1220,7 @@ def window_attention_triton_backward(
             dout,
             lse,
             delta,
-            dq if grads else delta,
+            delta if on_chip or not grads else dq,
             dqkv if grads else qkv,
             qkv if dgate is None else dgate,
             dpad_parts if has_pad else delta,
@@ -1070,6 +1231,7 @@ def window_attention_triton_backward(
             HAS_GATE=gate_logits is not None,
             HAS_PAD=has_pad,
             GRADS=grads,
+            QUERY_ON_CHIP=on_chip,
             **constexprs,
         )
         if bias_table is not None and need_dbias:

@@ -85,16 +85,20 @@ def test_shifted_partial_windows_343_tokens():
     check_fp32((8, 7, 9), heads=1, head_dim=16, window=(7, 7, 7), shift=(3, 3, 3))
 
 
+@pytest.mark.parametrize("query_side", ["streamed", "on-chip"])
 @pytest.mark.parametrize("heads", [1, 3])
-def test_multi_tile_window(monkeypatch, heads):
+def test_multi_tile_window(monkeypatch, heads, query_side):
     """Unequal 16-query / 32-key tiles over a padded, shifted 120-token window (8 x 4 tiles, partial last ones):
     online softmax across key tiles, dq summed over key tiles, bias rows and masks of off-diagonal tiles, for one
     head and for 3 heads in one program (the interpreter otherwise runs one tile per window; the GPU runs 32 x 32
-    tiles in every fp32 test); and the bias gradient summed over chunks of one window each (as on a GPU)."""
+    tiles in every fp32 test); and the bias gradient summed over chunks of one window each (as on a GPU). The
+    backward either loads each query tile per key tile and sums dq in memory, or holds the window's 8 query tiles
+    (per head) on chip."""
     def config(kernel, n, head_dim, heads, dtype, dropout=False):
         return dict(BM=16, BN=32, num_warps=4, num_stages=2, HEADS_PER_PROGRAM=wa._heads_per_program(head_dim, heads))
 
     monkeypatch.setattr(wa, "_launch_config", config)
+    monkeypatch.setattr(wa, "_query_on_chip", lambda geo, cfg, dropout: query_side == "on-chip")
     monkeypatch.setattr(wa, "_bias_chunks", lambda tiles, windows, device: 1)
     check_fp32((3, 5, 6), heads=heads, head_dim=16, window=(4, 5, 6), shift=(1, 2, 3), table_window=(7, 7, 7))
 
@@ -117,6 +121,21 @@ def test_window_geometry(size, window, shift, table_window):
 def test_head_dims(head_dim):
     """16 is covered above; 8 is padded to a 16-wide tile, 32 and 64 are used by wider Swin stages."""
     check_fp32((3, 2, 5), heads=2, head_dim=head_dim, window=(2, 2, 3), shift=(1, 0, 1), batch=2)
+
+
+@pytest.mark.parametrize(
+    "head_dim, window, dropout, on_chip",
+    [(16, (7, 7, 7), False, True), (32, (7, 7, 7), False, False), (16, (7, 7, 7), True, False),
+     (32, (1, 7, 7), False, True), (16, (8, 8, 8), False, False)],
+)
+def test_backward_holds_the_query_side_on_chip_where_it_fits(monkeypatch, head_dim, window, dropout, on_chip):
+    """On a GPU (64-row query tiles, one head per program) the backward holds the window's query side on chip where
+    the dq sums take at most 96 fp32 columns (6 tiles x 16 at 7^3 windows and head dim 16; one tile in 2-D windows)
+    and there is no dropout; 7^3 at head dim 32 and 8^3 at 16 stream it."""
+    monkeypatch.setattr(wa, "interpreting", lambda: False)
+    qkv = torch.empty(1, *window, 3 * 3 * head_dim, device="meta", dtype=torch.bfloat16)
+    geo = wa._Geometry.of(qkv, 3, window, (0, 0, 0), window, None)
+    assert wa._query_on_chip(geo, geo.config("bwd", torch.bfloat16, dropout), dropout) is on_chip
 
 
 @pytest.mark.parametrize(
@@ -397,14 +416,17 @@ def kernels_mask(seed: int, p: float, qkv: torch.Tensor, heads: int, window) -> 
                                   heads)
 
 
-@pytest.mark.parametrize("tiles", ["one-tile", "multi-tile"])
+@pytest.mark.parametrize("tiles", ["one-tile", "multi-tile", "multi-tile-on-chip"])
 def test_dropout_equals_the_reference_with_the_kernels_mask(monkeypatch, tiles):
     """Output and every gradient (qkv, bias table, pad_kv, gate) with p = 0.3 equal the torch reference given the
     mask the kernels draw (materialised by window_dropout_mask, p rounded as the kernels round it): padded, shifted
     windows, batch 2, 3 heads of one per program; multi-tile: 16-query / 32-key tiles, 2 heads per program and a
     bias gradient summed per window, so each kernel regenerates the mask tile by tile at other offsets than the
-    materialiser's whole-window tile."""
-    if tiles == "multi-tile":
+    materialiser's whole-window tile; on-chip: the same with the backward holding the window's query side (which it
+    does without dropout only, for the registers, but computes the same way)."""
+    if tiles == "multi-tile-on-chip":
+        monkeypatch.setattr(wa, "_query_on_chip", lambda geo, cfg, dropout: True)
+    if tiles.startswith("multi-tile"):
         def config(kernel, n, head_dim, heads, dtype, dropout=False):
             return dict(BM=16, BN=32, num_warps=4, num_stages=2,
                         HEADS_PER_PROGRAM=wa._heads_per_program(head_dim, heads))
