@@ -309,6 +309,19 @@ GATED_CASES = ((32, 128, 8, 32), (32, 256, 8, 32))  # B, L, H, Dh: bench_gated_a
 MODALITIES = 4  # CCT token groups (as in bench_gated_attention)
 
 
+def _backward_trips(a: dict, grid: tuple) -> float:
+    """Key-loop iterations per program of the window-attention backward: one (key tile, query tile) pair each where
+    the query side streams (WINDOWS 0); one key tile each, met by every query tile held on chip, times the share of
+    windows the launch takes (WINDOWS 1: those whose query tiles all hold a real token; 2: the others; the programs
+    of the other share return at once)."""
+    key_tiles = a["NP"] // a["BN"]
+    if a["WINDOWS"] == 0:
+        return key_tiles * (a["NP"] // a["BM"])
+    rows = a["ROWS"]  # [nW, NP] voxel rows, -1 for padding
+    share = (rows.view(rows.shape[0], -1, a["BM"]).amax(-1) >= 0).all(-1).double().mean().item()
+    return key_tiles * (share if a["WINDOWS"] == 1 else 1 - share)
+
+
 def window_attention_cases() -> list[Case]:
     """Swin stage 1 of the paper config (128^3 input, patch 2: B 2, 64^3 tokens, C 48, 3 heads of 16, 2,000 windows
     of 7^3) unshifted, shifted by 3, and shifted with attention dropout (WINDOW_DROPOUT), and a head dim 32 stage
@@ -340,8 +353,7 @@ def window_attention_cases() -> list[Case]:
             cases.append(Case("window_attention", f"{stage} B2x{tokens}^3 C{channels} h{heads} shift{shift}{drop}",
                               forward, roofline,
                               {"_window_attention_fwd": lambda a, g: a["NP"] // a["BN"],
-                               "_window_attention_bwd": lambda a, g: (a["NP"] // a["BN"]) * (
-                                   1 if a["QUERY_ON_CHIP"] else a["NP"] // a["BM"]),
+                               "_window_attention_bwd": _backward_trips,
                                "_window_attention_bwd_bias": lambda a, g: a["WPC"]}))
     return cases
 

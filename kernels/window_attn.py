@@ -574,6 +574,142 @@ def _pair_grads(
 
 
 @_jit
+def _key_tile(
+    QKV,
+    PAD_ROW,
+    ROWS,
+    win,
+    voxel0,
+    h0,
+    kt,
+    C: tl.constexpr,
+    HD: tl.constexpr,
+    NP: tl.constexpr,
+    BN: tl.constexpr,
+    DPAD: tl.constexpr,
+    G: tl.constexpr,
+):
+    """Key tile kt of a window for G heads: offs_n, row ids [BN], k and v [BN, DPAD] per head, zero dk and dv sums."""
+    offs_n = kt * BN + tl.arange(0, BN)
+    rows_k = tl.load(ROWS + win * NP + offs_n)
+    kv = _row_ptrs(QKV, PAD_ROW, rows_k, voxel0, 3 * C)
+    dk, dv = (), ()
+    for _g in tl.static_range(G):
+        dk, dv = dk + (tl.zeros([BN, DPAD], tl.float32),), dv + (tl.zeros([BN, DPAD], tl.float32),)
+    return (
+        offs_n,
+        rows_k,
+        _load_heads(kv, C + h0 * HD, HD, DPAD, G),
+        _load_heads(kv, 2 * C + h0 * HD, HD, DPAD, G),
+        dk,
+        dv,
+    )
+
+
+@_jit
+def _store_key_grads(
+    DQKV,
+    DPAD_PARTS,
+    rows_k,
+    dk,
+    dv,
+    voxel0,
+    bw,
+    kt,
+    h0,
+    C: tl.constexpr,
+    HD: tl.constexpr,
+    NP: tl.constexpr,
+    BN: tl.constexpr,
+    DPAD: tl.constexpr,
+    G: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    """dk and dv of key tile kt (G heads) into DQKV; padded keys' sums into DPAD_PARTS [B*nW, NP // BN, 2C]."""
+    dd = tl.arange(0, DPAD)
+    real_k = rows_k >= 0
+    out_k = DQKV + (voxel0 + rows_k) * (3 * C)
+    for g in tl.static_range(G):
+        # scores are scale * q.k: dk = dS^T (scale q) = dS^T qs * ln 2
+        _store_head(out_k, dk[g] * 0.6931471805599453, C + (h0 + g) * HD, real_k, HD, DPAD)
+        _store_head(out_k, dv[g], 2 * C + (h0 + g) * HD, real_k, HD, DPAD)
+        if HAS_PAD:  # padded keys are the qkv bias: their gradients sum into d(pad_kv)
+            slot = DPAD_PARTS + (bw * (NP // BN) + kt) * (2 * C) + (h0 + g) * HD + dd
+            pad = (rows_k < 0)[:, None]
+            tl.store(slot, tl.sum(tl.where(pad, dk[g] * 0.6931471805599453, 0.0), 0), mask=dd < HD)
+            tl.store(slot + C, tl.sum(tl.where(pad, dv[g], 0.0), 0), mask=dd < HD)
+
+
+@_jit
+def _on_chip_key_loop(
+    query,
+    key,
+    HEADS: tl.constexpr,
+    HD: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    DPAD: tl.constexpr,
+    G: tl.constexpr,
+    HAS_TILE: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+    SKIP_PADDING: tl.constexpr,
+):
+    """The backward's key loop over a window whose query side is on chip: ``query`` = (live, qs, dos, lses, deltas,
+    dqs), tuples per query tile (live) or per query tile * G + head; ``key`` = (QKV, PAD_ROW, ROWS, TILE, DQKV,
+    DPAD_PARTS, cls, win, voxel0, bw, h0, seed, threshold). Each key tile meets every query tile in an unrolled pass
+    and stores its dk and dv; returns the dq sums. With SKIP_PADDING a query tile of padding only is skipped (a
+    branch per tile); without, every query tile must hold a real token."""
+    live, qs, dos, lses, deltas, dqs = query
+    QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, cls, win, voxel0, bw, h0, seed, threshold = key
+    C: tl.constexpr = HEADS * HD
+    for kt in tl.range(0, NP // BN):
+        offs_n, rows_k, k, v, dk, dv = _key_tile(QKV, PAD_ROW, ROWS, win, voxel0, h0, kt, C, HD, NP, BN, DPAD, G)
+        dq_next = ()
+        for qt in tl.static_range(NP // BM):
+            offs_m = qt * BM + tl.arange(0, BM)
+            dk_next, dv_next = (), ()
+            for g in tl.static_range(G):
+                dq_g, dk_g, dv_g = dqs[qt * G + g], dk[g], dv[g]
+                if not SKIP_PADDING or live[qt]:
+                    tile_ptrs = _tile_ptrs(TILE, cls, h0 + g, offs_m, kt * BN, BN, HEADS, NP)
+                    dv_g, dk_g, dq_g = _pair_grads(
+                        qs[qt * G + g],
+                        dos[qt * G + g],
+                        lses[qt * G + g],
+                        deltas[qt * G + g],
+                        k[g],
+                        v[g],
+                        dv_g,
+                        dk_g,
+                        dq_g,
+                        tile_ptrs,
+                        offs_m,
+                        offs_n,
+                        kt,
+                        seed,
+                        threshold,
+                        bw,
+                        h0 + g,
+                        HEADS,
+                        N,
+                        NP,
+                        BN,
+                        HAS_TILE,
+                        HAS_DROPOUT,
+                        PREC,
+                    )
+                dk_next, dv_next, dq_next = dk_next + (dk_g,), dv_next + (dv_g,), dq_next + (dq_g,)
+            dk, dv = dk_next, dv_next
+        dqs = dq_next
+        _store_key_grads(DQKV, DPAD_PARTS, rows_k, dk, dv, voxel0, bw, kt, h0, C, HD, NP, BN, DPAD, G, HAS_PAD)
+    return dqs
+
+
+@_jit
 def _window_attention_bwd(
     QKV,
     PAD_ROW,
@@ -604,7 +740,7 @@ def _window_attention_bwd(
     HAS_PAD: tl.constexpr,
     GRADS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    QUERY_ON_CHIP: tl.constexpr,
+    WINDOWS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     DPAD: tl.constexpr,
@@ -616,11 +752,13 @@ def _window_attention_bwd(
     dk and dq, in a fixed order (no atomics); last, dq scaled into DQKV. Padded keys' dk/dv go, summed, to
     DPAD_PARTS [B*nW, NP // BN, 2C].
 
-    QUERY_ON_CHIP: the window's query side (per query tile and head: q pre-scaled, dO of the attention, lse, delta
-    and the dq sum; tuples indexed query tile * G + head) is loaded once and held on chip (q and dO in shared memory,
-    the rest in registers) through the key loop, whose pass over the query tiles is unrolled; otherwise (when dq
-    [NP, G * DPAD] would not fit the registers) each pair loads the query side from L2 and dq accumulates in DQ
-    [B*voxels, C] fp32, which only this program touches.
+    WINDOWS 0: every window, the query side streamed: each (key tile, query tile) pair loads the query tile's q,
+    dO, lse and delta from L2 and dq accumulates in DQ [B*voxels, C] fp32, which only this program touches. WINDOWS 1
+    and 2 (with GRADS): the window's query side (per query tile and head: q pre-scaled, dO of the attention, lse,
+    delta and the dq sum) is loaded once and held on chip (q and dO in shared memory, the rest in registers) through
+    the key loop, whose pass over the query tiles is unrolled; 1 takes only the windows whose every query tile holds
+    a real token (no padding checks in the loop), 2 only the others (query tiles of padding only skipped). The two
+    are separate launches, so that neither loop's registers weigh on the other's.
 
     Dropout (HAS_DROPOUT; the forward's SEED and dropout_p), with P the softmax, K the forward's keep mask (regenerated
     by :func:`_keep`, never stored) and s = 1 / (1 - p): out = (P * K * s) v, so dV = (P * K)^T (s dO) and the
@@ -629,7 +767,17 @@ def _window_attention_bwd(
     G: tl.constexpr = HEADS_PER_PROGRAM
     C: tl.constexpr = HEADS * HD
     NQT: tl.constexpr = NP // BM
+    QUERY_ON_CHIP: tl.constexpr = WINDOWS != 0
     _, h0, bw, b, win = _split_pid(tl.program_id(0), 1, HEADS, NWIN, G)
+    live = ()  # per query tile: does it hold a real token (the forward wrote no lse for a tile of padding only)
+    if QUERY_ON_CHIP:
+        for qt in tl.static_range(NQT):
+            live = live + (tl.max(tl.load(ROWS + win * NP + qt * BM + tl.arange(0, BM)), 0) >= 0,)
+        all_live = live[0]
+        for qt in tl.static_range(1, NQT):
+            all_live = all_live & live[qt]
+        if all_live != (WINDOWS == 1):
+            return  # the other launch's window
     voxel0 = b.to(tl.int64) * VOXELS
     dd = tl.arange(0, DPAD)
     if HAS_DROPOUT:
@@ -637,7 +785,7 @@ def _window_attention_bwd(
     else:
         seed, threshold, drop_scale = None, None, None
     # delta and d(gate logits); with the query side on chip, also what the key loop needs of each query tile
-    live, qs, dos, lses, deltas, dqs = (), (), (), (), (), ()
+    qs, dos, lses, deltas, dqs = (), (), (), (), ()
     for qt in tl.static_range(NQT):
         offs_m = qt * BM + tl.arange(0, BM)
         rows_q = tl.load(ROWS + win * NP + offs_m)
@@ -645,7 +793,6 @@ def _window_attention_bwd(
         o = _load_heads(OUT + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
         do = _load_heads(DOUT + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
         if GRADS and QUERY_ON_CHIP:
-            live = live + (tl.max(rows_q, 0) >= 0,)  # the forward wrote no lse for a tile of padding only
             q = _load_heads(_row_ptrs(QKV, PAD_ROW, rows_q, voxel0, 3 * C), h0 * HD, HD, DPAD, G)
         for g in tl.static_range(G):
             # rowsum(dO_attn * O_attn) with the gate folded in: (dout * gate) . (out / gate)
@@ -666,55 +813,17 @@ def _window_attention_bwd(
         if not QUERY_ON_CHIP:
             tl.debug_barrier()  # delta written above is read below by other threads of the program
         cls = tl.load(CLASSES + win)
-        for kt in tl.range(0, NP // BN):
-            offs_n = kt * BN + tl.arange(0, BN)
-            rows_k = tl.load(ROWS + win * NP + offs_n)
-            kv = _row_ptrs(QKV, PAD_ROW, rows_k, voxel0, 3 * C)
-            k = _load_heads(kv, C + h0 * HD, HD, DPAD, G)
-            v = _load_heads(kv, 2 * C + h0 * HD, HD, DPAD, G)
-            dk, dv = (), ()
-            for _g in tl.static_range(G):
-                dk = dk + (tl.zeros([BN, DPAD], tl.float32),)
-                dv = dv + (tl.zeros([BN, DPAD], tl.float32),)
-            if QUERY_ON_CHIP:
-                dq_next = ()
-                for qt in tl.static_range(NQT):
-                    offs_m = qt * BM + tl.arange(0, BM)
-                    dk_next, dv_next = (), ()
-                    for g in tl.static_range(G):
-                        dq_g, dk_g, dv_g = dqs[qt * G + g], dk[g], dv[g]
-                        if live[qt]:
-                            tile_ptrs = _tile_ptrs(TILE, cls, h0 + g, offs_m, kt * BN, BN, HEADS, NP)
-                            dv_g, dk_g, dq_g = _pair_grads(
-                                qs[qt * G + g],
-                                dos[qt * G + g],
-                                lses[qt * G + g],
-                                deltas[qt * G + g],
-                                k[g],
-                                v[g],
-                                dv_g,
-                                dk_g,
-                                dq_g,
-                                tile_ptrs,
-                                offs_m,
-                                offs_n,
-                                kt,
-                                seed,
-                                threshold,
-                                bw,
-                                h0 + g,
-                                HEADS,
-                                N,
-                                NP,
-                                BN,
-                                HAS_TILE,
-                                HAS_DROPOUT,
-                                PREC,
-                            )
-                        dk_next, dv_next, dq_next = dk_next + (dk_g,), dv_next + (dv_g,), dq_next + (dq_g,)
-                    dk, dv = dk_next, dv_next
-                dqs = dq_next
-            else:
+        if QUERY_ON_CHIP:
+            query = (live, qs, dos, lses, deltas, dqs)
+            key = (QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, cls, win, voxel0, bw, h0, seed, threshold)
+            dqs = _on_chip_key_loop(
+                query, key, HEADS, HD, N, NP, BM, BN, DPAD, G, HAS_TILE, HAS_PAD, HAS_DROPOUT, PREC, WINDOWS == 2
+            )
+        else:
+            for kt in tl.range(0, NP // BN):
+                offs_n, rows_k, k, v, dk, dv = _key_tile(
+                    QKV, PAD_ROW, ROWS, win, voxel0, h0, kt, C, HD, NP, BN, DPAD, G
+                )
                 for qtile in tl.range(0, NQT):
                     offs_m = qtile * BM + tl.arange(0, BM)
                     rows_q = tl.load(ROWS + win * NP + offs_m)
@@ -778,17 +887,7 @@ def _window_attention_bwd(
                             tl.store(dq_ptrs + g * HD, dq_g, mask=dq_mask)
                         dk, dv = dk_next, dv_next
                 tl.debug_barrier()  # this key tile's dq stores before the next one's loads (other threads)
-            real_k = rows_k >= 0
-            out_k = DQKV + (voxel0 + rows_k) * (3 * C)
-            for g in tl.static_range(G):
-                # scores are scale * q.k: dk = dS^T (scale q) = dS^T qs * ln 2
-                _store_head(out_k, dk[g] * 0.6931471805599453, C + (h0 + g) * HD, real_k, HD, DPAD)
-                _store_head(out_k, dv[g], 2 * C + (h0 + g) * HD, real_k, HD, DPAD)
-                if HAS_PAD:  # padded keys are the qkv bias: their gradients sum into d(pad_kv)
-                    slot = DPAD_PARTS + (bw * (NP // BN) + kt) * (2 * C) + (h0 + g) * HD + dd
-                    pad = (rows_k < 0)[:, None]
-                    tl.store(slot, tl.sum(tl.where(pad, dk[g] * 0.6931471805599453, 0.0), 0), mask=dd < HD)
-                    tl.store(slot + C, tl.sum(tl.where(pad, dv[g], 0.0), 0), mask=dd < HD)
+                _store_key_grads(DQKV, DPAD_PARTS, rows_k, dk, dv, voxel0, bw, kt, h0, C, HD, NP, BN, DPAD, G, HAS_PAD)
         for qt in tl.static_range(NQT):
             rows_q = tl.load(ROWS + win * NP + qt * BM + tl.arange(0, BM))
             real = rows_q >= 0
@@ -1206,7 +1305,7 @@ def window_attention_triton_backward(
     cfg = geo.config("bwd", qkv.dtype, drop["HAS_DROPOUT"])
     scalars, constexprs = geo.args(cfg, qkv.dtype)
     grads = need_dqkv or has_pad
-    on_chip = _query_on_chip(geo, cfg, drop["HAS_DROPOUT"])
+    on_chip = grads and _query_on_chip(geo, cfg, drop["HAS_DROPOUT"])
     if grads:
         dqkv = torch.empty_like(qkv)
         if not on_chip:
@@ -1214,26 +1313,28 @@ def window_attention_triton_backward(
         dpad_parts = torch.empty(geo.windows, geo.np // cfg["BN"], 2 * c, device=qkv.device, dtype=torch.float32)
     common = (qkv, pad_row, rows, classes, qkv if tile is None else tile, qkv if gate_logits is None else gate_logits)
     with on_device(qkv):
-        _window_attention_bwd[(geo.windows * (geo.heads // cfg["HEADS_PER_PROGRAM"]),)](
-            *common,
-            out,
-            dout,
-            lse,
-            delta,
-            delta if on_chip or not grads else dq,
-            dqkv if grads else qkv,
-            qkv if dgate is None else dgate,
-            dpad_parts if has_pad else delta,
-            *scalars,
-            geo.scale,
-            **drop,
-            HAS_TILE=tile is not None,
-            HAS_GATE=gate_logits is not None,
-            HAS_PAD=has_pad,
-            GRADS=grads,
-            QUERY_ON_CHIP=on_chip,
-            **constexprs,
-        )
+        # on chip: the windows whose query tiles all hold a real token, then the others (each its own kernel)
+        for windows in (1, 2) if on_chip else (0,):
+            _window_attention_bwd[(geo.windows * (geo.heads // cfg["HEADS_PER_PROGRAM"]),)](
+                *common,
+                out,
+                dout,
+                lse,
+                delta,
+                dq if grads and not on_chip else delta,
+                dqkv if grads else qkv,
+                qkv if dgate is None else dgate,
+                dpad_parts if has_pad else delta,
+                *scalars,
+                geo.scale,
+                **drop,
+                HAS_TILE=tile is not None,
+                HAS_GATE=gate_logits is not None,
+                HAS_PAD=has_pad,
+                GRADS=grads,
+                WINDOWS=windows,
+                **constexprs,
+            )
         if bias_table is not None and need_dbias:
             cfg = geo.config("bias", qkv.dtype, drop["HAS_DROPOUT"])
             scalars, constexprs = geo.args(cfg, qkv.dtype)
