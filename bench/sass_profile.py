@@ -302,7 +302,8 @@ def _leaves(dtype: torch.dtype, **shapes) -> dict[str, torch.Tensor]:
             shapes.items()}
 
 
-WINDOW_CASES = (("stage1", 64, 48, 3), ("stage2-d32", 32, 192, 6))  # name, tokens per side, C, heads
+# name, tokens per side, C, heads, spatial dims (2: MONAI's spatial_dims=2 Swin, 7 x 7 windows)
+WINDOW_CASES = (("stage1", 64, 48, 3, 3), ("stage2-d32", 32, 192, 6, 3), ("stage1-2d", 56, 48, 3, 2))
 WINDOW_DROPOUT = 0.1  # attention dropout of the shifted cases' dropout variant (its own kernels: HAS_DROPOUT)
 PATCH_SIDES, PATCH_CHANNELS = (96, 128), 48
 GATED_CASES = ((32, 128, 8, 32), (32, 256, 8, 32))  # B, L, H, Dh: bench_gated_attention.PAPER_CASES
@@ -324,24 +325,25 @@ def _backward_trips(a: dict, grid: tuple) -> float:
 
 def window_attention_cases() -> list[Case]:
     """Swin stage 1 of the paper config (128^3 input, patch 2: B 2, 64^3 tokens, C 48, 3 heads of 16, 2,000 windows
-    of 7^3) unshifted, shifted by 3, and shifted with attention dropout (WINDOW_DROPOUT), and a head dim 32 stage
-    (32^3 tokens, 6 heads of 32: stage 2 of feature 96); MONAI's 7^3 bias table, the qkv bias as pad_kv, gate
-    logits."""
+    of 7^3) unshifted, shifted by 3, and shifted with attention dropout (WINDOW_DROPOUT), a head dim 32 stage
+    (32^3 tokens, 6 heads of 32: stage 2 of feature 96) and a 2-D stage (56^2 tokens, 7 x 7 windows, 3 heads of 16);
+    MONAI's bias table for the window, the qkv bias as pad_kv, gate logits."""
     import medmap_fast as mf
 
     cases = []
-    for stage, tokens, channels, heads in WINDOW_CASES:
+    for stage, tokens, channels, heads, dims in WINDOW_CASES:
         for shift, dropout in ((0, 0.0), (3, 0.0), (3, WINDOW_DROPOUT)):
-            def forward(dtype, tokens=tokens, channels=channels, heads=heads, shift=shift, dropout=dropout):
-                grid = (2, tokens, tokens, tokens)
-                x = _leaves(dtype, qkv=((*grid, 3 * channels), 1.0), bias_table=((13**3, heads), 0.02),
+            def forward(dtype, tokens=tokens, channels=channels, heads=heads, dims=dims, shift=shift, dropout=dropout):
+                grid, window = (2, *(tokens,) * dims), (7,) * dims
+                x = _leaves(dtype, qkv=((*grid, 3 * channels), 1.0), bias_table=((13**dims, heads), 0.02),
                             pad_kv=((2 * channels,), 0.1), gate_logits=((*grid, heads), 0.5))
-                return mf.kernels.window_attention(x["qkv"], heads, (7, 7, 7), (shift,) * 3, x["bias_table"],
-                                                   table_window=(7, 7, 7), pad_kv=x["pad_kv"],
+                return mf.kernels.window_attention(x["qkv"], heads, window, (shift,) * dims, x["bias_table"],
+                                                   table_window=window, pad_kv=x["pad_kv"],
                                                    gate_logits=x["gate_logits"], dropout_p=dropout), list(x.values())
 
-            def roofline(e, tokens=tokens, channels=channels, heads=heads):
-                n, d, voxels, windows = 343, channels // heads, 2 * tokens**3, 2 * math.ceil(tokens / 7) ** 3
+            def roofline(e, tokens=tokens, channels=channels, heads=heads, dims=dims):
+                n, d, voxels = 7**dims, channels // heads, 2 * tokens**dims
+                windows = 2 * math.ceil(tokens / 7) ** dims
                 pairs = windows * heads * n * n  # score entries, padded windows included
                 lse = windows * heads * n * 4
                 io = voxels * (3 * channels + heads) * e  # qkv and gate logits
@@ -350,8 +352,8 @@ def window_attention_cases() -> list[Case]:
                         "bwd": Roofline(10 * d * pairs, 2 * io + 2 * voxels * channels * e + lse, pairs)}
 
             drop = f" drop{dropout}" if dropout else ""
-            cases.append(Case("window_attention", f"{stage} B2x{tokens}^3 C{channels} h{heads} shift{shift}{drop}",
-                              forward, roofline,
+            name = f"{stage} B2x{tokens}^{dims} C{channels} h{heads} shift{shift}{drop}"
+            cases.append(Case("window_attention", name, forward, roofline,
                               {"_window_attention_fwd": lambda a, g: a["NP"] // a["BN"],
                                "_window_attention_bwd": _backward_trips,
                                "_window_attention_bwd_bias": lambda a, g: a["WPC"]}))

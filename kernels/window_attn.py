@@ -1025,11 +1025,13 @@ def _window_dropout_keep(
 # (bench/sass_profile.py); not yet timed on a GPU.
 _GPU_CONFIGS = dict(fwd=(64, 64, 4, 2), bwd=(64, 64, 4, 1), bias=(64, 128, 4, 1))
 # channels of heads per program: the backward holds its window's dq sums (fp32) and, per key tile, dk and dv beside
-# the scores, the bias kernel a [BM, BN] fp32 sum per head, so they take one head where the forward takes several
+# the scores, the bias kernel a [BM, BN] fp32 sum per head, so they take fewer heads than the forward (the backward
+# at least one, and as many as its query side on chip holds: see _launch_config)
 _CHANNELS = dict(fwd=64, bwd=16, bias=16)
 # the backward holds the window's query side on chip when its dq sums take at most this many fp32 registers per
-# thread-row (tiles x G x DPAD): at 7^3 windows head dim 16 does (stage 1: issue floor 444 -> 327 µs, loop bytes
-# 5.07 -> 2.16 GB against the streamed 3 heads per program), head dim 32 spills (372 B) and streams
+# thread-row (tiles x G x DPAD): at 7^3 windows one head of 16 does (stage 1: issue floor 444 -> 295 µs, loop bytes
+# 5.07 -> 2.16 GB against the streamed 3 heads per program), head dim 32 spills (372 B) and streams; 2-D windows
+# (one tile) take 3 heads of 16 or 2 of 32
 _QUERY_ON_CHIP_COLUMNS = 96
 # With attention dropout the mask's Philox words take registers too: the forward runs one head per program, the
 # backward streams its query side and the bias kernel takes 64-wide key tiles, the sm_90 compiles' largest without
@@ -1071,7 +1073,6 @@ def tokens_padded(n: int) -> int:
 def _launch_config(kernel: str, n: int, head_dim: int, heads: int, dtype: torch.dtype, dropout: bool = False) -> dict:
     """BM (query tile), BN (key tile), num_warps, num_stages and HEADS_PER_PROGRAM of ``kernel`` ("fwd", "bwd" or
     "bias") for windows of n tokens, with or without attention dropout; BM and BN divide tokens_padded(n)."""
-    g = _heads_per_program(head_dim, heads, (_DROPOUT_CHANNELS if dropout else _CHANNELS)[kernel])
     np_ = tokens_padded(n)
     if interpreting():  # few, large blocks: each interpreted block op costs milliseconds
         bm = bn = min(np_, 128)
@@ -1080,7 +1081,16 @@ def _launch_config(kernel: str, n: int, head_dim: int, heads: int, dtype: torch.
         configs = _DROPOUT_GPU_CONFIGS if dropout else _GPU_CONFIGS
         bm, bn, warps, stages = _FP32_CONFIG if dtype == torch.float32 else configs[kernel]
         bm, bn = min(bm, np_), min(bn, np_)
-    return dict(BM=bm, BN=bn, num_warps=warps, num_stages=stages, HEADS_PER_PROGRAM=g)
+    channels = (_DROPOUT_CHANNELS if dropout else _CHANNELS)[kernel]
+    if kernel == "bwd" and not dropout:  # as many heads as the query side on chip holds (3 in 2-D windows)
+        channels = max(channels, min(_CHANNELS["fwd"], _QUERY_ON_CHIP_COLUMNS // (np_ // bm)))
+    return dict(
+        BM=bm,
+        BN=bn,
+        num_warps=warps,
+        num_stages=stages,
+        HEADS_PER_PROGRAM=_heads_per_program(head_dim, heads, channels),
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -1313,8 +1323,9 @@ def window_attention_triton_backward(
         dpad_parts = torch.empty(geo.windows, geo.np // cfg["BN"], 2 * c, device=qkv.device, dtype=torch.float32)
     common = (qkv, pad_row, rows, classes, qkv if tile is None else tile, qkv if gate_logits is None else gate_logits)
     with on_device(qkv):
-        # on chip: the windows whose query tiles all hold a real token, then the others (each its own kernel)
-        for windows in (1, 2) if on_chip else (0,):
+        # on chip: the windows whose query tiles all hold a real token, then the others (each its own kernel); with
+        # one query tile there are no others (every window holds a real voxel: padding is less than a window)
+        for windows in ((1, 2) if geo.np > cfg["BM"] else (1,)) if on_chip else (0,):
             _window_attention_bwd[(geo.windows * (geo.heads // cfg["HEADS_PER_PROGRAM"]),)](
                 *common,
                 out,
