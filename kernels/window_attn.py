@@ -470,23 +470,12 @@ def _window_attention_fwd(
 
 
 @_jit
-def _attention_dout(
-    do,
-    GATE,
-    voxel0,
-    rows_q,
-    real,
-    h,
-    drop_scale,
-    HEADS: tl.constexpr,
-    HAS_GATE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-):
-    """dO of the attention [T, DPAD] (fp32) from head h's tile of dout: times the gate and, with dropout, 1 / (1 - p),
-    the scale of every kept probability, which dV and dP then carry."""
+def _attention_dout(do, gate, drop_scale, HAS_GATE: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """dO of the attention [T, DPAD] (fp32) from a head's tile of dout: times its gate [T] (2 sigmoid(logit)) and,
+    with dropout, 1 / (1 - p), the scale of every kept probability, which dV and dP then carry."""
     do = do.to(tl.float32)
     if HAS_GATE:
-        do = do * _gate(GATE, voxel0, rows_q, real, h, HEADS)[:, None]
+        do = do * gate[:, None]
     if HAS_DROPOUT:
         do = do * drop_scale
     return do
@@ -521,7 +510,8 @@ def _query_head(
     real = rows_q >= 0
     q = _load_heads(q_ptrs, h * HD, HD, DPAD, 1)[0]
     do = _load_heads(DOUT + (voxel0 + rows_q) * C, h * HD, HD, DPAD, 1, real)[0]
-    do = _attention_dout(do, GATE, voxel0, rows_q, real, h, drop_scale, HEADS, HAS_GATE, HAS_DROPOUT)
+    gate = _gate(GATE, voxel0, rows_q, real, h, HEADS) if HAS_GATE else None
+    do = _attention_dout(do, gate, drop_scale, HAS_GATE, HAS_DROPOUT)
     lse = tl.load(LSE + (bw * HEADS + h) * NP + offs_m)
     delta = tl.load(DELTA + (bw * HEADS + h) * NP + offs_m)
     return _scaled(q, qk_scale), do.to(q.dtype), lse, delta
@@ -798,14 +788,14 @@ def _window_attention_bwd(
             # rowsum(dO_attn * O_attn) with the gate folded in: (dout * gate) . (out / gate)
             delta = tl.sum(o[g].to(tl.float32) * do[g].to(tl.float32), 1)
             tl.store(DELTA + (bw * HEADS + h0 + g) * NP + offs_m, delta)
+            gate = None
             if HAS_GATE:  # out = 2 sigmoid(x) o: d x = rowsum(dout * out) (1 - sigmoid(x))
                 grow = (voxel0 + rows_q) * HEADS + h0 + g
-                x = tl.load(GATE + grow, mask=real, other=0.0).to(tl.float32)
-                tl.store(DGATE + grow, (delta * (1.0 - tl.sigmoid(x))).to(DGATE.dtype.element_ty), mask=real)
+                sig = tl.sigmoid(tl.load(GATE + grow, mask=real, other=0.0).to(tl.float32))
+                tl.store(DGATE + grow, (delta * (1.0 - sig)).to(DGATE.dtype.element_ty), mask=real)
+                gate = 2.0 * sig
             if GRADS and QUERY_ON_CHIP:
-                do_attn = _attention_dout(
-                    do[g], GATE, voxel0, rows_q, real, h0 + g, drop_scale, HEADS, HAS_GATE, HAS_DROPOUT
-                )
+                do_attn = _attention_dout(do[g], gate, drop_scale, HAS_GATE, HAS_DROPOUT)
                 qs, dos = qs + (_scaled(q[g], qk_scale),), dos + (do_attn.to(q[g].dtype),)
                 lses = lses + (tl.load(LSE + (bw * HEADS + h0 + g) * NP + offs_m),)
                 deltas, dqs = deltas + (delta,), dqs + (tl.zeros([BM, DPAD], tl.float32),)
