@@ -6,12 +6,13 @@ tensors at the paper shapes; every kernel launch is compiled for sm_90 with the 
 triton instead of being run (a stand-in driver tells Triton the device is sm_90, and ``JITFunction.run`` is called
 with ``warmup=True``), so each kernel gets the launch configuration, constexprs and argument specialisation of a
 real launch. Per kernel it prints registers, spills, shared memory, CTAs per SM and the SASS instruction mix of the
-inner loop (the body of the backward branch holding the most tensor-core instructions: one iteration = one key
-block of the window-attention forward), and per op and pass an analytic roofline (FLOPs, HBM bytes, exponentials
-and the H100 floor from each) beside the issue floor of the pass's inner loops (their instructions issued at 4 per
-SM per clock, nothing else) and the bytes those loops move in global memory (their loads, stores, asynchronous copies
-and atomics at the width each instruction names, every lane active: what L1 and L2 must serve, re-reads included,
-which the HBM column, each tensor once, leaves out).
+inner loop (the body of the innermost backward branch holding tensor-core instructions: one iteration = one key
+block of the window-attention forward; where a kernel runs such a loop once per pass, the passes' bodies together),
+and per op and pass an analytic roofline (FLOPs, HBM bytes, exponentials and the H100 floor from each) beside the
+issue floor of the pass's inner loops (their instructions issued at 4 per SM per clock, nothing else) and the bytes
+those loops move in global memory (their loads, stores, asynchronous copies and atomics at the width each
+instruction names, every lane active: what L1 and L2 must serve, re-reads included, which the HBM column, each
+tensor once, leaves out).
 
 A kernel that fails to compile is reported with its error; the rest of the profile still runs.
 """
@@ -109,20 +110,24 @@ def global_bytes(code: list[Instruction]) -> int:
 
 
 def inner_loop(code: list[Instruction]) -> tuple[list[Instruction], int]:
-    """The inner loop's body and the number of loops: each backward branch (a BRA to a lower address, not to itself)
-    closes a loop [target, branch]; the chosen one holds the most HGMMA/HMMA instructions and, among those, is the
-    shortest (the innermost). Without tensor-core loops: the longest loop; without loops: the whole kernel."""
+    """The inner loops' bodies and the number of loops: each backward branch (a BRA to a lower address, not to
+    itself) closes a loop [target, branch]; the inner loops are those holding HGMMA/HMMA instructions with no such
+    loop inside them (one per kernel, or one per pass where a kernel runs the same key loop over several passes:
+    their bodies, in order, make one iteration). Without tensor-core loops: the longest loop; without loops: the
+    whole kernel."""
     loops = []
     for ins in code:
         target = re.match(r"\s*(?:`\()?(0x[0-9a-f]+)", ins.operands)
         if ins.opcode == "BRA" and target and int(target[1], 16) < ins.address:
-            loops.append([i for i in code if int(target[1], 16) <= i.address <= ins.address])
+            loops.append((int(target[1], 16), ins.address))
     if not loops:
         return code, 0
-    tensor = [sum(category(i.opcode) in ("HGMMA", "HMMA") for i in body) for body in loops]
-    if max(tensor):
-        return min((b for b, t in zip(loops, tensor) if t == max(tensor)), key=len), len(loops)
-    return max(loops, key=len), len(loops)
+    bodies = {span: [i for i in code if span[0] <= i.address <= span[1]] for span in loops}
+    tensor = [span for span in loops if any(category(i.opcode) in ("HGMMA", "HMMA") for i in bodies[span])]
+    inner = [s for s in tensor if not any(t != s and s[0] <= t[0] and t[1] <= s[1] for t in tensor)]
+    if inner:
+        return [i for span in sorted(inner) for i in bodies[span]], len(loops)
+    return max(bodies.values(), key=len), len(loops)
 
 
 # ----------------------------------------------------------------------------------------------- sm_90 compilation
@@ -312,9 +317,9 @@ MODALITIES = 4  # CCT token groups (as in bench_gated_attention)
 
 def _backward_trips(a: dict, grid: tuple) -> float:
     """Key-loop iterations per program of the window-attention backward: one (key tile, query tile) pair each where
-    the query side streams (WINDOWS 0); one key tile each, met by every query tile held on chip, times the share of
-    windows the launch takes (WINDOWS 1: those whose query tiles all hold a real token; 2: the others; the programs
-    of the other share return at once)."""
+    the query side streams (WINDOWS 0); one key tile each, met by the query tiles held on chip (the key loops of all
+    passes over them make one iteration), times the share of windows the launch takes (WINDOWS 1: those whose query
+    tiles all hold a real token; 2: the others; the programs of the other share return at once)."""
     key_tiles = a["NP"] // a["BN"]
     if a["WINDOWS"] == 0:
         return key_tiles * (a["NP"] // a["BM"])
@@ -576,6 +581,23 @@ def test_inner_loop_picks_the_tensor_core_loop():
     assert loops == 2 and [i.address for i in body] == list(range(0x20, 0x80, 0x10))
     assert Counter(category(i.opcode) for i in body) == {"HGMMA": 1, "MUFU": 1, "atomic": 1, "other": 2,
                                                           "integer": 1}
+
+
+def test_inner_loops_are_the_innermost_tensor_core_loops():
+    """A loop nested in an outer one counts alone (the outer's other instructions are not per iteration); two
+    loops one after the other (the key loops of two passes over a window's query tiles) count together."""
+    sass = """
+        /*0000*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0010*/                   MUFU.EX2 R3, R2 ;
+        /*0020*/               @P0 BRA 0x0 ;
+        /*0030*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0040*/               @P1 BRA 0x0 ;
+        /*0050*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0060*/               @P2 BRA 0x50 ;
+        /*0070*/                   EXIT ;
+    """
+    body, loops = inner_loop(parse_sass(sass))
+    assert loops == 3 and [i.address for i in body] == [0x0, 0x10, 0x20, 0x50, 0x60]
 
 
 

@@ -631,6 +631,15 @@ def _store_key_grads(
 
 
 @_jit
+def _key_sum_ptrs(KEY_SUMS, bw, h, kt, HEADS: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr, DPAD: tl.constexpr):
+    """Pointers [BN, DPAD] to head h's dk sums of key tile kt in KEY_SUMS [B*nW, HEADS, 2, NP, DPAD] (fp32; dv's
+    are NP * DPAD further): where a key tile's sums wait between passes over a window's query tiles. A scalar base
+    plus a fixed pattern, as in :func:`_tile_ptrs`."""
+    base = KEY_SUMS + ((bw * HEADS + h) * 2 * NP + kt * BN) * DPAD
+    return base + (tl.arange(0, BN)[:, None] * DPAD + tl.arange(0, DPAD)[None, :])
+
+
+@_jit
 def _on_chip_key_loop(
     query,
     key,
@@ -647,56 +656,139 @@ def _on_chip_key_loop(
     HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr,
     SKIP_PADDING: tl.constexpr,
+    T0: tl.constexpr,
+    TILES: tl.constexpr,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
 ):
-    """The backward's key loop over a window whose query side is on chip: ``query`` = (live, qs, dos, lses, deltas,
-    dqs), tuples per query tile (live) or per query tile * G + head; ``key`` = (QKV, PAD_ROW, ROWS, TILE, DQKV,
-    DPAD_PARTS, cls, win, voxel0, bw, h0, seed, threshold). Each key tile meets every query tile in an unrolled pass
-    and stores its dk and dv; returns the dq sums. With SKIP_PADDING a query tile of padding only is skipped (a
-    branch per tile); without, every query tile must hold a real token."""
+    """The backward's key loop over query tiles T0 .. T0 + TILES - 1 of a window (those below NP // BM), held on
+    chip: ``query`` = (live, qs, dos, lses, deltas, dqs), tuples per query tile (live) or per (tile - T0) * G + head;
+    ``key`` = (QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0, seed, threshold).
+    Each key tile meets those query tiles in an unrolled pass; its dk and dv sums start from zero (FIRST) or from
+    the previous pass's in KEY_SUMS, and go to DQKV (LAST) or back to KEY_SUMS. Returns the dq sums. With
+    SKIP_PADDING a query tile of padding only is skipped (a branch per tile); without, every query tile must hold a
+    real token."""
     live, qs, dos, lses, deltas, dqs = query
-    QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, cls, win, voxel0, bw, h0, seed, threshold = key
+    QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0, seed, threshold = key
     C: tl.constexpr = HEADS * HD
     for kt in tl.range(0, NP // BN):
         offs_n, rows_k, k, v, dk, dv = _key_tile(QKV, PAD_ROW, ROWS, win, voxel0, h0, kt, C, HD, NP, BN, DPAD, G)
         dq_next = ()
-        for qt in tl.static_range(NP // BM):
-            offs_m = qt * BM + tl.arange(0, BM)
-            dk_next, dv_next = (), ()
-            for g in tl.static_range(G):
-                dq_g, dk_g, dv_g = dqs[qt * G + g], dk[g], dv[g]
-                if not SKIP_PADDING or live[qt]:
-                    tile_ptrs = _tile_ptrs(TILE, cls, h0 + g, offs_m, kt * BN, BN, HEADS, NP)
-                    dv_g, dk_g, dq_g = _pair_grads(
-                        qs[qt * G + g],
-                        dos[qt * G + g],
-                        lses[qt * G + g],
-                        deltas[qt * G + g],
-                        k[g],
-                        v[g],
-                        dv_g,
-                        dk_g,
-                        dq_g,
-                        tile_ptrs,
-                        offs_m,
-                        offs_n,
-                        kt,
-                        seed,
-                        threshold,
-                        bw,
-                        h0 + g,
-                        HEADS,
-                        N,
-                        NP,
-                        BN,
-                        HAS_TILE,
-                        HAS_DROPOUT,
-                        PREC,
-                    )
-                dk_next, dv_next, dq_next = dk_next + (dk_g,), dv_next + (dv_g,), dq_next + (dq_g,)
-            dk, dv = dk_next, dv_next
+        for qt in tl.static_range(T0, T0 + TILES):
+            if qt < NP // BM:
+                offs_m = qt * BM + tl.arange(0, BM)
+                dk_next, dv_next = (), ()
+                for g in tl.static_range(G):
+                    dq_g, dk_g, dv_g = dqs[(qt - T0) * G + g], dk[g], dv[g]
+                    if not SKIP_PADDING or live[qt]:
+                        tile_ptrs = _tile_ptrs(TILE, cls, h0 + g, offs_m, kt * BN, BN, HEADS, NP)
+                        dv_g, dk_g, dq_g = _pair_grads(
+                            qs[(qt - T0) * G + g],
+                            dos[(qt - T0) * G + g],
+                            lses[(qt - T0) * G + g],
+                            deltas[(qt - T0) * G + g],
+                            k[g],
+                            v[g],
+                            dv_g,
+                            dk_g,
+                            dq_g,
+                            tile_ptrs,
+                            offs_m,
+                            offs_n,
+                            kt,
+                            seed,
+                            threshold,
+                            bw,
+                            h0 + g,
+                            HEADS,
+                            N,
+                            NP,
+                            BN,
+                            HAS_TILE,
+                            HAS_DROPOUT,
+                            PREC,
+                        )
+                    dk_next, dv_next, dq_next = dk_next + (dk_g,), dv_next + (dv_g,), dq_next + (dq_g,)
+                dk, dv = dk_next, dv_next
         dqs = dq_next
-        _store_key_grads(DQKV, DPAD_PARTS, rows_k, dk, dv, voxel0, bw, kt, h0, C, HD, NP, BN, DPAD, G, HAS_PAD)
+        if not FIRST:  # add the earlier passes' sums (loaded here, where the scores no longer hold registers)
+            dk_all, dv_all = (), ()
+            for g in tl.static_range(G):
+                sums = _key_sum_ptrs(KEY_SUMS, bw, h0 + g, kt, HEADS, NP, BN, DPAD)
+                dk_all, dv_all = dk_all + (dk[g] + tl.load(sums),), dv_all + (dv[g] + tl.load(sums + NP * DPAD),)
+            dk, dv = dk_all, dv_all
+        if LAST:
+            _store_key_grads(DQKV, DPAD_PARTS, rows_k, dk, dv, voxel0, bw, kt, h0, C, HD, NP, BN, DPAD, G, HAS_PAD)
+        else:
+            for g in tl.static_range(G):
+                sums = _key_sum_ptrs(KEY_SUMS, bw, h0 + g, kt, HEADS, NP, BN, DPAD)
+                tl.store(sums, dk[g])
+                tl.store(sums + NP * DPAD, dv[g])
     return dqs
+
+
+@_jit
+def _query_side(
+    tensors,
+    win,
+    voxel0,
+    bw,
+    h0,
+    qk_scale,
+    drop_scale,
+    T0: tl.constexpr,
+    TILES: tl.constexpr,
+    HEADS: tl.constexpr,
+    HD: tl.constexpr,
+    NP: tl.constexpr,
+    BM: tl.constexpr,
+    DPAD: tl.constexpr,
+    G: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ON_CHIP: tl.constexpr,
+):
+    """Query tiles T0 .. T0 + TILES - 1 of a window (those below NP // BM) for G heads, ``tensors`` = (QKV, PAD_ROW,
+    ROWS, GATE, OUT, DOUT, LSE, DELTA, DGATE): delta = rowsum(dout * out) per query (stored for the bias kernel)
+    and d(gate logits); with ON_CHIP, returns what the key loop holds of them, tuples per (tile - T0) * G + head:
+    q pre-scaled, dO of the attention, lse, delta and a zero dq sum (all empty without)."""
+    QKV, PAD_ROW, ROWS, GATE, OUT, DOUT, LSE, DELTA, DGATE = tensors
+    C: tl.constexpr = HEADS * HD
+    qs, dos, lses, deltas, dqs = (), (), (), (), ()
+    for qt in tl.static_range(T0, T0 + TILES):
+        if qt < NP // BM:
+            offs_m = qt * BM + tl.arange(0, BM)
+            rows_q = tl.load(ROWS + win * NP + offs_m)
+            real = rows_q >= 0
+            o = _load_heads(OUT + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
+            do = _load_heads(DOUT + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
+            if ON_CHIP:
+                q = _load_heads(_row_ptrs(QKV, PAD_ROW, rows_q, voxel0, 3 * C), h0 * HD, HD, DPAD, G)
+            for g in tl.static_range(G):
+                # rowsum(dO_attn * O_attn) with the gate folded in: (dout * gate) . (out / gate)
+                delta = tl.sum(o[g].to(tl.float32) * do[g].to(tl.float32), 1)
+                tl.store(DELTA + (bw * HEADS + h0 + g) * NP + offs_m, delta)
+                gate = None
+                if HAS_GATE:  # out = 2 sigmoid(x) o: d x = rowsum(dout * out) (1 - sigmoid(x))
+                    grow = (voxel0 + rows_q) * HEADS + h0 + g
+                    sig = tl.sigmoid(tl.load(GATE + grow, mask=real, other=0.0).to(tl.float32))
+                    tl.store(DGATE + grow, (delta * (1.0 - sig)).to(DGATE.dtype.element_ty), mask=real)
+                    gate = 2.0 * sig
+                if ON_CHIP:
+                    do_attn = _attention_dout(do[g], gate, drop_scale, HAS_GATE, HAS_DROPOUT)
+                    qs, dos = qs + (_scaled(q[g], qk_scale),), dos + (do_attn.to(q[g].dtype),)
+                    lses = lses + (tl.load(LSE + (bw * HEADS + h0 + g) * NP + offs_m),)
+                    deltas, dqs = deltas + (delta,), dqs + (tl.zeros([BM, DPAD], tl.float32),)
+    return qs, dos, lses, deltas, dqs
+
+
+@_jit
+def _store_dq(
+    DQKV, rows_q, dq, voxel0, h0, dq_scale, C: tl.constexpr, HD: tl.constexpr, DPAD: tl.constexpr, G: tl.constexpr
+):
+    """A query tile's dq sums [BM, DPAD] of G heads (fp32, in the scores' log2 units), scaled, into DQKV."""
+    for g in tl.static_range(G):
+        _store_head(DQKV + (voxel0 + rows_q) * (3 * C), dq[g] * dq_scale, (h0 + g) * HD, rows_q >= 0, HD, DPAD)
 
 
 @_jit
@@ -712,6 +804,7 @@ def _window_attention_bwd(
     LSE,
     DELTA,
     DQ,
+    KEY_SUMS,
     DQKV,
     DGATE,
     DPAD_PARTS,
@@ -731,16 +824,17 @@ def _window_attention_bwd(
     GRADS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     WINDOWS: tl.constexpr,
+    QUERY_TILES: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     DPAD: tl.constexpr,
     PREC: tl.constexpr,
     HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """One whole window for G heads. First delta = rowsum(dout * out) per query (stored for the bias kernel) and
-    d(gate logits); then, with GRADS, per key tile (k, v, dk, dv on chip) a pass over the window's query tiles: dv,
-    dk and dq, in a fixed order (no atomics); last, dq scaled into DQKV. Padded keys' dk/dv go, summed, to
-    DPAD_PARTS [B*nW, NP // BN, 2C].
+    """One whole window for G heads. delta = rowsum(dout * out) per query (stored for the bias kernel) and d(gate
+    logits); with GRADS, per key tile (k, v, dk, dv on chip) a pass over the window's query tiles: dv, dk and dq,
+    in a fixed order (no atomics), and dq scaled into DQKV. Padded keys' dk/dv go, summed, to DPAD_PARTS
+    [B*nW, NP // BN, 2C].
 
     WINDOWS 0: every window, the query side streamed: each (key tile, query tile) pair loads the query tile's q,
     dO, lse and delta from L2 and dq accumulates in DQ [B*voxels, C] fp32, which only this program touches. WINDOWS 1
@@ -748,7 +842,10 @@ def _window_attention_bwd(
     delta and the dq sum) is loaded once and held on chip (q and dO in shared memory, the rest in registers) through
     the key loop, whose pass over the query tiles is unrolled; 1 takes only the windows whose every query tile holds
     a real token (no padding checks in the loop), 2 only the others (query tiles of padding only skipped). The two
-    are separate launches, so that neither loop's registers weigh on the other's.
+    are separate launches, so that neither loop's registers weigh on the other's. Where the dq sums of every query
+    tile would not fit the registers, the query tiles go on chip QUERY_TILES at a time, one key loop each: a key
+    tile's dk and dv sums wait in KEY_SUMS [B*nW, HEADS, 2, NP, DPAD] (fp32, only this program's) from one pass to
+    the next, and k and v are read once per pass.
 
     Dropout (HAS_DROPOUT; the forward's SEED and dropout_p), with P the softmax, K the forward's keep mask (regenerated
     by :func:`_keep`, never stored) and s = 1 / (1 - p): out = (P * K * s) v, so dV = (P * K)^T (s dO) and the
@@ -757,7 +854,8 @@ def _window_attention_bwd(
     G: tl.constexpr = HEADS_PER_PROGRAM
     C: tl.constexpr = HEADS * HD
     NQT: tl.constexpr = NP // BM
-    QUERY_ON_CHIP: tl.constexpr = WINDOWS != 0
+    QUERY_ON_CHIP: tl.constexpr = GRADS and WINDOWS != 0
+    PASSES: tl.constexpr = (NQT + QUERY_TILES - 1) // QUERY_TILES
     _, h0, bw, b, win = _split_pid(tl.program_id(0), 1, HEADS, NWIN, G)
     live = ()  # per query tile: does it hold a real token (the forward wrote no lse for a tile of padding only)
     if QUERY_ON_CHIP:
@@ -769,47 +867,90 @@ def _window_attention_bwd(
         if all_live != (WINDOWS == 1):
             return  # the other launch's window
     voxel0 = b.to(tl.int64) * VOXELS
-    dd = tl.arange(0, DPAD)
     if HAS_DROPOUT:
         seed, threshold, drop_scale = _dropout_setup(SEED, dropout_p)
     else:
         seed, threshold, drop_scale = None, None, None
-    # delta and d(gate logits); with the query side on chip, also what the key loop needs of each query tile
-    qs, dos, lses, deltas, dqs = (), (), (), (), ()
-    for qt in tl.static_range(NQT):
-        offs_m = qt * BM + tl.arange(0, BM)
-        rows_q = tl.load(ROWS + win * NP + offs_m)
-        real = rows_q >= 0
-        o = _load_heads(OUT + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
-        do = _load_heads(DOUT + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
-        if GRADS and QUERY_ON_CHIP:
-            q = _load_heads(_row_ptrs(QKV, PAD_ROW, rows_q, voxel0, 3 * C), h0 * HD, HD, DPAD, G)
-        for g in tl.static_range(G):
-            # rowsum(dO_attn * O_attn) with the gate folded in: (dout * gate) . (out / gate)
-            delta = tl.sum(o[g].to(tl.float32) * do[g].to(tl.float32), 1)
-            tl.store(DELTA + (bw * HEADS + h0 + g) * NP + offs_m, delta)
-            gate = None
-            if HAS_GATE:  # out = 2 sigmoid(x) o: d x = rowsum(dout * out) (1 - sigmoid(x))
-                grow = (voxel0 + rows_q) * HEADS + h0 + g
-                sig = tl.sigmoid(tl.load(GATE + grow, mask=real, other=0.0).to(tl.float32))
-                tl.store(DGATE + grow, (delta * (1.0 - sig)).to(DGATE.dtype.element_ty), mask=real)
-                gate = 2.0 * sig
-            if GRADS and QUERY_ON_CHIP:
-                do_attn = _attention_dout(do[g], gate, drop_scale, HAS_GATE, HAS_DROPOUT)
-                qs, dos = qs + (_scaled(q[g], qk_scale),), dos + (do_attn.to(q[g].dtype),)
-                lses = lses + (tl.load(LSE + (bw * HEADS + h0 + g) * NP + offs_m),)
-                deltas, dqs = deltas + (delta,), dqs + (tl.zeros([BM, DPAD], tl.float32),)
-    if GRADS:
-        if not QUERY_ON_CHIP:
-            tl.debug_barrier()  # delta written above is read below by other threads of the program
+    tensors = (QKV, PAD_ROW, ROWS, GATE, OUT, DOUT, LSE, DELTA, DGATE)
+    if QUERY_ON_CHIP:
         cls = tl.load(CLASSES + win)
-        if QUERY_ON_CHIP:
-            query = (live, qs, dos, lses, deltas, dqs)
-            key = (QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, cls, win, voxel0, bw, h0, seed, threshold)
-            dqs = _on_chip_key_loop(
-                query, key, HEADS, HD, N, NP, BM, BN, DPAD, G, HAS_TILE, HAS_PAD, HAS_DROPOUT, PREC, WINDOWS == 2
+        key = (QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0, seed, threshold)
+        for p in tl.static_range(PASSES):
+            query = (live,) + _query_side(
+                tensors,
+                win,
+                voxel0,
+                bw,
+                h0,
+                qk_scale,
+                drop_scale,
+                p * QUERY_TILES,
+                QUERY_TILES,
+                HEADS,
+                HD,
+                NP,
+                BM,
+                DPAD,
+                G,
+                HAS_GATE,
+                HAS_DROPOUT,
+                True,
             )
-        else:
+            dqs = _on_chip_key_loop(
+                query,
+                key,
+                HEADS,
+                HD,
+                N,
+                NP,
+                BM,
+                BN,
+                DPAD,
+                G,
+                HAS_TILE,
+                HAS_PAD,
+                HAS_DROPOUT,
+                PREC,
+                WINDOWS == 2,
+                p * QUERY_TILES,
+                QUERY_TILES,
+                p == 0,
+                p == PASSES - 1,
+            )
+            for qt in tl.static_range(p * QUERY_TILES, p * QUERY_TILES + QUERY_TILES):
+                if qt < NQT:
+                    rows_q = tl.load(ROWS + win * NP + qt * BM + tl.arange(0, BM))
+                    dq = ()
+                    for g in tl.static_range(G):
+                        dq = dq + (dqs[(qt - p * QUERY_TILES) * G + g],)
+                    _store_dq(DQKV, rows_q, dq, voxel0, h0, dq_scale, C, HD, DPAD, G)
+            if p + 1 < PASSES:
+                tl.debug_barrier()  # this pass's KEY_SUMS stores before the next pass's loads (other threads)
+    else:
+        _query_side(
+            tensors,
+            win,
+            voxel0,
+            bw,
+            h0,
+            qk_scale,
+            drop_scale,
+            0,
+            NQT,
+            HEADS,
+            HD,
+            NP,
+            BM,
+            DPAD,
+            G,
+            HAS_GATE,
+            HAS_DROPOUT,
+            False,
+        )
+        if GRADS:
+            tl.debug_barrier()  # delta written above is read below by other threads of the program
+            cls = tl.load(CLASSES + win)
+            dd = tl.arange(0, DPAD)
             for kt in tl.range(0, NP // BN):
                 offs_n, rows_k, k, v, dk, dv = _key_tile(
                     QKV, PAD_ROW, ROWS, win, voxel0, h0, kt, C, HD, NP, BN, DPAD, G
@@ -878,17 +1019,10 @@ def _window_attention_bwd(
                         dk, dv = dk_next, dv_next
                 tl.debug_barrier()  # this key tile's dq stores before the next one's loads (other threads)
                 _store_key_grads(DQKV, DPAD_PARTS, rows_k, dk, dv, voxel0, bw, kt, h0, C, HD, NP, BN, DPAD, G, HAS_PAD)
-        for qt in tl.static_range(NQT):
-            rows_q = tl.load(ROWS + win * NP + qt * BM + tl.arange(0, BM))
-            real = rows_q >= 0
-            if QUERY_ON_CHIP:
-                dq = ()
-                for g in tl.static_range(G):
-                    dq = dq + (dqs[qt * G + g],)
-            else:
-                dq = _load_heads(DQ + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, real)
-            for g in tl.static_range(G):
-                _store_head(DQKV + (voxel0 + rows_q) * (3 * C), dq[g] * dq_scale, (h0 + g) * HD, real, HD, DPAD)
+            for qt in tl.static_range(NQT):
+                rows_q = tl.load(ROWS + win * NP + qt * BM + tl.arange(0, BM))
+                dq = _load_heads(DQ + (voxel0 + rows_q) * C, h0 * HD, HD, DPAD, G, rows_q >= 0)
+                _store_dq(DQKV, rows_q, dq, voxel0, h0, dq_scale, C, HD, DPAD, G)
 
 
 @_jit
@@ -1018,11 +1152,15 @@ _GPU_CONFIGS = dict(fwd=(64, 64, 4, 2), bwd=(64, 64, 4, 1), bias=(64, 128, 4, 1)
 # the scores, the bias kernel a [BM, BN] fp32 sum per head, so they take fewer heads than the forward (the backward
 # at least one, and as many as its query side on chip holds: see _launch_config)
 _CHANNELS = dict(fwd=64, bwd=16, bias=16)
-# the backward holds the window's query side on chip when its dq sums take at most this many fp32 registers per
-# thread-row (tiles x G x DPAD): at 7^3 windows one head of 16 does (stage 1: issue floor 444 -> 295 µs, loop bytes
-# 5.07 -> 2.16 GB against the streamed 3 heads per program), head dim 32 spills (372 B) and streams; 2-D windows
-# (one tile) take 3 heads of 16 or 2 of 32
+# the backward holds the window's query tiles on chip in one pass where their dq sums take at most this many fp32
+# registers per thread-row (tiles x G x DPAD): at 7^3 windows one head of 16 (stage 1: issue floor 444 -> 295 µs,
+# loop bytes 5.07 -> 2.16 GB against the streamed 3 heads per program); 2-D windows (one tile) take 3 heads of 16
+# or 2 of 32. In several passes the key tile's sums move in and out of KEY_SUMS beside the dq sums, which then get
+# fewer: head dim 32 spilled with 6 tiles (372 B) and with passes of 3 (12 B), not with 2; with dropout 2 tiles
+# of 16 (3 spilled 4 B), so there head dim 32 streams.
 _QUERY_ON_CHIP_COLUMNS = 96
+_PASS_COLUMNS = 64
+_DROPOUT_PASS_COLUMNS = 32
 # With attention dropout the mask's Philox words take registers too: the forward runs one head per program, the
 # backward streams its query side and the bias kernel takes 64-wide key tiles, the sm_90 compiles' largest without
 # spills (3 heads spilled in the fp16 forward and the backward, BN 128 in the bias kernel, the query side on chip in
@@ -1046,12 +1184,21 @@ def _heads_per_program(head_dim: int, heads: int, channels: int = _CHANNELS["fwd
     return g
 
 
-def _query_on_chip(geo: _Geometry, cfg: dict, dropout: bool) -> bool:
-    """Whether the backward holds the window's query side on chip: its dq sums [NP, G * DPAD] fp32 take at most
-    _QUERY_ON_CHIP_COLUMNS registers per thread-row at BM rows per tile (head dim 16 at 7^3 windows: 6 tiles x 16),
-    and no dropout mask's Philox words compete for the registers."""
+def _query_tiles_per_pass(geo: _Geometry, cfg: dict, dropout: bool) -> int:
+    """How many query tiles the backward holds on chip per pass over the window's keys (0: it streams the query
+    side). Their dq sums [BM, G * DPAD] fp32 may take _QUERY_ON_CHIP_COLUMNS registers per thread-row where all the
+    window's tiles fit in one pass, _PASS_COLUMNS where they take several passes (each key tile's sums then move
+    between passes) and _DROPOUT_PASS_COLUMNS with dropout (the mask's Philox words take registers too); the tiles
+    are spread evenly over the passes. A pass of one tile would move more (k, v and their sums per query tile) than
+    streaming dq does."""
     tiles = geo.np // cfg["BM"]
-    return not dropout and tiles * cfg["HEADS_PER_PROGRAM"] * _head_tile(geo.head_dim) <= _QUERY_ON_CHIP_COLUMNS
+    columns = cfg["HEADS_PER_PROGRAM"] * _head_tile(geo.head_dim)
+    if not dropout and tiles * columns <= _QUERY_ON_CHIP_COLUMNS:
+        return tiles
+    most = (_DROPOUT_PASS_COLUMNS if dropout else _PASS_COLUMNS) // columns
+    if most >= tiles:
+        return tiles
+    return triton.cdiv(tiles, triton.cdiv(tiles, most)) if most >= 2 else 0
 
 
 def tokens_padded(n: int) -> int:
@@ -1305,11 +1452,16 @@ def window_attention_triton_backward(
     cfg = geo.config("bwd", qkv.dtype, drop["HAS_DROPOUT"])
     scalars, constexprs = geo.args(cfg, qkv.dtype)
     grads = need_dqkv or has_pad
-    on_chip = grads and _query_on_chip(geo, cfg, drop["HAS_DROPOUT"])
+    query_tiles = _query_tiles_per_pass(geo, cfg, drop["HAS_DROPOUT"]) if grads else 0
+    on_chip = query_tiles > 0
+    dq = key_sums = delta  # placeholders where unused
     if grads:
         dqkv = torch.empty_like(qkv)
         if not on_chip:
             dq = torch.empty(qkv.shape[:-1].numel(), c, device=qkv.device, dtype=torch.float32)
+        elif query_tiles < geo.np // cfg["BM"]:  # the key tiles' dk, dv sums between passes
+            shape = (geo.windows, geo.heads, 2, geo.np, _head_tile(geo.head_dim))
+            key_sums = torch.empty(shape, device=qkv.device, dtype=torch.float32)
         dpad_parts = torch.empty(geo.windows, geo.np // cfg["BN"], 2 * c, device=qkv.device, dtype=torch.float32)
     common = (qkv, pad_row, rows, classes, qkv if tile is None else tile, qkv if gate_logits is None else gate_logits)
     with on_device(qkv):
@@ -1322,7 +1474,8 @@ def window_attention_triton_backward(
                 dout,
                 lse,
                 delta,
-                dq if grads and not on_chip else delta,
+                dq,
+                key_sums,
                 dqkv if grads else qkv,
                 qkv if dgate is None else dgate,
                 dpad_parts if has_pad else delta,
@@ -1334,6 +1487,7 @@ def window_attention_triton_backward(
                 HAS_PAD=has_pad,
                 GRADS=grads,
                 WINDOWS=windows,
+                QUERY_TILES=query_tiles or geo.np // cfg["BM"],
                 **constexprs,
             )
         if bias_table is not None and need_dbias:

@@ -85,7 +85,7 @@ def test_shifted_partial_windows_343_tokens():
     check_fp32((8, 7, 9), heads=1, head_dim=16, window=(7, 7, 7), shift=(3, 3, 3))
 
 
-@pytest.mark.parametrize("query_side", ["streamed", "on-chip"])
+@pytest.mark.parametrize("query_side", ["streamed", "on-chip", "on-chip-in-passes"])
 @pytest.mark.parametrize("heads", [1, 3])
 def test_multi_tile_window(monkeypatch, heads, query_side):
     """Unequal 16-query / 32-key tiles over a padded, shifted 120-token window (8 x 4 tiles, partial last ones):
@@ -93,12 +93,14 @@ def test_multi_tile_window(monkeypatch, heads, query_side):
     head and for 3 heads in one program (the interpreter otherwise runs one tile per window; the GPU runs 32 x 32
     tiles in every fp32 test); and the bias gradient summed over chunks of one window each (as on a GPU). The
     backward either loads each query tile per key tile and sums dq in memory, or holds the window's 8 query tiles
-    (per head) on chip."""
+    (per head) on chip, all at once or 3 at a time (passes of 3, 3 and 2 tiles, the key tiles' dk and dv sums
+    carried from pass to pass)."""
     def config(kernel, n, head_dim, heads, dtype, dropout=False):
         return dict(BM=16, BN=32, num_warps=4, num_stages=2, HEADS_PER_PROGRAM=wa._heads_per_program(head_dim, heads))
 
+    tiles = {"streamed": 0, "on-chip": 8, "on-chip-in-passes": 3}[query_side]
     monkeypatch.setattr(wa, "_launch_config", config)
-    monkeypatch.setattr(wa, "_query_on_chip", lambda geo, cfg, dropout: query_side == "on-chip")
+    monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout: tiles)
     monkeypatch.setattr(wa, "_bias_chunks", lambda tiles, windows, device: 1)
     check_fp32((3, 5, 6), heads=heads, head_dim=16, window=(4, 5, 6), shift=(1, 2, 3), table_window=(7, 7, 7))
 
@@ -124,21 +126,24 @@ def test_head_dims(head_dim):
 
 
 @pytest.mark.parametrize(
-    "head_dim, heads, window, dropout, on_chip, per_program",
-    [(16, 3, (7, 7, 7), False, True, 1), (32, 6, (7, 7, 7), False, False, 1), (16, 3, (7, 7, 7), True, False, 1),
-     (16, 3, (1, 7, 7), False, True, 3), (32, 6, (1, 7, 7), False, True, 2), (16, 3, (8, 8, 8), False, False, 1)],
+    "head_dim, heads, window, dropout, tiles_per_pass, per_program",
+    [(16, 3, (7, 7, 7), False, 6, 1), (32, 6, (7, 7, 7), False, 2, 1), (64, 3, (7, 7, 7), False, 0, 1),
+     (16, 3, (7, 7, 7), True, 2, 1), (32, 6, (7, 7, 7), True, 0, 1), (16, 3, (8, 8, 8), False, 4, 1),
+     (16, 3, (1, 7, 7), False, 1, 3), (32, 6, (1, 7, 7), False, 1, 2), (16, 3, (1, 7, 7), True, 1, 1)],
 )
-def test_backward_holds_the_query_side_on_chip_where_it_fits(monkeypatch, head_dim, heads, window, dropout, on_chip,
-                                                             per_program):
-    """On a GPU (64-row query tiles) the backward holds the window's query side on chip where the dq sums take at
-    most 96 fp32 columns (tiles x heads per program x head dim) and there is no dropout, with as many heads per
-    program as fit (at most the forward's 64 channels): 7^3 windows at head dim 16 one head (6 tiles x 16), 2-D
-    windows (one tile) 3 heads of 16 or 2 of 32; 7^3 at head dim 32, dropout and 8^3 windows stream it."""
+def test_backward_holds_the_query_side_on_chip_where_it_fits(monkeypatch, head_dim, heads, window, dropout,
+                                                             tiles_per_pass, per_program):
+    """On a GPU (64-row query tiles) the backward holds the window's query tiles on chip in one pass where their dq
+    sums take at most 96 fp32 columns (tiles x heads per program x head dim) and there is no dropout, with as many
+    heads per program as fit (at most the forward's 64 channels): 7^3 windows at head dim 16 one head (6 tiles x
+    16), 2-D windows (one tile) 3 heads of 16 or 2 of 32. Elsewhere it takes passes of at most 64 columns (32 with
+    dropout), the tiles spread evenly: head dim 32 three passes of 2 tiles, 8^3 windows (8 tiles) two of 4, head dim
+    16 with dropout three of 2; where a pass would hold one tile (head dim 64, 32 with dropout) it streams (0)."""
     monkeypatch.setattr(wa, "interpreting", lambda: False)
     qkv = torch.empty(1, *window, 3 * heads * head_dim, device="meta", dtype=torch.bfloat16)
     geo = wa._Geometry.of(qkv, heads, window, (0, 0, 0), window, None)
     cfg = geo.config("bwd", torch.bfloat16, dropout)
-    assert (wa._query_on_chip(geo, cfg, dropout), cfg["HEADS_PER_PROGRAM"]) == (on_chip, per_program)
+    assert (wa._query_tiles_per_pass(geo, cfg, dropout), cfg["HEADS_PER_PROGRAM"]) == (tiles_per_pass, per_program)
 
 
 @pytest.mark.parametrize(
@@ -389,10 +394,13 @@ def test_gpu_dropout_flash_rule(dtype):
 
 @needs_cuda
 @pytest.mark.gpu
-def test_gpu_backward_is_deterministic():
-    """No atomics: two backward passes of a padded, shifted stage-1 block give bit-identical gradients."""
-    inputs = make_inputs((20, 21, 22), 3, 16, (7, 7, 7), batch=2, device="cuda", dtype=torch.bfloat16)
-    first, second = (run("triton", inputs, 3, (7, 7, 7), (3, 3, 3), (7, 7, 7))[1] for _ in range(2))
+@pytest.mark.parametrize("size, heads, head_dim", [((20, 21, 22), 3, 16), ((14, 14, 14), 2, 32)],
+                         ids=["stage1-one-pass", "d32-three-passes"])
+def test_gpu_backward_is_deterministic(size, heads, head_dim):
+    """No atomics: two backward passes of a padded, shifted block give bit-identical gradients, with the window's
+    query tiles on chip in one pass (stage 1) or in three (head dim 32: the key tiles' sums carried between them)."""
+    inputs = make_inputs(size, heads, head_dim, (7, 7, 7), batch=2, device="cuda", dtype=torch.bfloat16)
+    first, second = (run("triton", inputs, heads, (7, 7, 7), (3, 3, 3), (7, 7, 7))[1] for _ in range(2))
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
@@ -420,16 +428,17 @@ def kernels_mask(seed: int, p: float, qkv: torch.Tensor, heads: int, window) -> 
                                   heads)
 
 
-@pytest.mark.parametrize("tiles", ["one-tile", "multi-tile", "multi-tile-on-chip"])
+@pytest.mark.parametrize("tiles", ["one-tile", "multi-tile", "multi-tile-on-chip", "multi-tile-on-chip-in-passes"])
 def test_dropout_equals_the_reference_with_the_kernels_mask(monkeypatch, tiles):
     """Output and every gradient (qkv, bias table, pad_kv, gate) with p = 0.3 equal the torch reference given the
     mask the kernels draw (materialised by window_dropout_mask, p rounded as the kernels round it): padded, shifted
     windows, batch 2, 3 heads of one per program; multi-tile: 16-query / 32-key tiles, 2 heads per program and a
     bias gradient summed per window, so each kernel regenerates the mask tile by tile at other offsets than the
-    materialiser's whole-window tile; on-chip: the same with the backward holding the window's query side (which it
-    does without dropout only, for the registers, but computes the same way)."""
-    if tiles == "multi-tile-on-chip":
-        monkeypatch.setattr(wa, "_query_on_chip", lambda geo, cfg, dropout: True)
+    materialiser's whole-window tile; on-chip: the same with the backward holding the window's 8 query tiles on
+    chip, all at once or in passes of 3 (on a GPU, dropout takes passes of 2 tiles at head dim 16)."""
+    if tiles.startswith("multi-tile-on-chip"):
+        per_pass = 3 if tiles.endswith("passes") else 8
+        monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout: per_pass)
     if tiles.startswith("multi-tile"):
         def config(kernel, n, head_dim, heads, dtype, dropout=False):
             return dict(BM=16, BN=32, num_warps=4, num_stages=2,
