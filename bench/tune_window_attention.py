@@ -2,7 +2,9 @@
 
 Each kernel the op launches (``fwd``; ``bwd``: dq, dk, dv; ``bias``: d(bias table)) takes a query tile BM, a key tile
 BN, num_warps, num_stages and G heads per program from ``medmap_fast.kernels.window_attn`` (``_GPU_CONFIGS``,
-``_CHANNELS``). Every candidate of SPACE replaces the config of one kernel, the others keep theirs:
+``_CHANNELS``). Every candidate of SPACE replaces the config of one kernel, the others keep theirs; the backward's
+shipped config also runs with every other split of the window's query tiles on chip (tiles per pass over the keys,
+or the query side streamed) than the launcher's rule gives:
 
     python bench/tune_window_attention.py [--kinds fwd bwd bias] [--json F]
         no GPU needed: each candidate compiled for sm_90 at the paper shapes (bench/sass_profile.py's cases, shifted,
@@ -53,9 +55,13 @@ class Candidate:
     warps: int
     stages: int
     heads_per_program: int
+    query_tiles: int | None = None  # bwd: query tiles on chip per pass, 0 streamed; None: the launcher's rule
 
     def label(self) -> str:
-        return f"BM {self.bm} BN {self.bn} w{self.warps} s{self.stages} G{self.heads_per_program}"
+        label = f"BM {self.bm} BN {self.bn} w{self.warps} s{self.stages} G{self.heads_per_program}"
+        if self.query_tiles is None:
+            return label
+        return f"{label} {'streamed' if self.query_tiles == 0 else f'{self.query_tiles} tiles/pass'}"
 
 
 def _window_attn():
@@ -70,24 +76,40 @@ def shipped(kind: str, head_dim: int, heads: int) -> Candidate:
     return Candidate(kind, *wa._GPU_CONFIGS[kind], wa._heads_per_program(head_dim, heads, wa._CHANNELS[kind]))
 
 
+def query_splits(head_dim: int, heads: int) -> list[int]:
+    """The backward's shipped config on 7^3 windows: every number of query tiles per pass (at least 2: a pass of
+    evenly spread tiles) and 0 (streamed) but the one the launcher's rule picks."""
+    wa = _window_attn()
+    geo = wa._Geometry(1, (7, 7, 7), (7, 7, 7), (0, 0, 0), (7, 7, 7), heads, head_dim, 1.0)
+    cfg = wa._launch_config("bwd", geo.n, head_dim, heads, torch.bfloat16)
+    tiles = geo.np // cfg["BM"]
+    splits = {0} | {-(-tiles // passes) for passes in range(1, tiles)} - {1}
+    return sorted(splits - {wa._query_tiles_per_pass(geo, cfg, False)}, reverse=True)
+
+
 def candidates(kind: str, head_dim: int, heads: int) -> list[Candidate]:
-    """SPACE's configs of ``kind`` for every G that divides ``heads`` within 64 channels, the shipped one first."""
+    """SPACE's configs of ``kind`` for every G that divides ``heads`` within 64 channels, the shipped one first
+    (for the backward, then the shipped config with the other query splits)."""
     tile = _window_attn()._head_tile(head_dim)
     groups = [g for g in range(1, heads + 1) if heads % g == 0 and g * tile <= 64]
     found = [Candidate(kind, *config, g) for config in itertools.product(*SPACE[kind].values()) for g in groups]
     first = shipped(kind, head_dim, heads)
-    return [first, *(c for c in found if c != first)]
+    splits = [dataclasses.replace(first, query_tiles=n) for n in query_splits(head_dim, heads)] if kind == "bwd" else []
+    return [first, *splits, *(c for c in found if c != first)]
 
 
 @contextlib.contextmanager
 def launching(candidate: Candidate, head_dim: int, heads: int) -> Iterator[None]:
-    """Inside, the op launches ``candidate.kind`` with the candidate's config (16-bit inputs, no dropout, windows of
-    7^3 tokens; checked on entry, so that a change to how window_attn picks its configs cannot go unnoticed)."""
+    """Inside, the op launches ``candidate.kind`` with the candidate's config and query split (16-bit inputs, no
+    dropout, windows of 7^3 tokens; checked on entry, so that a change to how window_attn picks its configs cannot
+    go unnoticed)."""
     wa = _window_attn()
     c = candidate
+    split = wa._query_tiles_per_pass if c.query_tiles is None else lambda geo, cfg, dropout: c.query_tiles
     with (
         mock.patch.dict(wa._GPU_CONFIGS, {c.kind: (c.bm, c.bn, c.warps, c.stages)}),
         mock.patch.dict(wa._CHANNELS, {c.kind: c.heads_per_program * wa._head_tile(head_dim)}),
+        mock.patch.object(wa, "_query_tiles_per_pass", split),
     ):
         got = wa._launch_config(c.kind, 343, head_dim, heads, torch.bfloat16)
         want = dict(BM=c.bm, BN=c.bn, num_warps=c.warps, num_stages=c.stages, HEADS_PER_PROGRAM=c.heads_per_program)
