@@ -269,7 +269,9 @@ def window_attention_reference(
 #                            compute_mask). Unshifted there is one class; shifted at most 8 (interior, and the last
 #                            window along any subset of the shifted axes);
 #   tile    [K, heads, NP, NP]  per class, bias + shift mask in log2 units (bias gathered from the table once per
-#                            call), -inf for keys t >= n, read as contiguous [BM, BN] tiles (a few MiB, L2-resident).
+#                            call), -inf for keys t >= n, read as contiguous [BM, BN] tiles (a few MiB, L2-resident);
+#   regions [K, NP, 16]      per class, each token's shift region one-hot: the d(bias) kernel, which sums over
+#                            windows and so takes the bias out of its loop, rebuilds the mask as their product.
 # Padding is by pointer: a padded voxel's row pointer is that of `pad_row` = [0 (q), pad_kv (k, v)], so padded keys
 # take the qkv bias and padded queries are zeros; query tiles of padding only are skipped (their outputs are cropped).
 # The log2 scale and the softmax scale are folded into q once per tile. Every program handles G = HEADS_PER_PROGRAM
@@ -278,6 +280,11 @@ def window_attention_reference(
 # ----------------------------------------------------------------------------------------------------------------------
 
 _LOG2E = math.log2(math.e)
+# the d(bias) kernel's shift mask in the scores' log2 units (SHIFT_MASK_VALUE log2(e), rounded to be exact in 16
+# bits), and the width of a window's regions one-hot (at most 8 regions; 16, tl.dot's least K on a GPU)
+_SHIFT_MASK_LOG2, _REGION_SLOTS = -144.0, 16
+if triton is not None:
+    _SHIFT_MASK, _SLOTS = tl.constexpr(_SHIFT_MASK_LOG2), tl.constexpr(_REGION_SLOTS)
 
 
 @_jit
@@ -1031,7 +1038,9 @@ def _window_attention_bwd_bias(
     PAD_ROW,
     ROWS,
     CLASSES,
-    TILE,
+    REGIONS_Q,
+    REGIONS_K,
+    BIAS,
     GATE,
     DOUT,
     LSE,
@@ -1049,6 +1058,7 @@ def _window_attention_bwd_bias(
     N: tl.constexpr,
     NP: tl.constexpr,
     HAS_GATE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -1058,7 +1068,15 @@ def _window_attention_bwd_bias(
 ):
     """dS of one (query tile, key tile) for G heads, summed in registers over a chunk of WPC windows and stored
     (no atomics) in PARTS [chunks, HEADS, NP, NP]; the host sums the chunks and gathers the sum into the table.
-    With dropout, dS as in :func:`_window_attention_bwd` (the same regenerated mask)."""
+    With dropout, dS as in :func:`_window_attention_bwd` (the same regenerated mask).
+
+    The relative-position bias B (BIAS [HEADS, NP, NP], log2 units, the same for every window) is factored out of
+    the sum: dS = 2^(B + 64) * 2^(s - lse - 64) * (dP - delta), with s the scores without it (the shift mask as the
+    product of the class's regions one-hot, REGIONS_Q and REGIONS_K [K, NP, 16] in qkv's dtype, -_SHIFT_MASK and 1
+    where a token is in a region), so the loop reads no bias tile and the sum is scaled once. A probability P is
+    at most 1, so s - lse <= -B: the terms summed, P 2^(-B - 64), stay below 1 wherever the bias is above -64
+    (log2 units) and overflow only where a score exceeds lse by 192; they lose only what P lies below
+    2^(B - 62) (below 2e-19 at B = 0)."""
     G: tl.constexpr = HEADS_PER_PROGRAM
     C: tl.constexpr = HEADS * HD
     NKT: tl.constexpr = NP // BN
@@ -1081,7 +1099,11 @@ def _window_attention_bwd_bias(
             kv = _row_ptrs(QKV, PAD_ROW, tl.load(ROWS + win * NP + offs_n), voxel0, 3 * C)
             k = _load_heads(kv, C + h0 * HD, HD, DPAD, G)
             v = _load_heads(kv, 2 * C + h0 * HD, HD, DPAD, G)
-            cls = tl.load(CLASSES + win)
+            if HAS_SHIFT:  # the class's regions one-hot: their product is -_SHIFT_MASK within a region, 0 across
+                cls = tl.load(CLASSES + win)
+                slots = tl.arange(0, _SLOTS)[None, :]
+                onehot_q = tl.load(REGIONS_Q + cls * NP * _SLOTS + (offs_m[:, None] * _SLOTS + slots))
+                onehot_k = tl.load(REGIONS_K + cls * NP * _SLOTS + (offs_n[:, None] * _SLOTS + slots))
             acc_next = ()
             for g in tl.static_range(G):
                 qs, do, lse, delta = _query_head(
@@ -1106,24 +1128,23 @@ def _window_attention_bwd_bias(
                     HAS_DROPOUT,
                     DPAD,
                 )
-                s = _scores(
-                    qs,
-                    k[g],
-                    _tile_ptrs(TILE, cls, h0 + g, offs_m, (tile % NKT) * BN, BN, HEADS, NP),
-                    offs_n,
-                    N,
-                    NP,
-                    True,
-                    PREC,
-                )
-                p = tl.exp2(s - lse[:, None])
+                s = tl.dot(qs, tl.trans(k[g]), input_precision=PREC)
+                shift = -lse - 64.0
+                if HAS_SHIFT:  # the mask: _SHIFT_MASK across regions, 0 within
+                    s = tl.dot(onehot_q, tl.trans(onehot_k), s, input_precision=PREC)
+                    shift += _SHIFT_MASK
+                s += shift[:, None]
+                if N != NP:
+                    s = tl.where((offs_n < N)[None, :], s, float("-inf"))
                 dp = tl.dot(do, tl.trans(v[g]), input_precision=PREC)
                 if HAS_DROPOUT:
                     dp = tl.where(_keep(seed, threshold, bw, h0 + g, offs_m, (tile % NKT) * BN, HEADS, NP, BN), dp, 0.0)
-                acc_next = acc_next + (acc[g] + p * (dp - delta[:, None]),)
+                acc_next = acc_next + (acc[g] + tl.exp2(s) * (dp - delta[:, None]),)
             acc = acc_next
     for g in tl.static_range(G):
-        tl.store(PARTS + ((chunk * HEADS + h0 + g) * NP + offs_m[:, None]) * NP + offs_n[None, :], acc[g])
+        rows = ((h0 + g) * NP + offs_m[:, None]) * NP + offs_n[None, :]
+        scale = tl.exp2(tl.load(BIAS + rows).to(tl.float32) + 64.0)
+        tl.store(PARTS + chunk * HEADS * NP * NP + rows, acc[g] * scale)
 
 
 @_jit
@@ -1162,9 +1183,9 @@ _QUERY_ON_CHIP_COLUMNS = 96
 _PASS_COLUMNS = 64
 _DROPOUT_PASS_COLUMNS = 32
 # With attention dropout the mask's Philox words take registers too: the forward runs one head per program, the
-# backward streams its query side and the bias kernel takes 64-wide key tiles, the sm_90 compiles' largest without
-# spills (3 heads spilled in the fp16 forward and the backward, BN 128 in the bias kernel, the query side on chip in
-# the backward; their issue floors were within 7% of these)
+# backward holds fewer query tiles per pass and the bias kernel takes 64-wide key tiles, the sm_90 compiles' largest
+# without spills (3 heads spilled in the fp16 forward and the backward, BN 128 in the bias kernel, more than 2 query
+# tiles of 16 per pass in the backward; their issue floors were within 7% of these)
 _DROPOUT_GPU_CONFIGS = {**_GPU_CONFIGS, "bias": (64, 64, 4, 1)}
 _DROPOUT_CHANNELS = {**_CHANNELS, "fwd": 16}
 _FP32_CONFIG = (32, 32, 4, 1)  # IEEE-fp32 tl.dot runs on the FMA units: small tiles keep register spills small
@@ -1249,9 +1270,10 @@ def _window_tables(
     window: tuple[int, int, int],
     shift: tuple[int, int, int],
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rows [nW, NP] int32, classes [nW] int32 and the classes' shift masks [K, NP, NP] fp32 (0 within a region,
-    -100 across, -inf for keys past the window) on ``device``; see the comment above the kernels."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rows [nW, NP] int32, classes [nW] int32, the classes' shift masks [K, NP, NP] fp32 (0 within a region, -100
+    across, -inf for keys past the window) and their regions one-hot [K, NP, 16] fp32 (none past the window) on
+    ``device``; see the comment above the kernels."""
     n = math.prod(window)
     np_ = tokens_padded(n)
     padded = padded_grid(size, window)
@@ -1260,7 +1282,10 @@ def _window_tables(
     masks = torch.zeros(len(patterns), np_, np_)
     masks[:, :n, :n] = _region_mask(patterns, SHIFT_MASK_VALUE, torch.float32)
     masks[..., n:] = float("-inf")
-    return rows.to(device), classes.to(device, torch.int32), masks.to(device)
+    # each class's region ids ranked 0 .. 7 (a window meets at most 2 regions per axis), one-hot [K, NP, 16]
+    ranks = torch.stack([torch.unique(p, return_inverse=True)[1] for p in patterns])
+    regions = F.one_hot(F.pad(ranks, (0, np_ - n), value=_REGION_SLOTS), _REGION_SLOTS + 1)[..., :_REGION_SLOTS]
+    return rows.to(device), classes.to(device, torch.int32), masks.to(device), regions.to(device, torch.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1316,19 +1341,20 @@ class _Geometry:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """rows, classes, the [K, heads, NP, NP] bias + mask tile in log2 units and qkv's dtype (None without bias
         or shift: the kernels then only mask keys past the window)."""
-        rows, classes, masks = _window_tables(self.size, self.window, self.shift, qkv.device)
+        rows, classes, masks, _ = _window_tables(self.size, self.window, self.shift, qkv.device)
         tile = None
         if bias_table is not None:
-            pad = self.np - self.n
-            tile = (
-                masks[:, None]
-                + F.pad(window_bias(bias_table, self.window, self.table_window, torch.float32), (0, pad, 0, pad))[None]
-            )
+            tile = masks[:, None] + self.bias(bias_table)[None]
         elif any(self.shift):
             tile = masks[:, None].expand(-1, self.heads, -1, -1)
         if tile is not None:
             tile = (tile * _LOG2E).to(qkv.dtype).contiguous()
         return rows, classes, tile
+
+    def bias(self, bias_table: torch.Tensor) -> torch.Tensor:
+        """The relative-position bias [heads, NP, NP] fp32 (zero past the window), the same for every window."""
+        pad = self.np - self.n
+        return F.pad(window_bias(bias_table, self.window, self.table_window, torch.float32), (0, pad, 0, pad))
 
     def args(self, cfg: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
         """Runtime scalars (windows per batch element, voxels per batch element, the score scale in log2 units) and
@@ -1497,8 +1523,14 @@ def window_attention_triton_backward(
             per_program = _bias_chunks(tiles, geo.windows, qkv.device)
             chunks = triton.cdiv(geo.windows, per_program)
             parts = torch.empty(chunks, geo.heads, geo.np, geo.np, device=qkv.device, dtype=torch.float32)
+            bias = (geo.bias(bias_table) * _LOG2E).to(qkv.dtype)  # rounded as the tile is where no mask adds to it
+            regions = _window_tables(geo.size, geo.window, geo.shift, qkv.device)[3]
             _window_attention_bwd_bias[(tiles * chunks,)](
-                *common,
+                *common[:4],
+                (regions * -_SHIFT_MASK_LOG2).to(qkv.dtype),
+                regions.to(qkv.dtype),
+                bias,
+                common[5],
                 dout,
                 lse,
                 delta,
@@ -1510,6 +1542,7 @@ def window_attention_triton_backward(
                 scalars[2],
                 **drop,
                 HAS_GATE=gate_logits is not None,
+                HAS_SHIFT=any(geo.shift),
                 **constexprs,
             )
             dense = parts.sum(0)[:, : geo.n, : geo.n]  # [heads, n, n]: dS summed over every window
