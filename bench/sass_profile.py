@@ -318,14 +318,9 @@ MODALITIES = 4  # CCT token groups (as in bench_gated_attention)
 def _backward_trips(a: dict, grid: tuple) -> float:
     """Key-loop iterations per program of the window-attention backward: one (key tile, query tile) pair each where
     the query side streams (WINDOWS 0); one key tile each, met by the query tiles held on chip (the key loops of all
-    passes over them make one iteration), times the share of windows the launch takes (WINDOWS 1: those whose query
-    tiles all hold a real token; 2: the others; the programs of the other share return at once)."""
+    passes over them make one iteration), where it does (WINDOWS 1 and 2: each launch's programs take its windows)."""
     key_tiles = a["NP"] // a["BN"]
-    if a["WINDOWS"] == 0:
-        return key_tiles * (a["NP"] // a["BM"])
-    rows = a["ROWS"]  # [nW, NP] voxel rows, -1 for padding
-    share = (rows.view(rows.shape[0], -1, a["BM"]).amax(-1) >= 0).all(-1).double().mean().item()
-    return key_tiles * (share if a["WINDOWS"] == 1 else 1 - share)
+    return key_tiles * (a["NP"] // a["BM"]) if a["WINDOWS"] == 0 else key_tiles
 
 
 def window_attention_cases() -> list[Case]:

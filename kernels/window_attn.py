@@ -815,6 +815,8 @@ def _window_attention_bwd(
     DQKV,
     DGATE,
     DPAD_PARTS,
+    WINDOW_IDS,
+    NIDS,
     NWIN,
     VOXELS,
     qk_scale,
@@ -843,13 +845,14 @@ def _window_attention_bwd(
     in a fixed order (no atomics), and dq scaled into DQKV. Padded keys' dk/dv go, summed, to DPAD_PARTS
     [B*nW, NP // BN, 2C].
 
-    WINDOWS 0: every window, the query side streamed: each (key tile, query tile) pair loads the query tile's q,
-    dO, lse and delta from L2 and dq accumulates in DQ [B*voxels, C] fp32, which only this program touches. WINDOWS 1
-    and 2 (with GRADS): the window's query side (per query tile and head: q pre-scaled, dO of the attention, lse,
-    delta and the dq sum) is loaded once and held on chip (q and dO in shared memory, the rest in registers) through
-    the key loop, whose pass over the query tiles is unrolled; 1 takes only the windows whose every query tile holds
-    a real token (no padding checks in the loop), 2 only the others (query tiles of padding only skipped). The two
-    are separate launches, so that neither loop's registers weigh on the other's. Where the dq sums of every query
+    The programs take the windows WINDOW_IDS [NIDS] of every batch element. WINDOWS 0 (all of them): the query
+    side streamed: each (key tile, query tile) pair loads the query tile's q, dO, lse and delta from L2 and dq
+    accumulates in DQ [B*voxels, C] fp32, which only this program touches. WINDOWS 1 and 2 (with GRADS): the window's
+    query side (per query tile and head: q pre-scaled, dO of the attention, lse, delta and the dq sum) is loaded once
+    and held on chip (q and dO in shared memory, the rest in registers) through the key loop, whose pass over the
+    query tiles is unrolled; 1 for the windows whose every query tile holds a real token (no padding checks in the
+    loop), 2 for the others (query tiles of padding only skipped). The two are separate launches, so that neither
+    loop's registers weigh on the other's. Where the dq sums of every query
     tile would not fit the registers, the query tiles go on chip QUERY_TILES at a time, one key loop each: a key
     tile's dk and dv sums wait in KEY_SUMS [B*nW, HEADS, 2, NP, DPAD] (fp32, only this program's) from one pass to
     the next, and k and v are read once per pass.
@@ -863,16 +866,13 @@ def _window_attention_bwd(
     NQT: tl.constexpr = NP // BM
     QUERY_ON_CHIP: tl.constexpr = GRADS and WINDOWS != 0
     PASSES: tl.constexpr = (NQT + QUERY_TILES - 1) // QUERY_TILES
-    _, h0, bw, b, win = _split_pid(tl.program_id(0), 1, HEADS, NWIN, G)
+    _, h0, _, b, i = _split_pid(tl.program_id(0), 1, HEADS, NIDS, G)
+    win = tl.load(WINDOW_IDS + i)
+    bw = b * NWIN + win
     live = ()  # per query tile: does it hold a real token (the forward wrote no lse for a tile of padding only)
-    if QUERY_ON_CHIP:
+    if QUERY_ON_CHIP and WINDOWS == 2:
         for qt in tl.static_range(NQT):
             live = live + (tl.max(tl.load(ROWS + win * NP + qt * BM + tl.arange(0, BM)), 0) >= 0,)
-        all_live = live[0]
-        for qt in tl.static_range(1, NQT):
-            all_live = all_live & live[qt]
-        if all_live != (WINDOWS == 1):
-            return  # the other launch's window
     voxel0 = b.to(tl.int64) * VOXELS
     if HAS_DROPOUT:
         seed, threshold, drop_scale = _dropout_setup(SEED, dropout_p)
@@ -1288,6 +1288,19 @@ def _window_tables(
     return rows.to(device), classes.to(device, torch.int32), masks.to(device), regions.to(device, torch.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _window_launches(
+    size: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int], bm: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Windows of one batch element as int32 index lists on ``device``: all of them, those whose query tiles of
+    ``bm`` tokens all hold a real token, and the others (the backward's launches: WINDOWS 0, 1, 2)."""
+    rows = window_rows(size, window, shift)
+    rows = F.pad(rows, (0, tokens_padded(rows.shape[1]) - rows.shape[1]), value=-1)
+    full = (rows.view(rows.shape[0], -1, bm).amax(-1) >= 0).all(-1)
+    ids = torch.arange(rows.shape[0], dtype=torch.int32)
+    return ids.to(device), ids[full].to(device), ids[~full].to(device)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
     """Geometry of one window_attention call (all derived from shapes and the window arguments)."""
@@ -1491,10 +1504,12 @@ def window_attention_triton_backward(
         dpad_parts = torch.empty(geo.windows, geo.np // cfg["BN"], 2 * c, device=qkv.device, dtype=torch.float32)
     common = (qkv, pad_row, rows, classes, qkv if tile is None else tile, qkv if gate_logits is None else gate_logits)
     with on_device(qkv):
-        # on chip: the windows whose query tiles all hold a real token, then the others (each its own kernel); with
-        # one query tile there are no others (every window holds a real voxel: padding is less than a window)
-        for windows in ((1, 2) if geo.np > cfg["BM"] else (1,)) if on_chip else (0,):
-            _window_attention_bwd[(geo.windows * (geo.heads // cfg["HEADS_PER_PROGRAM"]),)](
+        # on chip: the windows whose query tiles all hold a real token, then the others (each its own kernel)
+        every, full, partial = _window_launches(geo.size, geo.window, geo.shift, cfg["BM"], qkv.device)
+        for windows, ids in ((1, full), (2, partial)) if on_chip else ((0, every),):
+            if not len(ids):
+                continue
+            _window_attention_bwd[(geo.batch * len(ids) * (geo.heads // cfg["HEADS_PER_PROGRAM"]),)](
                 *common,
                 out,
                 dout,
@@ -1505,6 +1520,8 @@ def window_attention_triton_backward(
                 dqkv if grads else qkv,
                 qkv if dgate is None else dgate,
                 dpad_parts if has_pad else delta,
+                ids,
+                len(ids),
                 *scalars,
                 geo.scale,
                 **drop,
