@@ -845,17 +845,16 @@ def _window_attention_bwd(
     in a fixed order (no atomics), and dq scaled into DQKV. Padded keys' dk/dv go, summed, to DPAD_PARTS
     [B*nW, NP // BN, 2C].
 
-    The programs take the windows WINDOW_IDS [NIDS] of every batch element. WINDOWS 0 (all of them): the query
-    side streamed: each (key tile, query tile) pair loads the query tile's q, dO, lse and delta from L2 and dq
-    accumulates in DQ [B*voxels, C] fp32, which only this program touches. WINDOWS 1 and 2 (with GRADS): the window's
-    query side (per query tile and head: q pre-scaled, dO of the attention, lse, delta and the dq sum) is loaded once
-    and held on chip (q and dO in shared memory, the rest in registers) through the key loop, whose pass over the
-    query tiles is unrolled; 1 for the windows whose every query tile holds a real token (no padding checks in the
-    loop), 2 for the others (query tiles of padding only skipped). The two are separate launches, so that neither
-    loop's registers weigh on the other's. Where the dq sums of every query
-    tile would not fit the registers, the query tiles go on chip QUERY_TILES at a time, one key loop each: a key
-    tile's dk and dv sums wait in KEY_SUMS [B*nW, HEADS, 2, NP, DPAD] (fp32, only this program's) from one pass to
-    the next, and k and v are read once per pass.
+    The programs take the windows WINDOW_IDS [NIDS] of every batch element. WINDOWS 0 (all of them): the query side
+    streamed: each (key tile, query tile) pair loads the query tile's q, dO, lse and delta from L2 and dq accumulates in
+    DQ [B*voxels, C] fp32, which only this program touches. WINDOWS 1 and 2 (with GRADS): the window's query side (per
+    query tile and head: q pre-scaled, dO of the attention, lse, delta and the dq sum) is loaded once and held on chip
+    (q and dO in shared memory, the rest in registers) through the key loop, whose pass over the query tiles is
+    unrolled; 1 for the windows whose every query tile holds a real token (no padding checks in the loop), 2 for the
+    others (query tiles of padding only skipped). The two are separate launches, so that neither loop's registers weigh
+    on the other's. Where the dq sums of every query tile would not fit the registers, the query tiles go on chip
+    QUERY_TILES at a time, one key loop each: a key tile's dk and dv sums wait in KEY_SUMS [B*nW, HEADS, 2, NP, DPAD]
+    (fp32, only this program's) from one pass to the next, and k and v are read once per pass.
 
     Dropout (HAS_DROPOUT; the forward's SEED and dropout_p), with P the softmax, K the forward's keep mask (regenerated
     by :func:`_keep`, never stored) and s = 1 / (1 - p): out = (P * K * s) v, so dV = (P * K)^T (s dO) and the
