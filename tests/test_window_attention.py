@@ -105,6 +105,22 @@ def test_multi_tile_window(monkeypatch, heads, query_side):
     check_fp32((3, 5, 6), heads=heads, head_dim=16, window=(4, 5, 6), shift=(1, 2, 3), table_window=(7, 7, 7))
 
 
+def test_backward_launches_take_their_own_windows(monkeypatch):
+    """With the query side on chip the backward is two launches, each over its own list of windows: those whose
+    16-query tiles all hold a real token (here window 1 of a 5 x 6 x 7 grid in shifted 4 x 5 x 6 windows) and the
+    others (windows 0 and 2-7), so each program maps its index through the list to its window; batch 2, 3 query
+    tiles per pass."""
+    def config(kernel, n, head_dim, heads, dtype, dropout=False):
+        return dict(BM=16, BN=32, num_warps=4, num_stages=2, HEADS_PER_PROGRAM=1)
+
+    monkeypatch.setattr(wa, "_launch_config", config)
+    monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout: 3)
+    monkeypatch.setattr(wa, "_bias_chunks", lambda tiles, windows, device: 1)
+    every, full, partial = wa._window_launches((5, 6, 7), (4, 5, 6), (1, 2, 3), 16, torch.device(DEVICE))
+    assert (every.tolist(), full.tolist(), partial.tolist()) == (list(range(8)), [1], [0, 2, 3, 4, 5, 6, 7])
+    check_fp32((5, 6, 7), heads=1, head_dim=16, window=(4, 5, 6), shift=(1, 2, 3), table_window=(7, 7, 7), batch=2)
+
+
 @pytest.mark.parametrize(
     "size, window, shift, table_window",
     [
