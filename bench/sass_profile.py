@@ -318,7 +318,8 @@ MODALITIES = 4  # CCT token groups (as in bench_gated_attention)
 def _backward_trips(a: dict, grid: tuple) -> float:
     """Key-loop iterations per program of the window-attention backward: one (key tile, query tile) pair each where
     the query side streams (WINDOWS 0); one key tile each, met by the query tiles held on chip (the key loops of all
-    passes over them make one iteration), where it does (WINDOWS 1 and 2: each launch's programs take its windows)."""
+    passes over them make one iteration), where it does (WINDOWS 1: a launch per pattern of live query tiles, whose
+    programs take its windows)."""
     key_tiles = a["NP"] // a["BN"]
     return key_tiles * (a["NP"] // a["BM"]) if a["WINDOWS"] == 0 else key_tiles
 

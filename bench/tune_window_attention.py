@@ -142,7 +142,7 @@ def static_rows(kinds: list[str], limit: int | None = None) -> list[dict]:
                     found, _ = sass_profile.profile_case(case, torch.bfloat16, only=KERNELS[kind])
                 error = next((r["error"] for r in found if r["error"]), None)
                 row = {"case": name, "kind": kind, "config": cand.label(), "shipped": cand == first, "error": error}
-                if not error:  # the backward holding its query side on chip is two launches: summed, or the worst
+                if not error:  # on chip, the backward is a launch per query-tile pattern: summed, or the worst
                     row |= {"regs": max(r["regs"] for r in found),
                             "spill_bytes": sum(r["spill_store_bytes"] + r["spill_load_bytes"] for r in found),
                             "ctas_per_sm": min(r["ctas_per_sm"] for r in found),
@@ -161,7 +161,7 @@ def static_rows(kinds: list[str], limit: int | None = None) -> list[dict]:
 @contextlib.contextmanager
 def recording_launches() -> Iterator[dict[str, dict[int, object]]]:
     """Inside, every Triton launch records its compiled kernel under the kernel's name, each compiled variant once
-    (the backward launches two when it holds the query side on chip)."""
+    (the backward launches one per query-tile pattern when it holds the query side on chip)."""
     from triton.runtime.jit import JITFunction
 
     compiled: dict[str, dict[int, object]] = {}

@@ -662,20 +662,19 @@ def _on_chip_key_loop(
     HAS_PAD: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr,
-    SKIP_PADDING: tl.constexpr,
+    LIVE: tl.constexpr,
     T0: tl.constexpr,
     TILES: tl.constexpr,
     FIRST: tl.constexpr,
     LAST: tl.constexpr,
 ):
     """The backward's key loop over query tiles T0 .. T0 + TILES - 1 of a window (those below NP // BM), held on
-    chip: ``query`` = (live, qs, dos, lses, deltas, dqs), tuples per query tile (live) or per (tile - T0) * G + head;
-    ``key`` = (QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0, seed, threshold).
-    Each key tile meets those query tiles in an unrolled pass; its dk and dv sums start from zero (FIRST) or from
-    the previous pass's in KEY_SUMS, and go to DQKV (LAST) or back to KEY_SUMS. Returns the dq sums. With
-    SKIP_PADDING a query tile of padding only is skipped (a branch per tile); without, every query tile must hold a
-    real token."""
-    live, qs, dos, lses, deltas, dqs = query
+    chip: ``query`` = (qs, dos, lses, deltas, dqs), tuples per (tile - T0) * G + head; ``key`` = (QKV, PAD_ROW,
+    ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0, seed, threshold). Each key tile meets those
+    query tiles in an unrolled pass, the tiles of padding only left out at compile time (bit qt of LIVE clear); its
+    dk and dv sums start from zero (FIRST) or from the previous pass's in KEY_SUMS, and go to DQKV (LAST) or back to
+    KEY_SUMS. Returns the dq sums."""
+    qs, dos, lses, deltas, dqs = query
     QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0, seed, threshold = key
     C: tl.constexpr = HEADS * HD
     for kt in tl.range(0, NP // BN):
@@ -687,7 +686,7 @@ def _on_chip_key_loop(
                 dk_next, dv_next = (), ()
                 for g in tl.static_range(G):
                     dq_g, dk_g, dv_g = dqs[(qt - T0) * G + g], dk[g], dv[g]
-                    if not SKIP_PADDING or live[qt]:
+                    if (LIVE >> qt) & 1:
                         tile_ptrs = _tile_ptrs(TILE, cls, h0 + g, offs_m, kt * BN, BN, HEADS, NP)
                         dv_g, dk_g, dq_g = _pair_grads(
                             qs[(qt - T0) * G + g],
@@ -754,16 +753,28 @@ def _query_side(
     HAS_GATE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     ON_CHIP: tl.constexpr,
+    LIVE: tl.constexpr,
 ):
-    """Query tiles T0 .. T0 + TILES - 1 of a window (those below NP // BM) for G heads, ``tensors`` = (QKV, PAD_ROW,
-    ROWS, GATE, OUT, DOUT, LSE, DELTA, DGATE): delta = rowsum(dout * out) per query (stored for the bias kernel)
-    and d(gate logits); with ON_CHIP, returns what the key loop holds of them, tuples per (tile - T0) * G + head:
-    q pre-scaled, dO of the attention, lse, delta and a zero dq sum (all empty without)."""
+    """Query tiles T0 .. T0 + TILES - 1 of a window (those below NP // BM, and with bit qt of LIVE set: the others
+    hold padding only) for G heads, ``tensors`` = (QKV, PAD_ROW, ROWS, GATE, OUT, DOUT, LSE, DELTA, DGATE): delta =
+    rowsum(dout * out) per query (stored for the bias kernel) and d(gate logits); with ON_CHIP, returns what the key
+    loop holds of them, tuples per (tile - T0) * G + head: q pre-scaled, dO of the attention, lse, delta and a zero
+    dq sum (all empty without; zeros in a left-out tile's places)."""
     QKV, PAD_ROW, ROWS, GATE, OUT, DOUT, LSE, DELTA, DGATE = tensors
     C: tl.constexpr = HEADS * HD
     qs, dos, lses, deltas, dqs = (), (), (), (), ()
     for qt in tl.static_range(T0, T0 + TILES):
-        if qt < NP // BM:
+        if qt < NP // BM and not (LIVE >> qt) & 1:
+            for _g in tl.static_range(G if ON_CHIP else 0):  # a left-out tile's places, never read
+                unused = tl.zeros([BM], tl.float32)
+                qs, dos, lses, deltas, dqs = (
+                    qs + (unused,),
+                    dos + (unused,),
+                    lses + (unused,),
+                    deltas + (unused,),
+                    dqs + (unused,),
+                )
+        elif qt < NP // BM:
             offs_m = qt * BM + tl.arange(0, BM)
             rows_q = tl.load(ROWS + win * NP + offs_m)
             real = rows_q >= 0
@@ -833,6 +844,7 @@ def _window_attention_bwd(
     GRADS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     WINDOWS: tl.constexpr,
+    LIVE: tl.constexpr,
     QUERY_TILES: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -847,14 +859,14 @@ def _window_attention_bwd(
 
     The programs take the windows WINDOW_IDS [NIDS] of every batch element. WINDOWS 0 (all of them): the query side
     streamed: each (key tile, query tile) pair loads the query tile's q, dO, lse and delta from L2 and dq accumulates in
-    DQ [B*voxels, C] fp32, which only this program touches. WINDOWS 1 and 2 (with GRADS): the window's query side (per
-    query tile and head: q pre-scaled, dO of the attention, lse, delta and the dq sum) is loaded once and held on chip
-    (q and dO in shared memory, the rest in registers) through the key loop, whose pass over the query tiles is
-    unrolled; 1 for the windows whose every query tile holds a real token (no padding checks in the loop), 2 for the
-    others (query tiles of padding only skipped). The two are separate launches, so that neither loop's registers weigh
-    on the other's. Where the dq sums of every query tile would not fit the registers, the query tiles go on chip
-    QUERY_TILES at a time, one key loop each: a key tile's dk and dv sums wait in KEY_SUMS [B*nW, HEADS, 2, NP, DPAD]
-    (fp32, only this program's) from one pass to the next, and k and v are read once per pass.
+    DQ [B*voxels, C] fp32, which only this program touches; query tiles of padding only are skipped by a branch. WINDOWS
+    1 (with GRADS): the window's query side (per query tile and head: q pre-scaled, dO of the attention, lse, delta and
+    the dq sum) is loaded once and held on chip (q and dO in shared memory, the rest in registers) through the key loop,
+    whose pass over the query tiles is unrolled; one launch per pattern of query tiles holding a real token (bit qt of
+    LIVE), so that no loop branches on padding and the tiles of padding only cost nothing. Where the dq sums of every
+    query tile would not fit the registers, the query tiles go on chip QUERY_TILES at a time, one key loop each: a key
+    tile's dk and dv sums wait in KEY_SUMS [B*nW, HEADS, 2, NP, DPAD] (fp32, only this program's) from one pass to the
+    next, and k and v are read once per pass.
 
     Dropout (HAS_DROPOUT; the forward's SEED and dropout_p), with P the softmax, K the forward's keep mask (regenerated
     by :func:`_keep`, never stored) and s = 1 / (1 - p): out = (P * K * s) v, so dV = (P * K)^T (s dO) and the
@@ -868,10 +880,6 @@ def _window_attention_bwd(
     _, h0, _, b, i = _split_pid(tl.program_id(0), 1, HEADS, NIDS, G)
     win = tl.load(WINDOW_IDS + i)
     bw = b * NWIN + win
-    live = ()  # per query tile: does it hold a real token (the forward wrote no lse for a tile of padding only)
-    if QUERY_ON_CHIP and WINDOWS == 2:
-        for qt in tl.static_range(NQT):
-            live = live + (tl.max(tl.load(ROWS + win * NP + qt * BM + tl.arange(0, BM)), 0) >= 0,)
     voxel0 = b.to(tl.int64) * VOXELS
     if HAS_DROPOUT:
         seed, threshold, drop_scale = _dropout_setup(SEED, dropout_p)
@@ -882,7 +890,7 @@ def _window_attention_bwd(
         cls = tl.load(CLASSES + win)
         key = (QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0, seed, threshold)
         for p in tl.static_range(PASSES):
-            query = (live,) + _query_side(
+            query = _query_side(
                 tensors,
                 win,
                 voxel0,
@@ -901,6 +909,7 @@ def _window_attention_bwd(
                 HAS_GATE,
                 HAS_DROPOUT,
                 True,
+                LIVE,
             )
             dqs = _on_chip_key_loop(
                 query,
@@ -917,14 +926,14 @@ def _window_attention_bwd(
                 HAS_PAD,
                 HAS_DROPOUT,
                 PREC,
-                WINDOWS == 2,
+                LIVE,
                 p * QUERY_TILES,
                 QUERY_TILES,
                 p == 0,
                 p == PASSES - 1,
             )
             for qt in tl.static_range(p * QUERY_TILES, p * QUERY_TILES + QUERY_TILES):
-                if qt < NQT:
+                if qt < NQT and (LIVE >> qt) & 1:
                     rows_q = tl.load(ROWS + win * NP + qt * BM + tl.arange(0, BM))
                     dq = ()
                     for g in tl.static_range(G):
@@ -952,6 +961,7 @@ def _window_attention_bwd(
             HAS_GATE,
             HAS_DROPOUT,
             False,
+            LIVE,
         )
         if GRADS:
             tl.debug_barrier()  # delta written above is read below by other threads of the program
@@ -1290,14 +1300,18 @@ def _window_tables(
 @functools.lru_cache(maxsize=64)
 def _window_launches(
     size: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int], bm: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Windows of one batch element as int32 index lists on ``device``: all of them, those whose query tiles of
-    ``bm`` tokens all hold a real token, and the others (the backward's launches: WINDOWS 0, 1, 2)."""
+) -> tuple[torch.Tensor, tuple[tuple[int, torch.Tensor], ...]]:
+    """Windows of one batch element as int32 index lists on ``device``: all of them (the streamed backward), and
+    per pattern of query tiles of ``bm`` tokens holding a real token (bit t: tile t does), the pattern and its
+    windows (the on-chip backward's launches), the full pattern first. At stage 1 (64^3, 7^3 windows, shifted by 3)
+    800 windows of each volume are full, 100 have tiles 0-3 and 100 tiles 3-5."""
     rows = window_rows(size, window, shift)
     rows = F.pad(rows, (0, tokens_padded(rows.shape[1]) - rows.shape[1]), value=-1)
-    full = (rows.view(rows.shape[0], -1, bm).amax(-1) >= 0).all(-1)
+    live = rows.view(rows.shape[0], -1, bm).amax(-1) >= 0
+    masks = (live.long() << torch.arange(live.shape[1])).sum(-1)
     ids = torch.arange(rows.shape[0], dtype=torch.int32)
-    return ids.to(device), ids[full].to(device), ids[~full].to(device)
+    groups = tuple((m, ids[masks == m].to(device)) for m in sorted(set(masks.tolist()), reverse=True))
+    return ids.to(device), groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1503,11 +1517,10 @@ def window_attention_triton_backward(
         dpad_parts = torch.empty(geo.windows, geo.np // cfg["BN"], 2 * c, device=qkv.device, dtype=torch.float32)
     common = (qkv, pad_row, rows, classes, qkv if tile is None else tile, qkv if gate_logits is None else gate_logits)
     with on_device(qkv):
-        # on chip: the windows whose query tiles all hold a real token, then the others (each its own kernel)
-        every, full, partial = _window_launches(geo.size, geo.window, geo.shift, cfg["BM"], qkv.device)
-        for windows, ids in ((1, full), (2, partial)) if on_chip else ((0, every),):
-            if not len(ids):
-                continue
+        # on chip: a launch per pattern of query tiles holding a real token (each its own compiled loop)
+        every, groups = _window_launches(geo.size, geo.window, geo.shift, cfg["BM"], qkv.device)
+        streamed = (0, (1 << geo.np // cfg["BM"]) - 1, every)  # every tile's delta; padding skipped in the loop
+        for windows, live, ids in [(1, *group) for group in groups] if on_chip else [streamed]:
             _window_attention_bwd[(geo.batch * len(ids) * (geo.heads // cfg["HEADS_PER_PROGRAM"]),)](
                 *common,
                 out,
@@ -1529,6 +1542,7 @@ def window_attention_triton_backward(
                 HAS_PAD=has_pad,
                 GRADS=grads,
                 WINDOWS=windows,
+                LIVE=live,
                 QUERY_TILES=query_tiles or geo.np // cfg["BM"],
                 **constexprs,
             )

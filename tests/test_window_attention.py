@@ -106,18 +106,19 @@ def test_multi_tile_window(monkeypatch, heads, query_side):
 
 
 def test_backward_launches_take_their_own_windows(monkeypatch):
-    """With the query side on chip the backward is two launches, each over its own list of windows: those whose
-    16-query tiles all hold a real token (here window 1 of a 5 x 6 x 7 grid in shifted 4 x 5 x 6 windows) and the
-    others (windows 0 and 2-7), so each program maps its index through the list to its window; batch 2, 3 query
-    tiles per pass."""
+    """With the query side on chip the backward is a launch per pattern of 16-query tiles holding a real token, each
+    over its own list of windows (here, a 5 x 6 x 7 grid in shifted 4 x 5 x 6 windows: window 1 full, the others in
+    four patterns), so each program maps its index through the list to its window; batch 2, 3 query tiles per
+    pass (passes that hold fewer where tiles are left out)."""
     def config(kernel, n, head_dim, heads, dtype, dropout=False):
         return dict(BM=16, BN=32, num_warps=4, num_stages=2, HEADS_PER_PROGRAM=1)
 
     monkeypatch.setattr(wa, "_launch_config", config)
     monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout: 3)
     monkeypatch.setattr(wa, "_bias_chunks", lambda tiles, windows, device: 1)
-    every, full, partial = wa._window_launches((5, 6, 7), (4, 5, 6), (1, 2, 3), 16, torch.device(DEVICE))
-    assert (every.tolist(), full.tolist(), partial.tolist()) == (list(range(8)), [1], [0, 2, 3, 4, 5, 6, 7])
+    every, groups = wa._window_launches((5, 6, 7), (4, 5, 6), (1, 2, 3), 16, torch.device(DEVICE))
+    assert every.tolist() == list(range(8)) and groups[0][0] == 255 and groups[0][1].tolist() == [1]
+    assert sorted(i for _, ids in groups for i in ids.tolist()) == list(range(8)) and len(groups) > 2, groups
     check_fp32((5, 6, 7), heads=1, head_dim=16, window=(4, 5, 6), shift=(1, 2, 3), table_window=(7, 7, 7), batch=2)
 
 
