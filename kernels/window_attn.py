@@ -1273,6 +1273,12 @@ def window_rows(size: tuple[int, int, int], window: tuple[int, int, int], shift:
     return partition(voxels[None, ..., None], window)[..., 0]
 
 
+def _padded_rows(size: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int]) -> torch.Tensor:
+    """:func:`window_rows` [nW, NP] int32 on the CPU, -1 for the tokens t >= n that pad a window to NP."""
+    rows = window_rows(size, window, shift)
+    return F.pad(rows, (0, tokens_padded(rows.shape[1]) - rows.shape[1]), value=-1)
+
+
 @functools.lru_cache(maxsize=64)
 def _window_tables(
     size: tuple[int, int, int],
@@ -1286,7 +1292,7 @@ def _window_tables(
     n = math.prod(window)
     np_ = tokens_padded(n)
     padded = padded_grid(size, window)
-    rows = F.pad(window_rows(size, window, shift), (0, np_ - n), value=-1)
+    rows = _padded_rows(size, window, shift)
     patterns, classes = torch.unique(_window_regions(padded, window, shift), dim=0, return_inverse=True)
     masks = torch.zeros(len(patterns), np_, np_)
     masks[:, :n, :n] = _region_mask(patterns, SHIFT_MASK_VALUE, torch.float32)
@@ -1298,6 +1304,20 @@ def _window_tables(
 
 
 @functools.lru_cache(maxsize=64)
+def _region_onehots(
+    size: tuple[int, int, int],
+    window: tuple[int, int, int],
+    shift: tuple[int, int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classes' regions one-hot [K, NP, 16] in ``dtype`` as the d(bias) kernel multiplies them: the query side
+    times -_SHIFT_MASK_LOG2, the key side as is."""
+    regions = _window_tables(size, window, shift, device)[3]
+    return (regions * -_SHIFT_MASK_LOG2).to(dtype), regions.to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
 def _window_launches(
     size: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int], bm: int, device: torch.device
 ) -> tuple[torch.Tensor, tuple[tuple[int, torch.Tensor], ...]]:
@@ -1305,8 +1325,7 @@ def _window_launches(
     per pattern of query tiles of ``bm`` tokens holding a real token (bit t: tile t does), the pattern and its
     windows (the on-chip backward's launches), the full pattern first. At stage 1 (64^3, 7^3 windows, shifted by 3)
     800 windows of each volume are full, 100 have tiles 0-3 and 100 tiles 3-5."""
-    rows = window_rows(size, window, shift)
-    rows = F.pad(rows, (0, tokens_padded(rows.shape[1]) - rows.shape[1]), value=-1)
+    rows = _padded_rows(size, window, shift)
     live = rows.view(rows.shape[0], -1, bm).amax(-1) >= 0
     masks = (live.long() << torch.arange(live.shape[1])).sum(-1)
     ids = torch.arange(rows.shape[0], dtype=torch.int32)
@@ -1363,14 +1382,14 @@ class _Geometry:
         return _launch_config(kernel, self.n, self.head_dim, self.heads, dtype, dropout)
 
     def tables(
-        self, qkv: torch.Tensor, bias_table: torch.Tensor | None
+        self, qkv: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """rows, classes, the [K, heads, NP, NP] bias + mask tile in log2 units and qkv's dtype (None without bias
-        or shift: the kernels then only mask keys past the window)."""
+        or shift: the kernels then only mask keys past the window); ``bias`` from :meth:`bias`, or None."""
         rows, classes, masks, _ = _window_tables(self.size, self.window, self.shift, qkv.device)
         tile = None
-        if bias_table is not None:
-            tile = masks[:, None] + self.bias(bias_table)[None]
+        if bias is not None:
+            tile = masks[:, None] + bias[None]
         elif any(self.shift):
             tile = masks[:, None].expand(-1, self.heads, -1, -1)
         if tile is not None:
@@ -1445,7 +1464,8 @@ def window_attention_triton_forward(
     out_dtype = qkv.dtype if gate_logits is None else torch.promote_types(qkv.dtype, gate_logits.dtype)
     out = qkv.new_empty(b, d, h, w, c3 // 3, dtype=out_dtype)  # the reference's type promotion by the gate
     lse = torch.empty(geo.windows, geo.heads, geo.np, device=qkv.device, dtype=torch.float32)
-    rows, classes, tile = geo.tables(qkv, bias_table)
+    bias = None if bias_table is None else geo.bias(bias_table)
+    rows, classes, tile = geo.tables(qkv, bias)
     drop = _dropout_args(seed, dropout_p)
     cfg = geo.config("fwd", qkv.dtype, drop["HAS_DROPOUT"])
     scalars, constexprs = geo.args(cfg, qkv.dtype)
@@ -1493,7 +1513,8 @@ def window_attention_triton_backward(
     gate_logits = None if gate_logits is None else gate_logits.contiguous()
     geo = _Geometry.of(qkv, num_heads, window_size, shift_size, table_window, scale)
     c = qkv.shape[-1] // 3
-    rows, classes, tile = geo.tables(qkv, bias_table)
+    bias = None if bias_table is None else geo.bias(bias_table)
+    rows, classes, tile = geo.tables(qkv, bias)
     pad_row = _pad_row(qkv, pad_kv)
     need_dqkv, need_dbias, need_dpad, need_dgate = needs
     has_pad = pad_kv is not None and need_dpad and padded_grid(geo.size, geo.window) != geo.size
@@ -1546,20 +1567,17 @@ def window_attention_triton_backward(
                 QUERY_TILES=query_tiles or geo.np // cfg["BM"],
                 **constexprs,
             )
-        if bias_table is not None and need_dbias:
+        if bias_table is not None and bias is not None and need_dbias:
             cfg = geo.config("bias", qkv.dtype, drop["HAS_DROPOUT"])
             scalars, constexprs = geo.args(cfg, qkv.dtype)
             tiles = (geo.np // cfg["BM"]) * (geo.np // cfg["BN"]) * (geo.heads // cfg["HEADS_PER_PROGRAM"])
             per_program = _bias_chunks(tiles, geo.windows, qkv.device)
             chunks = triton.cdiv(geo.windows, per_program)
             parts = torch.empty(chunks, geo.heads, geo.np, geo.np, device=qkv.device, dtype=torch.float32)
-            bias = (geo.bias(bias_table) * _LOG2E).to(qkv.dtype)  # rounded as the tile is where no mask adds to it
-            regions = _window_tables(geo.size, geo.window, geo.shift, qkv.device)[3]
             _window_attention_bwd_bias[(tiles * chunks,)](
                 *common[:4],
-                (regions * -_SHIFT_MASK_LOG2).to(qkv.dtype),
-                regions.to(qkv.dtype),
-                bias,
+                *_region_onehots(geo.size, geo.window, geo.shift, qkv.dtype, qkv.device),
+                (bias * _LOG2E).to(qkv.dtype),  # rounded as the tile is where no mask adds to it
                 common[5],
                 dout,
                 lse,
