@@ -319,9 +319,11 @@ def _backward_trips(a: dict, grid: tuple) -> float:
     """Key-loop iterations per program of the window-attention backward: one (key tile, query tile) pair each where
     the query side streams (WINDOWS 0); one key tile each, met by the query tiles held on chip (the key loops of all
     passes over them make one iteration), where it does (WINDOWS 1: a launch per pattern of live query tiles, whose
-    programs take its windows)."""
+    programs take its windows), for each of the WPC windows a program takes where it sums dS (BIAS_SUMS)."""
     key_tiles = a["NP"] // a["BN"]
-    return key_tiles * (a["NP"] // a["BM"]) if a["WINDOWS"] == 0 else key_tiles
+    if a["WINDOWS"] == 0:
+        return key_tiles * (a["NP"] // a["BM"])
+    return key_tiles * (a["WPC"] if a["BIAS_SUMS"] else 1)
 
 
 def window_attention_cases() -> list[Case]:

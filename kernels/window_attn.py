@@ -355,7 +355,8 @@ def _scores(q, k, tile_ptrs, offs_n, N: tl.constexpr, NP: tl.constexpr, HAS_TILE
 
 @_jit
 def _tile_ptrs(TILE, cls, h, offs_m, n0, BN: tl.constexpr, HEADS: tl.constexpr, NP: tl.constexpr):
-    """Pointers [BM, BN] into head h's bias + mask tile of window class ``cls``, queries offs_m, keys n0 .. n0+BN."""
+    """Pointers [BM, BN] into head h's [NP, NP] tile ``cls`` of TILE [K, HEADS, NP, NP] (the bias + mask tile of a
+    window class; the bias; a chunk's dS sums), queries offs_m, keys n0 .. n0+BN."""
     return TILE + ((cls * HEADS + h) * NP * NP + n0) + (offs_m[:, None] * NP + tl.arange(0, BN)[None, :])
 
 
@@ -552,7 +553,8 @@ def _pair_grads(
     PREC: tl.constexpr,
 ):
     """One head's (query tile, key tile) added to the sums dv, dk [BN, DPAD] and dq [BM, DPAD] (fp32; dk and dq in
-    the scores' log2 units), from q pre-scaled, dO of the attention, lse and delta of the query tile."""
+    the scores' log2 units), from q pre-scaled, dO of the attention, lse and delta of the query tile; also returns
+    the tile's dS [BM, BN] (fp32), the gradient of the relative-position bias there."""
     s = _scores(qs, k, tile_ptrs, offs_n, N, NP, HAS_TILE, PREC)
     p = tl.exp2(s - lse[:, None])
     if HAS_DROPOUT:
@@ -564,10 +566,11 @@ def _pair_grads(
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if HAS_DROPOUT:
         dp = tl.where(keep, dp, 0.0)
-    ds = (p * (dp - delta[:, None])).to(qs.dtype)
-    dk += tl.dot(tl.trans(ds), qs, input_precision=PREC)
-    dq += tl.dot(ds, k, input_precision=PREC)
-    return dv, dk, dq
+    ds = p * (dp - delta[:, None])
+    ds_low = ds.to(qs.dtype)
+    dk += tl.dot(tl.trans(ds_low), qs, input_precision=PREC)
+    dq += tl.dot(ds_low, k, input_precision=PREC)
+    return dv, dk, dq, ds
 
 
 @_jit
@@ -667,28 +670,33 @@ def _on_chip_key_loop(
     TILES: tl.constexpr,
     FIRST: tl.constexpr,
     LAST: tl.constexpr,
+    BIAS_SUMS: tl.constexpr,
 ):
     """The backward's key loop over query tiles T0 .. T0 + TILES - 1 of a window (those below NP // BM), held on
-    chip: ``query`` = (qs, dos, lses, deltas, dqs), tuples per (tile - T0) * G + head; ``key`` = (QKV, PAD_ROW,
-    ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0, seed, threshold). Each key tile meets those
-    query tiles in an unrolled pass, the tiles of padding only left out at compile time (bit qt of LIVE clear); its
-    dk and dv sums start from zero (FIRST) or from the previous pass's in KEY_SUMS, and go to DQKV (LAST) or back to
-    KEY_SUMS. Returns the dq sums."""
-    qs, dos, lses, deltas, dqs = query
+    chip: ``query`` = (qs, dos, lses, deltas, dqs, dss), tuples per (tile - T0) * G + head (dss per head, empty
+    without BIAS_SUMS); ``key`` = (QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0,
+    seed, threshold). Each key tile meets those query tiles in an unrolled pass, the tiles of padding only left out
+    at compile time (bit qt of LIVE clear); its dk and dv sums start from zero (FIRST) or from the previous pass's
+    in KEY_SUMS, and go to DQKV (LAST) or back to KEY_SUMS. With BIAS_SUMS (windows of one tile pair) dS is added
+    to the head's sum [BM, BN] in dss. Returns the dq sums and dss."""
+    tl.static_assert(not BIAS_SUMS or (NP == BM and NP == BN), "dS sums: windows of one (query, key) tile pair")
+    qs, dos, lses, deltas, dqs, dss = query
     QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0, seed, threshold = key
     C: tl.constexpr = HEADS * HD
     for kt in tl.range(0, NP // BN):
         offs_n, rows_k, k, v, dk, dv = _key_tile(QKV, PAD_ROW, ROWS, win, voxel0, h0, kt, C, HD, NP, BN, DPAD, G)
-        dq_next = ()
+        dq_next, ds_next = (), ()
         for qt in tl.static_range(T0, T0 + TILES):
             if qt < NP // BM:
                 offs_m = qt * BM + tl.arange(0, BM)
                 dk_next, dv_next = (), ()
                 for g in tl.static_range(G):
                     dq_g, dk_g, dv_g = dqs[(qt - T0) * G + g], dk[g], dv[g]
+                    if BIAS_SUMS:
+                        ds_g = dss[g]
                     if (LIVE >> qt) & 1:
                         tile_ptrs = _tile_ptrs(TILE, cls, h0 + g, offs_m, kt * BN, BN, HEADS, NP)
-                        dv_g, dk_g, dq_g = _pair_grads(
+                        dv_g, dk_g, dq_g, ds = _pair_grads(
                             qs[(qt - T0) * G + g],
                             dos[(qt - T0) * G + g],
                             lses[(qt - T0) * G + g],
@@ -714,9 +722,13 @@ def _on_chip_key_loop(
                             HAS_DROPOUT,
                             PREC,
                         )
+                        if BIAS_SUMS:
+                            ds_g += ds
                     dk_next, dv_next, dq_next = dk_next + (dk_g,), dv_next + (dv_g,), dq_next + (dq_g,)
+                    if BIAS_SUMS:
+                        ds_next = ds_next + (ds_g,)
                 dk, dv = dk_next, dv_next
-        dqs = dq_next
+        dqs, dss = dq_next, ds_next
         if not FIRST:  # add the earlier passes' sums (loaded here, where the scores no longer hold registers)
             dk_all, dv_all = (), ()
             for g in tl.static_range(G):
@@ -730,7 +742,7 @@ def _on_chip_key_loop(
                 sums = _key_sum_ptrs(KEY_SUMS, bw, h0 + g, kt, HEADS, NP, BN, DPAD)
                 tl.store(sums, dk[g])
                 tl.store(sums + NP * DPAD, dv[g])
-    return dqs
+    return dqs, dss
 
 
 @_jit
@@ -810,6 +822,100 @@ def _store_dq(
 
 
 @_jit
+def _on_chip_window(
+    window,
+    dss,
+    HEADS: tl.constexpr,
+    HD: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    DPAD: tl.constexpr,
+    G: tl.constexpr,
+    HAS_TILE: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+    LIVE: tl.constexpr,
+    QUERY_TILES: tl.constexpr,
+    BIAS_SUMS: tl.constexpr,
+):
+    """The backward of one window for heads h0 .. h0 + G - 1, its query side on chip QUERY_TILES query tiles per pass
+    (see :func:`_window_attention_bwd`): ``window`` = (tensors, CLASSES, TILE, outputs, scalars, window_id, b, NWIN,
+    VOXELS, h0) with ``tensors`` as :func:`_query_side` takes them, ``outputs`` = (DQKV, DPAD_PARTS, KEY_SUMS),
+    ``scalars`` = (qk_scale, dq_scale, seed, threshold, drop_scale) and window_id a pointer into the launch's window
+    list (of batch element b). Returns dss, the heads' dS sums with this window's added (BIAS_SUMS), or ()."""
+    tensors, CLASSES, TILE, outputs, scalars, window_id, b, NWIN, VOXELS, h0 = window
+    QKV, PAD_ROW, ROWS = tensors[0], tensors[1], tensors[2]
+    DQKV, DPAD_PARTS, KEY_SUMS = outputs
+    qk_scale, dq_scale, seed, threshold, drop_scale = scalars
+    C: tl.constexpr = HEADS * HD
+    NQT: tl.constexpr = NP // BM
+    PASSES: tl.constexpr = (NQT + QUERY_TILES - 1) // QUERY_TILES
+    win = tl.load(window_id)
+    bw = b * NWIN + win
+    voxel0 = b.to(tl.int64) * VOXELS
+    cls = tl.load(CLASSES + win)
+    key = (QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0, seed, threshold)
+    for p in tl.static_range(PASSES):
+        qs, dos, lses, deltas, dqs = _query_side(
+            tensors,
+            win,
+            voxel0,
+            bw,
+            h0,
+            qk_scale,
+            drop_scale,
+            p * QUERY_TILES,
+            QUERY_TILES,
+            HEADS,
+            HD,
+            NP,
+            BM,
+            DPAD,
+            G,
+            HAS_GATE,
+            HAS_DROPOUT,
+            True,
+            LIVE,
+        )
+        dqs, dss = _on_chip_key_loop(
+            (qs, dos, lses, deltas, dqs, dss),
+            key,
+            HEADS,
+            HD,
+            N,
+            NP,
+            BM,
+            BN,
+            DPAD,
+            G,
+            HAS_TILE,
+            HAS_PAD,
+            HAS_DROPOUT,
+            PREC,
+            LIVE,
+            p * QUERY_TILES,
+            QUERY_TILES,
+            p == 0,
+            p == PASSES - 1,
+            BIAS_SUMS,
+        )
+        for qt in tl.static_range(p * QUERY_TILES, p * QUERY_TILES + QUERY_TILES):
+            if qt < NQT and (LIVE >> qt) & 1:
+                rows_q = tl.load(ROWS + win * NP + qt * BM + tl.arange(0, BM))
+                dq = ()
+                for g in tl.static_range(G):
+                    dq = dq + (dqs[(qt - p * QUERY_TILES) * G + g],)
+                _store_dq(DQKV, rows_q, dq, voxel0, h0, dq_scale, C, HD, DPAD, G)
+        if p + 1 < PASSES:
+            tl.debug_barrier()  # this pass's KEY_SUMS stores before the next pass's loads (other threads)
+    return dss
+
+
+@_jit
 def _window_attention_bwd(
     QKV,
     PAD_ROW,
@@ -826,8 +932,11 @@ def _window_attention_bwd(
     DQKV,
     DGATE,
     DPAD_PARTS,
+    PARTS,
     WINDOW_IDS,
     NIDS,
+    SLOTS,
+    WPC,
     NWIN,
     VOXELS,
     qk_scale,
@@ -846,6 +955,7 @@ def _window_attention_bwd(
     WINDOWS: tl.constexpr,
     LIVE: tl.constexpr,
     QUERY_TILES: tl.constexpr,
+    BIAS_SUMS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     DPAD: tl.constexpr,
@@ -866,7 +976,9 @@ def _window_attention_bwd(
     LIVE), so that no loop branches on padding and the tiles of padding only cost nothing. Where the dq sums of every
     query tile would not fit the registers, the query tiles go on chip QUERY_TILES at a time, one key loop each: a key
     tile's dk and dv sums wait in KEY_SUMS [B*nW, HEADS, 2, NP, DPAD] (fp32, only this program's) from one pass to the
-    next, and k and v are read once per pass.
+    next, and k and v are read once per pass. BIAS_SUMS (on chip, windows of one query tile and one key tile): each
+    program takes WPC of the launch's SLOTS (B * NIDS) windows in turn and sums their dS per head in registers, into
+    PARTS [chunks, HEADS, NP, NP] (the bias gradient from the scores already on chip: no d(bias) kernel).
 
     Dropout (HAS_DROPOUT; the forward's SEED and dropout_p), with P the softmax, K the forward's keep mask (regenerated
     by :func:`_keep`, never stored) and s = 1 / (1 - p): out = (P * K * s) v, so dV = (P * K)^T (s dO) and the
@@ -876,72 +988,60 @@ def _window_attention_bwd(
     C: tl.constexpr = HEADS * HD
     NQT: tl.constexpr = NP // BM
     QUERY_ON_CHIP: tl.constexpr = GRADS and WINDOWS != 0
-    PASSES: tl.constexpr = (NQT + QUERY_TILES - 1) // QUERY_TILES
-    _, h0, _, b, i = _split_pid(tl.program_id(0), 1, HEADS, NIDS, G)
-    win = tl.load(WINDOW_IDS + i)
-    bw = b * NWIN + win
-    voxel0 = b.to(tl.int64) * VOXELS
+    # slot: the program's window b * NIDS + i, or with BIAS_SUMS its chunk of WPC windows
+    _, h0, slot, b, i = _split_pid(tl.program_id(0), 1, HEADS, NIDS, G)
     if HAS_DROPOUT:
         seed, threshold, drop_scale = _dropout_setup(SEED, dropout_p)
     else:
         seed, threshold, drop_scale = None, None, None
     tensors = (QKV, PAD_ROW, ROWS, GATE, OUT, DOUT, LSE, DELTA, DGATE)
     if QUERY_ON_CHIP:
-        cls = tl.load(CLASSES + win)
-        key = (QKV, PAD_ROW, ROWS, TILE, DQKV, DPAD_PARTS, KEY_SUMS, cls, win, voxel0, bw, h0, seed, threshold)
-        for p in tl.static_range(PASSES):
-            query = _query_side(
-                tensors,
-                win,
-                voxel0,
-                bw,
-                h0,
-                qk_scale,
-                drop_scale,
-                p * QUERY_TILES,
-                QUERY_TILES,
-                HEADS,
-                HD,
-                NP,
-                BM,
-                DPAD,
-                G,
-                HAS_GATE,
-                HAS_DROPOUT,
-                True,
-                LIVE,
-            )
-            dqs = _on_chip_key_loop(
-                query,
-                key,
-                HEADS,
-                HD,
-                N,
-                NP,
-                BM,
-                BN,
-                DPAD,
-                G,
-                HAS_TILE,
-                HAS_PAD,
-                HAS_DROPOUT,
-                PREC,
-                LIVE,
-                p * QUERY_TILES,
-                QUERY_TILES,
-                p == 0,
-                p == PASSES - 1,
-            )
-            for qt in tl.static_range(p * QUERY_TILES, p * QUERY_TILES + QUERY_TILES):
-                if qt < NQT and (LIVE >> qt) & 1:
-                    rows_q = tl.load(ROWS + win * NP + qt * BM + tl.arange(0, BM))
-                    dq = ()
-                    for g in tl.static_range(G):
-                        dq = dq + (dqs[(qt - p * QUERY_TILES) * G + g],)
-                    _store_dq(DQKV, rows_q, dq, voxel0, h0, dq_scale, C, HD, DPAD, G)
-            if p + 1 < PASSES:
-                tl.debug_barrier()  # this pass's KEY_SUMS stores before the next pass's loads (other threads)
+        outputs = (DQKV, DPAD_PARTS, KEY_SUMS)
+        scalars = (qk_scale, dq_scale, seed, threshold, drop_scale)
+        dss = ()  # with BIAS_SUMS, per head the dS sums of the program's WPC windows: PARTS [chunks, HEADS, NP, NP]
+        for _g in tl.static_range(G if BIAS_SUMS else 0):
+            dss = dss + (tl.zeros([BM, BN], tl.float32),)
+        for j in tl.range(0, WPC):  # WPC 1 without BIAS_SUMS, which Triton specialises: no loop
+            window = slot * WPC + j
+            if window < SLOTS:
+                where = (
+                    tensors,
+                    CLASSES,
+                    TILE,
+                    outputs,
+                    scalars,
+                    WINDOW_IDS + window % NIDS,
+                    window // NIDS,
+                    NWIN,
+                    VOXELS,
+                    h0,
+                )
+                dss = _on_chip_window(
+                    where,
+                    dss,
+                    HEADS,
+                    HD,
+                    N,
+                    NP,
+                    BM,
+                    BN,
+                    DPAD,
+                    G,
+                    HAS_TILE,
+                    HAS_GATE,
+                    HAS_PAD,
+                    HAS_DROPOUT,
+                    PREC,
+                    LIVE,
+                    QUERY_TILES,
+                    BIAS_SUMS,
+                )
+        for g in tl.static_range(G if BIAS_SUMS else 0):
+            tl.store(_tile_ptrs(PARTS, slot, h0 + g, tl.arange(0, BM), 0, BN, HEADS, NP), dss[g])
     else:
+        win = tl.load(WINDOW_IDS + i)
+        bw = b * NWIN + win
+        voxel0 = b.to(tl.int64) * VOXELS
         _query_side(
             tensors,
             win,
@@ -1004,7 +1104,7 @@ def _window_attention_bwd(
                             )
                             tile_ptrs = _tile_ptrs(TILE, cls, h0 + g, offs_m, kt * BN, BN, HEADS, NP)
                             prev = tl.load(dq_ptrs + g * HD, mask=dq_mask & (kt > 0), other=0.0)
-                            dv_g, dk_g, dq_g = _pair_grads(
+                            dv_g, dk_g, dq_g, _ds = _pair_grads(
                                 q_g,
                                 do_g,
                                 lse,
@@ -1151,9 +1251,9 @@ def _window_attention_bwd_bias(
                 acc_next = acc_next + (acc[g] + tl.exp2(s) * (dp - delta[:, None]),)
             acc = acc_next
     for g in tl.static_range(G):
-        rows = ((h0 + g) * NP + offs_m[:, None]) * NP + offs_n[None, :]
-        scale = tl.exp2(tl.load(BIAS + rows).to(tl.float32) + 64.0)
-        tl.store(PARTS + chunk * HEADS * NP * NP + rows, acc[g] * scale)
+        n0 = (tile % NKT) * BN
+        scale = tl.exp2(tl.load(_tile_ptrs(BIAS, 0, h0 + g, offs_m, n0, BN, HEADS, NP)).to(tl.float32) + 64.0)
+        tl.store(_tile_ptrs(PARTS, chunk, h0 + g, offs_m, n0, BN, HEADS, NP), acc[g] * scale)
 
 
 @_jit
@@ -1237,9 +1337,12 @@ def tokens_padded(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length()) if n <= 128 else -(-n // 128) * 128
 
 
-def _launch_config(kernel: str, n: int, head_dim: int, heads: int, dtype: torch.dtype, dropout: bool = False) -> dict:
+def _launch_config(
+    kernel: str, n: int, head_dim: int, heads: int, dtype: torch.dtype, dropout: bool = False, bias_grad: bool = False
+) -> dict:
     """BM (query tile), BN (key tile), num_warps, num_stages and HEADS_PER_PROGRAM of ``kernel`` ("fwd", "bwd" or
-    "bias") for windows of n tokens, with or without attention dropout; BM and BN divide tokens_padded(n)."""
+    "bias") for windows of n tokens, with or without attention dropout, and for "bwd" with or without the bias
+    table's gradient (windows of one tile pair sum it there); BM and BN divide tokens_padded(n)."""
     np_ = tokens_padded(n)
     if interpreting():  # few, large blocks: each interpreted block op costs milliseconds
         bm = bn = min(np_, 128)
@@ -1250,7 +1353,11 @@ def _launch_config(kernel: str, n: int, head_dim: int, heads: int, dtype: torch.
         bm, bn = min(bm, np_), min(bn, np_)
     channels = (_DROPOUT_CHANNELS if dropout else _CHANNELS)[kernel]
     if kernel == "bwd" and not dropout:  # as many heads as the query side on chip holds (3 in 2-D windows)
-        channels = max(channels, min(_CHANNELS["fwd"], _QUERY_ON_CHIP_COLUMNS // (np_ // bm)))
+        columns = _QUERY_ON_CHIP_COLUMNS // (np_ // bm)
+        if bias_grad and np_ == bm == bn:  # each head's dS sum [BM, BN] beside its dq sum: 1 head in 2-D windows
+            dpad = _head_tile(head_dim)
+            columns = columns * dpad // (dpad + bn)
+        channels = max(channels, min(_CHANNELS["fwd"], columns))
     return dict(
         BM=bm,
         BN=bn,
@@ -1378,8 +1485,8 @@ class _Geometry:
         """Windows of all batch elements (B * nW)."""
         return self.batch * self.windows_per_batch
 
-    def config(self, kernel: str, dtype: torch.dtype, dropout: bool = False) -> dict:
-        return _launch_config(kernel, self.n, self.head_dim, self.heads, dtype, dropout)
+    def config(self, kernel: str, dtype: torch.dtype, dropout: bool = False, bias_grad: bool = False) -> dict:
+        return _launch_config(kernel, self.n, self.head_dim, self.heads, dtype, dropout, bias_grad)
 
     def tables(
         self, qkv: torch.Tensor, bias: torch.Tensor | None
@@ -1426,7 +1533,8 @@ def _pad_row(qkv: torch.Tensor, pad_kv: torch.Tensor | None) -> torch.Tensor:
 
 
 def _bias_chunks(tiles: int, windows: int, device: torch.device) -> int:
-    """Windows each d(bias) program sums over: enough programs to fill the GPU, as few partial sums as possible."""
+    """Windows each program that sums dS takes (the d(bias) kernel's; the backward's in windows of one tile pair),
+    ``tiles`` programs per chunk of windows: enough programs to fill the GPU, as few partial sums as possible."""
     if device.type != "cuda":
         return windows
     target = 4 * multiprocessors(device)
@@ -1522,7 +1630,7 @@ def window_attention_triton_backward(
     dgate = None if gate_logits is None else torch.empty_like(gate_logits)  # written with delta, wanted or not
     dqkv = dbias = dpad = None
     drop = _dropout_args(seed, dropout_p)
-    cfg = geo.config("bwd", qkv.dtype, drop["HAS_DROPOUT"])
+    cfg = geo.config("bwd", qkv.dtype, drop["HAS_DROPOUT"], bias is not None and need_dbias)
     scalars, constexprs = geo.args(cfg, qkv.dtype)
     grads = need_dqkv or has_pad
     query_tiles = _query_tiles_per_pass(geo, cfg, drop["HAS_DROPOUT"]) if grads else 0
@@ -1536,13 +1644,25 @@ def window_attention_triton_backward(
             shape = (geo.windows, geo.heads, 2, geo.np, _head_tile(geo.head_dim))
             key_sums = torch.empty(shape, device=qkv.device, dtype=torch.float32)
         dpad_parts = torch.empty(geo.windows, geo.np // cfg["BN"], 2 * c, device=qkv.device, dtype=torch.float32)
+    # windows of one tile pair sum dS in the backward itself, their scores on chip; others in the d(bias) kernel
+    bias_sums = bias is not None and need_dbias and on_chip and geo.np == cfg["BM"] == cfg["BN"]
+    head_groups = geo.heads // cfg["HEADS_PER_PROGRAM"]
     common = (qkv, pad_row, rows, classes, qkv if tile is None else tile, qkv if gate_logits is None else gate_logits)
     with on_device(qkv):
         # on chip: a launch per pattern of query tiles holding a real token (each its own compiled loop)
         every, groups = _window_launches(geo.size, geo.window, geo.shift, cfg["BM"], qkv.device)
         streamed = (0, (1 << geo.np // cfg["BM"]) - 1, every)  # every tile's delta; padding skipped in the loop
+        plan = []  # per launch: WINDOWS, LIVE, window ids, windows per program, programs per head group
         for windows, live, ids in [(1, *group) for group in groups] if on_chip else [streamed]:
-            _window_attention_bwd[(geo.batch * len(ids) * (geo.heads // cfg["HEADS_PER_PROGRAM"]),)](
+            per_program = _bias_chunks(head_groups, geo.batch * len(ids), qkv.device) if bias_sums else 1
+            plan.append((windows, live, ids, per_program, triton.cdiv(geo.batch * len(ids), per_program)))
+        parts = delta  # the programs' dS sums (bias_sums), or a placeholder
+        if bias_sums:
+            shape = (sum(p[-1] for p in plan), geo.heads, geo.np, geo.np)
+            parts = torch.empty(shape, device=qkv.device, dtype=torch.float32)
+        first = 0
+        for windows, live, ids, per_program, programs in plan:
+            _window_attention_bwd[(programs * head_groups,)](
                 *common,
                 out,
                 dout,
@@ -1553,8 +1673,11 @@ def window_attention_triton_backward(
                 dqkv if grads else qkv,
                 qkv if dgate is None else dgate,
                 dpad_parts if has_pad else delta,
+                parts[first:] if bias_sums else delta,
                 ids,
                 len(ids),
+                geo.batch * len(ids),
+                per_program,
                 *scalars,
                 geo.scale,
                 **drop,
@@ -1565,9 +1688,11 @@ def window_attention_triton_backward(
                 WINDOWS=windows,
                 LIVE=live,
                 QUERY_TILES=query_tiles or geo.np // cfg["BM"],
+                BIAS_SUMS=bias_sums,
                 **constexprs,
             )
-        if bias_table is not None and bias is not None and need_dbias:
+            first += programs
+        if bias_table is not None and bias is not None and need_dbias and not bias_sums:
             cfg = geo.config("bias", qkv.dtype, drop["HAS_DROPOUT"])
             scalars, constexprs = geo.args(cfg, qkv.dtype)
             tiles = (geo.np // cfg["BM"]) * (geo.np // cfg["BN"]) * (geo.heads // cfg["HEADS_PER_PROGRAM"])
@@ -1593,6 +1718,7 @@ def window_attention_triton_backward(
                 HAS_SHIFT=any(geo.shift),
                 **constexprs,
             )
+        if bias_table is not None and need_dbias:
             dense = parts.sum(0)[:, : geo.n, : geo.n]  # [heads, n, n]: dS summed over every window
             index = _device_index(geo.window, geo.table_window, qkv.device)
             dbias = torch.zeros(bias_table.shape, device=qkv.device, dtype=torch.float32)

@@ -95,7 +95,7 @@ def test_multi_tile_window(monkeypatch, heads, query_side):
     backward either loads each query tile per key tile and sums dq in memory, or holds the window's 8 query tiles
     (per head) on chip, all at once or 3 at a time (passes of 3, 3 and 2 tiles, the key tiles' dk and dv sums
     carried from pass to pass)."""
-    def config(kernel, n, head_dim, heads, dtype, dropout=False):
+    def config(kernel, n, head_dim, heads, dtype, dropout=False, bias_grad=False):
         return dict(BM=16, BN=32, num_warps=4, num_stages=2, HEADS_PER_PROGRAM=wa._heads_per_program(head_dim, heads))
 
     tiles = {"streamed": 0, "on-chip": 8, "on-chip-in-passes": 3}[query_side]
@@ -110,7 +110,7 @@ def test_backward_launches_take_their_own_windows(monkeypatch):
     over its own list of windows (here, a 5 x 6 x 7 grid in shifted 4 x 5 x 6 windows: window 1 full, the others in
     four patterns), so each program maps its index through the list to its window; batch 2, 3 query tiles per
     pass (passes that hold fewer where tiles are left out)."""
-    def config(kernel, n, head_dim, heads, dtype, dropout=False):
+    def config(kernel, n, head_dim, heads, dtype, dropout=False, bias_grad=False):
         return dict(BM=16, BN=32, num_warps=4, num_stages=2, HEADS_PER_PROGRAM=1)
 
     monkeypatch.setattr(wa, "_launch_config", config)
@@ -143,23 +143,27 @@ def test_head_dims(head_dim):
 
 
 @pytest.mark.parametrize(
-    "head_dim, heads, window, dropout, tiles_per_pass, per_program",
-    [(16, 3, (7, 7, 7), False, 6, 1), (32, 6, (7, 7, 7), False, 2, 1), (64, 3, (7, 7, 7), False, 0, 1),
-     (16, 3, (7, 7, 7), True, 2, 1), (32, 6, (7, 7, 7), True, 0, 1), (16, 3, (8, 8, 8), False, 4, 1),
-     (16, 3, (1, 7, 7), False, 1, 3), (32, 6, (1, 7, 7), False, 1, 2), (16, 3, (1, 7, 7), True, 1, 1)],
+    "head_dim, heads, window, dropout, bias_grad, tiles_per_pass, per_program",
+    [(16, 3, (7, 7, 7), False, True, 6, 1), (32, 6, (7, 7, 7), False, True, 2, 1),
+     (64, 3, (7, 7, 7), False, True, 0, 1), (16, 3, (7, 7, 7), True, True, 2, 1), (32, 6, (7, 7, 7), True, True, 0, 1),
+     (16, 3, (8, 8, 8), False, True, 4, 1), (16, 3, (1, 7, 7), False, False, 1, 3),
+     (32, 6, (1, 7, 7), False, False, 1, 2), (16, 3, (1, 7, 7), True, False, 1, 1),
+     (16, 3, (1, 7, 7), False, True, 1, 1), (32, 6, (1, 7, 7), False, True, 1, 1),
+     (16, 3, (1, 7, 7), True, True, 1, 1)],
 )
 def test_backward_holds_the_query_side_on_chip_where_it_fits(monkeypatch, head_dim, heads, window, dropout,
-                                                             tiles_per_pass, per_program):
+                                                             bias_grad, tiles_per_pass, per_program):
     """On a GPU (64-row query tiles) the backward holds the window's query tiles on chip in one pass where their dq
     sums take at most 96 fp32 columns (tiles x heads per program x head dim) and there is no dropout, with as many
     heads per program as fit (at most the forward's 64 channels): 7^3 windows at head dim 16 one head (6 tiles x
-    16), 2-D windows (one tile) 3 heads of 16 or 2 of 32. Elsewhere it takes passes of at most 64 columns (32 with
-    dropout), the tiles spread evenly: head dim 32 three passes of 2 tiles, 8^3 windows (8 tiles) two of 4, head dim
-    16 with dropout three of 2; where a pass would hold one tile (head dim 64, 32 with dropout) it streams (0)."""
+    16), 2-D windows (one tile) 3 heads of 16 or 2 of 32 without the bias gradient, one head with it (each head's
+    [64, 64] dS sum takes 64 columns more). Elsewhere it takes passes of at most 64 columns (32 with dropout), the
+    tiles spread evenly: head dim 32 three passes of 2 tiles, 8^3 windows (8 tiles) two of 4, head dim 16 with
+    dropout three of 2; where a pass would hold one tile (head dim 64, 32 with dropout) it streams (0)."""
     monkeypatch.setattr(wa, "interpreting", lambda: False)
     qkv = torch.empty(1, *window, 3 * heads * head_dim, device="meta", dtype=torch.bfloat16)
     geo = wa._Geometry.of(qkv, heads, window, (0, 0, 0), window, None)
-    cfg = geo.config("bwd", torch.bfloat16, dropout)
+    cfg = geo.config("bwd", torch.bfloat16, dropout, bias_grad)
     assert (wa._query_tiles_per_pass(geo, cfg, dropout), cfg["HEADS_PER_PROGRAM"]) == (tiles_per_pass, per_program)
 
 
@@ -192,13 +196,35 @@ def test_optional_inputs(bias, pad, gate):
               bias=bias, pad=pad, gate=gate)
 
 
+def test_windows_of_one_tile_pair_sum_the_bias_gradient_in_the_backward(monkeypatch):
+    """Windows of one (query tile, key tile) pair (32 tokens: one tile under the interpreter and in fp32 on a GPU;
+    on a GPU in 16 bits, 2-D 7 x 7 windows and 3-D ones of up to 64 tokens) sum their dS per head in the backward's
+    programs, the scores already on chip, and no d(bias) kernel runs: padded, shifted windows of batch 2 (32 in all)
+    in programs of 5 windows each, the last of 2, 2 heads per program (so 2 programs per chunk of windows)."""
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("the d(bias) kernel was launched")
+
+    monkeypatch.setattr(wa, "_window_attention_bwd_bias", NotLaunched())
+    monkeypatch.setattr(wa, "_bias_chunks", lambda tiles, windows, device: 5)
+    qkv = torch.empty(1, 4, 4, 2, 3 * 4 * 16, device="meta")
+    assert wa._Geometry.of(qkv, 4, (4, 4, 2), (0, 0, 0), (4, 4, 2), None).config(
+        "bwd", torch.float32, bias_grad=True)["HEADS_PER_PROGRAM"] == 2
+    check_fp32((5, 6, 7), heads=4, head_dim=16, window=(4, 4, 2), shift=(1, 2, 1), batch=2)
+
+
 @pytest.mark.parametrize("shift", [(1, 0, 1), (0, 0, 0)], ids=["shifted", "unshifted"])
-def test_bias_gradient_with_extreme_bias_entries(shift):
-    """The d(bias) kernel sums P 2^(-B - 64) (dP - delta) over windows and scales by 2^(B + 64) once: a table whose
-    entries span -150 (a position the bias all but masks) to +20 still gives every gradient of the reference, with
-    no overflow where a score stands far above the bias, and with and without the shift mask's one-hot product."""
-    heads, head_dim, window = 2, 16, (2, 2, 3)
-    inputs = make_inputs((3, 2, 5), heads, head_dim, window, batch=2)
+def test_bias_gradient_with_extreme_bias_entries(monkeypatch, shift):
+    """The d(bias) kernel (windows of several tiles: 16-query / 32-key tiles of 60-token windows here) sums
+    P 2^(-B - 64) (dP - delta) over windows and scales by 2^(B + 64) once: a table whose entries span -150 (a
+    position the bias all but masks) to +20 still gives every gradient of the reference, with no overflow where a
+    score stands far above the bias, and with and without the shift mask's one-hot product."""
+    def config(kernel, n, head_dim, heads, dtype, dropout=False, bias_grad=False):
+        return dict(BM=16, BN=32, num_warps=4, num_stages=2, HEADS_PER_PROGRAM=1)
+
+    monkeypatch.setattr(wa, "_launch_config", config)
+    heads, head_dim, window = 2, 16, (3, 4, 5)
+    inputs = make_inputs((4, 5, 6), heads, head_dim, window)
     with torch.no_grad():
         inputs["bias_table"][::3] = -150.0
         inputs["bias_table"][1::7] = 20.0
@@ -477,7 +503,7 @@ def test_dropout_equals_the_reference_with_the_kernels_mask(monkeypatch, tiles):
         per_pass = 3 if tiles.endswith("passes") else 8
         monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout: per_pass)
     if tiles.startswith("multi-tile"):
-        def config(kernel, n, head_dim, heads, dtype, dropout=False):
+        def config(kernel, n, head_dim, heads, dtype, dropout=False, bias_grad=False):
             return dict(BM=16, BN=32, num_warps=4, num_stages=2,
                         HEADS_PER_PROGRAM=wa._heads_per_program(head_dim, heads))
 
