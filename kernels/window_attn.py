@@ -823,7 +823,16 @@ def _store_dq(
 
 @_jit
 def _on_chip_window(
-    window,
+    tensors,
+    CLASSES,
+    TILE,
+    outputs,
+    scalars,
+    window_id,
+    b,
+    NWIN,
+    VOXELS,
+    h0,
     dss,
     HEADS: tl.constexpr,
     HD: tl.constexpr,
@@ -843,11 +852,10 @@ def _on_chip_window(
     BIAS_SUMS: tl.constexpr,
 ):
     """The backward of one window for heads h0 .. h0 + G - 1, its query side on chip QUERY_TILES query tiles per pass
-    (see :func:`_window_attention_bwd`): ``window`` = (tensors, CLASSES, TILE, outputs, scalars, window_id, b, NWIN,
-    VOXELS, h0) with ``tensors`` as :func:`_query_side` takes them, ``outputs`` = (DQKV, DPAD_PARTS, KEY_SUMS),
-    ``scalars`` = (qk_scale, dq_scale, seed, threshold, drop_scale) and window_id a pointer into the launch's window
-    list (of batch element b). Returns dss, the heads' dS sums with this window's added (BIAS_SUMS), or ()."""
-    tensors, CLASSES, TILE, outputs, scalars, window_id, b, NWIN, VOXELS, h0 = window
+    (see :func:`_window_attention_bwd`): ``tensors`` as :func:`_query_side` takes them, ``outputs`` = (DQKV,
+    DPAD_PARTS, KEY_SUMS), ``scalars`` = (qk_scale, dq_scale, seed, threshold, drop_scale), window_id a pointer into
+    the launch's window list (of batch element b). Returns dss, the heads' dS sums with this window's added
+    (BIAS_SUMS), or ()."""
     QKV, PAD_ROW, ROWS = tensors[0], tensors[1], tensors[2]
     DQKV, DPAD_PARTS, KEY_SUMS = outputs
     qk_scale, dq_scale, seed, threshold, drop_scale = scalars
@@ -1004,7 +1012,7 @@ def _window_attention_bwd(
         for j in tl.range(0, WPC):  # WPC 1 without BIAS_SUMS, which Triton specialises: no loop
             window = slot * WPC + j
             if window < SLOTS:
-                where = (
+                dss = _on_chip_window(
                     tensors,
                     CLASSES,
                     TILE,
@@ -1015,9 +1023,6 @@ def _window_attention_bwd(
                     NWIN,
                     VOXELS,
                     h0,
-                )
-                dss = _on_chip_window(
-                    where,
                     dss,
                     HEADS,
                     HD,
