@@ -84,7 +84,7 @@ def query_splits(head_dim: int, heads: int) -> list[int]:
     cfg = wa._launch_config("bwd", geo.n, head_dim, heads, torch.bfloat16)
     tiles = geo.np // cfg["BM"]
     splits = {0} | {-(-tiles // passes) for passes in range(1, tiles)} - {1}
-    return sorted(splits - {wa._query_tiles_per_pass(geo, cfg, False)}, reverse=True)
+    return sorted(splits - {wa._query_tiles_per_pass(geo, cfg, False, torch.bfloat16)}, reverse=True)
 
 
 def candidates(kind: str, head_dim: int, heads: int) -> list[Candidate]:
@@ -105,7 +105,7 @@ def launching(candidate: Candidate, head_dim: int, heads: int) -> Iterator[None]
     go unnoticed)."""
     wa = _window_attn()
     c = candidate
-    split = wa._query_tiles_per_pass if c.query_tiles is None else lambda geo, cfg, dropout: c.query_tiles
+    split = wa._query_tiles_per_pass if c.query_tiles is None else lambda geo, cfg, dropout, dtype: c.query_tiles
     with (
         mock.patch.dict(wa._GPU_CONFIGS, {c.kind: (c.bm, c.bn, c.warps, c.stages)}),
         mock.patch.dict(wa._CHANNELS, {c.kind: c.heads_per_program * wa._head_tile(head_dim)}),

@@ -1303,6 +1303,14 @@ _DROPOUT_PASS_COLUMNS = 32
 _DROPOUT_GPU_CONFIGS = {**_GPU_CONFIGS, "bias": (64, 64, 4, 1)}
 _DROPOUT_CHANNELS = {**_CHANNELS, "fwd": 16}
 _FP32_CONFIG = (32, 32, 4, 1)  # IEEE-fp32 tl.dot runs on the FMA units: small tiles keep register spills small
+# ... and keeps its operand tiles in registers beside the sums, so the fp32 backward holds one head per program and
+# passes of at most 2 query tiles (stage 1: 180 B of spills with passes of 4; 2-D windows: 1,368 B with 3 heads)
+_FP32_PASS_TILES = 2
+
+
+def _fma_dots(dtype: torch.dtype) -> bool:
+    """Whether the GPU kernels' tl.dot runs on the FMA units (IEEE fp32) rather than wgmma."""
+    return dtype == torch.float32 and not interpreting()
 
 
 def _head_tile(head_dim: int) -> int:
@@ -1319,18 +1327,20 @@ def _heads_per_program(head_dim: int, heads: int, channels: int = _CHANNELS["fwd
     return g
 
 
-def _query_tiles_per_pass(geo: _Geometry, cfg: dict, dropout: bool) -> int:
+def _query_tiles_per_pass(geo: _Geometry, cfg: dict, dropout: bool, dtype: torch.dtype) -> int:
     """How many query tiles the backward holds on chip per pass over the window's keys (0: it streams the query
     side). Their dq sums [BM, G * DPAD] fp32 may take _QUERY_ON_CHIP_COLUMNS registers per thread-row where all the
     window's tiles fit in one pass, _PASS_COLUMNS where they take several passes (each key tile's sums then move
-    between passes) and _DROPOUT_PASS_COLUMNS with dropout (the mask's Philox words take registers too); the tiles
-    are spread evenly over the passes. A pass of one tile would move more (k, v and their sums per query tile) than
-    streaming dq does."""
+    between passes) and _DROPOUT_PASS_COLUMNS with dropout (the mask's Philox words take registers too), at most
+    _FP32_PASS_TILES where the dots run on the FMA units; the tiles are spread evenly over the passes. A pass of one
+    tile would move more (k, v and their sums per query tile) than streaming dq does."""
     tiles = geo.np // cfg["BM"]
     columns = cfg["HEADS_PER_PROGRAM"] * _head_tile(geo.head_dim)
     if not dropout and tiles * columns <= _QUERY_ON_CHIP_COLUMNS:
         return tiles
     most = (_DROPOUT_PASS_COLUMNS if dropout else _PASS_COLUMNS) // columns
+    if _fma_dots(dtype):
+        most = min(most, _FP32_PASS_TILES)
     if most >= tiles:
         return tiles
     return triton.cdiv(tiles, triton.cdiv(tiles, most)) if most >= 2 else 0
@@ -1357,7 +1367,7 @@ def _launch_config(
         bm, bn, warps, stages = _FP32_CONFIG if dtype == torch.float32 else configs[kernel]
         bm, bn = min(bm, np_), min(bn, np_)
     channels = (_DROPOUT_CHANNELS if dropout else _CHANNELS)[kernel]
-    if kernel == "bwd" and not dropout:  # as many heads as the query side on chip holds (3 in 2-D windows)
+    if kernel == "bwd" and not dropout and not _fma_dots(dtype):  # as many heads as its query side holds (2-D: 3)
         columns = _QUERY_ON_CHIP_COLUMNS // (np_ // bm)
         if bias_grad and np_ == bm == bn:  # each head's dS sum [BM, BN] beside its dq sum: 1 head in 2-D windows
             dpad = _head_tile(head_dim)
@@ -1638,7 +1648,7 @@ def window_attention_triton_backward(
     cfg = geo.config("bwd", qkv.dtype, drop["HAS_DROPOUT"], bias is not None and need_dbias)
     scalars, constexprs = geo.args(cfg, qkv.dtype)
     grads = need_dqkv or has_pad
-    query_tiles = _query_tiles_per_pass(geo, cfg, drop["HAS_DROPOUT"]) if grads else 0
+    query_tiles = _query_tiles_per_pass(geo, cfg, drop["HAS_DROPOUT"], qkv.dtype) if grads else 0
     on_chip = query_tiles > 0
     dq = key_sums = delta  # placeholders where unused
     if grads:

@@ -100,7 +100,7 @@ def test_multi_tile_window(monkeypatch, heads, query_side):
 
     tiles = {"streamed": 0, "on-chip": 8, "on-chip-in-passes": 3}[query_side]
     monkeypatch.setattr(wa, "_launch_config", config)
-    monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout: tiles)
+    monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout, dtype: tiles)
     monkeypatch.setattr(wa, "_bias_chunks", lambda tiles, windows, device: 1)
     check_fp32((3, 5, 6), heads=heads, head_dim=16, window=(4, 5, 6), shift=(1, 2, 3), table_window=(7, 7, 7))
 
@@ -114,7 +114,7 @@ def test_backward_launches_take_their_own_windows(monkeypatch):
         return dict(BM=16, BN=32, num_warps=4, num_stages=2, HEADS_PER_PROGRAM=1)
 
     monkeypatch.setattr(wa, "_launch_config", config)
-    monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout: 3)
+    monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout, dtype: 3)
     monkeypatch.setattr(wa, "_bias_chunks", lambda tiles, windows, device: 1)
     every, groups = wa._window_launches((5, 6, 7), (4, 5, 6), (1, 2, 3), 16, torch.device(DEVICE))
     assert every.tolist() == list(range(8)) and groups[0][0] == 255 and groups[0][1].tolist() == [1]
@@ -143,28 +143,33 @@ def test_head_dims(head_dim):
 
 
 @pytest.mark.parametrize(
-    "head_dim, heads, window, dropout, bias_grad, tiles_per_pass, per_program",
-    [(16, 3, (7, 7, 7), False, True, 6, 1), (32, 6, (7, 7, 7), False, True, 2, 1),
-     (64, 3, (7, 7, 7), False, True, 0, 1), (16, 3, (7, 7, 7), True, True, 2, 1), (32, 6, (7, 7, 7), True, True, 0, 1),
-     (16, 3, (8, 8, 8), False, True, 4, 1), (16, 3, (1, 7, 7), False, False, 1, 3),
-     (32, 6, (1, 7, 7), False, False, 1, 2), (16, 3, (1, 7, 7), True, False, 1, 1),
-     (16, 3, (1, 7, 7), False, True, 1, 1), (32, 6, (1, 7, 7), False, True, 1, 1),
-     (16, 3, (1, 7, 7), True, True, 1, 1)],
+    "head_dim, heads, window, dropout, bias_grad, dtype, tiles_per_pass, per_program",
+    [(16, 3, (7, 7, 7), False, True, torch.bfloat16, 6, 1), (32, 6, (7, 7, 7), False, True, torch.bfloat16, 2, 1),
+     (64, 3, (7, 7, 7), False, True, torch.bfloat16, 0, 1), (16, 3, (7, 7, 7), True, True, torch.bfloat16, 2, 1),
+     (32, 6, (7, 7, 7), True, True, torch.bfloat16, 0, 1), (16, 3, (8, 8, 8), False, True, torch.bfloat16, 4, 1),
+     (16, 3, (1, 7, 7), False, False, torch.bfloat16, 1, 3), (32, 6, (1, 7, 7), False, False, torch.bfloat16, 1, 2),
+     (16, 3, (1, 7, 7), True, False, torch.bfloat16, 1, 1), (16, 3, (1, 7, 7), False, True, torch.bfloat16, 1, 1),
+     (32, 6, (1, 7, 7), False, True, torch.bfloat16, 1, 1), (16, 3, (1, 7, 7), True, True, torch.bfloat16, 1, 1),
+     (16, 3, (7, 7, 7), False, True, torch.float32, 2, 1), (32, 6, (7, 7, 7), False, True, torch.float32, 2, 1),
+     (64, 3, (7, 7, 7), False, True, torch.float32, 0, 1), (16, 3, (1, 7, 7), False, False, torch.float32, 2, 1)],
 )
 def test_backward_holds_the_query_side_on_chip_where_it_fits(monkeypatch, head_dim, heads, window, dropout,
-                                                             bias_grad, tiles_per_pass, per_program):
+                                                             bias_grad, dtype, tiles_per_pass, per_program):
     """On a GPU (64-row query tiles) the backward holds the window's query tiles on chip in one pass where their dq
     sums take at most 96 fp32 columns (tiles x heads per program x head dim) and there is no dropout, with as many
     heads per program as fit (at most the forward's 64 channels): 7^3 windows at head dim 16 one head (6 tiles x
     16), 2-D windows (one tile) 3 heads of 16 or 2 of 32 without the bias gradient, one head with it (each head's
     [64, 64] dS sum takes 64 columns more). Elsewhere it takes passes of at most 64 columns (32 with dropout), the
     tiles spread evenly: head dim 32 three passes of 2 tiles, 8^3 windows (8 tiles) two of 4, head dim 16 with
-    dropout three of 2; where a pass would hold one tile (head dim 64, 32 with dropout) it streams (0)."""
+    dropout three of 2; where a pass would hold one tile (head dim 64, 32 with dropout) it streams (0). fp32 inputs
+    (32-row tiles, dots on the FMA units, which hold their operands in registers) take one head per program and
+    passes of at most 2 tiles: 7^3 windows six passes at head dim 16 and 32, 2-D windows one pass of their 2."""
     monkeypatch.setattr(wa, "interpreting", lambda: False)
-    qkv = torch.empty(1, *window, 3 * heads * head_dim, device="meta", dtype=torch.bfloat16)
+    qkv = torch.empty(1, *window, 3 * heads * head_dim, device="meta", dtype=dtype)
     geo = wa._Geometry.of(qkv, heads, window, (0, 0, 0), window, None)
-    cfg = geo.config("bwd", torch.bfloat16, dropout, bias_grad)
-    assert (wa._query_tiles_per_pass(geo, cfg, dropout), cfg["HEADS_PER_PROGRAM"]) == (tiles_per_pass, per_program)
+    cfg = geo.config("bwd", dtype, dropout, bias_grad)
+    got = wa._query_tiles_per_pass(geo, cfg, dropout, dtype), cfg["HEADS_PER_PROGRAM"]
+    assert got == (tiles_per_pass, per_program)
 
 
 @pytest.mark.parametrize(
@@ -501,7 +506,7 @@ def test_dropout_equals_the_reference_with_the_kernels_mask(monkeypatch, tiles):
     chip, all at once or in passes of 3 (on a GPU, dropout takes passes of 2 tiles at head dim 16)."""
     if tiles.startswith("multi-tile-on-chip"):
         per_pass = 3 if tiles.endswith("passes") else 8
-        monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout: per_pass)
+        monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout, dtype: per_pass)
     if tiles.startswith("multi-tile"):
         def config(kernel, n, head_dim, heads, dtype, dropout=False, bias_grad=False):
             return dict(BM=16, BN=32, num_warps=4, num_stages=2,
