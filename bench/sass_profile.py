@@ -1,18 +1,18 @@
 """Static profile of the Triton kernels for Hopper (sm_90), without a GPU (DESIGN §5, issue 10 item 2).
 
-``python bench/sass_profile.py [--kernels window_attention patch_embed_3d gated_attention] [--dtype bf16]
-[--json FILE]`` calls each public op (``medmap_fast.kernels.*``) on its Triton path, forward and backward, with CPU
-tensors at the paper shapes; every kernel launch is compiled for sm_90 with the ptxas / cuobjdump that ship with
-triton instead of being run (a stand-in driver tells Triton the device is sm_90, and ``JITFunction.run`` is called
-with ``warmup=True``), so each kernel gets the launch configuration, constexprs and argument specialisation of a
-real launch. Per kernel it prints registers, spills, shared memory, CTAs per SM and the SASS instruction mix of the
-inner loop (the body of the innermost backward branch holding tensor-core instructions: one iteration = one key
-block of the window-attention forward; where a kernel runs such a loop once per pass, the passes' bodies together),
-and per op and pass an analytic roofline (FLOPs, HBM bytes, exponentials and the H100 floor from each) beside the
-issue floor of the pass's inner loops (their instructions issued at 4 per SM per clock, nothing else) and the bytes
-those loops move in global memory (their loads, stores, asynchronous copies and atomics at the width each
-instruction names, every lane active: what L1 and L2 must serve, re-reads included, which the HBM column, each
-tensor once, leaves out).
+``python bench/sass_profile.py [--kernels window_attention patch_embed_3d gated_attention] [--dtype bf16] [--cases
+REGEX] [--json FILE]`` calls each public op (``medmap_fast.kernels.*``) on its Triton path, forward and backward,
+with CPU tensors at the paper shapes (``--cases``: only the cases whose name the expression matches); every kernel
+launch is compiled for sm_90 with the ptxas / cuobjdump that ship with triton instead of being run (a stand-in
+driver tells Triton the device is sm_90, and ``JITFunction.run`` is called with ``warmup=True``), so each kernel
+gets the launch configuration, constexprs and argument specialisation of a real launch. Per kernel it prints
+registers, spills, shared memory, CTAs per SM and the SASS instruction mix of the inner loop (the body of the
+innermost backward branch holding tensor-core instructions: one iteration = one key block of the window-attention
+forward; where a kernel runs such a loop once per pass, the passes' bodies together), and per op and pass an
+analytic roofline (FLOPs, HBM bytes, exponentials and the H100 floor from each) beside the issue floor of the pass's
+inner loops (their instructions issued at 4 per SM per clock, nothing else) and the bytes those loops move in global
+memory (their loads, stores, asynchronous copies and atomics at the width each instruction names, every lane active:
+what L1 and L2 must serve, re-reads included, which the HBM column, each tensor once, leaves out).
 
 A kernel that fails to compile is reported with its error; the rest of the profile still runs.
 """
@@ -516,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", nargs="+", choices=list(OPS), default=list(OPS))
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--cases", help="only the cases whose name this regular expression matches (re.search)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if reason := nvidia_tools_missing():
@@ -529,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             kernels.append({"op": op, "case": "", "kernel": "(cases)", "pass": "", "error": _error(e)})
             continue
-        for case in op_cases:
+        for case in (c for c in op_cases if args.cases is None or re.search(args.cases, c.name)):
             rows, lines = profile_case(case, DTYPES[args.dtype])
             kernels += rows
             rooflines += lines

@@ -371,6 +371,27 @@ def test_kernels_compile_for_hopper(tmp_path, dtype):
         assert floors[(case, passes)] <= 3 * plain, f"{case} {passes}: issue floor {floors[(case, passes)]} us"
 
 
+def test_fp32_backward_compiles_for_hopper_without_spills(tmp_path):
+    """fp32 inputs (IEEE dots on the FMA units, 32-row tiles) at stage 1 and in 2-D windows, shifted: every backward
+    launch compiles for sm_90 without register spills at 2 CTAs per SM (one head per program, passes of at most 2
+    query tiles; the 16-bit rules spilled 180 B and 1,368 B there)."""
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton build carries no NVIDIA backend (ptxas) to compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "profile.json"
+    run = subprocess.run([sys.executable, PROFILE, "--kernels", "window_attention", "--dtype", "fp32", "--cases",
+                          "h3 shift3$", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    backward = [r for r in json.loads(out.read_text())["kernels"] if r["pass"] == "bwd"]
+    assert {r["case"] for r in backward} == {"stage1 B2x64^3 C48 h3 shift3", "stage1-2d B2x56^2 C48 h3 shift3"}
+    assert sum(r["kernel"] == "_window_attention_bwd" for r in backward) > 2, backward
+    for r in backward:
+        name = f"{r['case']} {r['kernel']}"
+        assert r["spill_store_bytes"] == r["spill_load_bytes"] == 0, f"{name}: register spills"
+        assert r["ctas_per_sm"] >= 2 and r["mix"]["atomic"] == 0, f"{name}: {r['ctas_per_sm']} CTAs/SM, {r['mix']}"
+
+
 def test_launch_config_sweep_compiles_each_candidate(tmp_path):
     """bench/tune_window_attention.py (no GPU: sm_90 compiles) on the backward kernel's first two candidates in both
     of its cases: the shipped config first, then the same config with another split of the query tiles on chip;
