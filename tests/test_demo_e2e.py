@@ -15,10 +15,12 @@ from medmap_fast.train.finetune import load_classifier
 from medmap_fast.train.runlog import read_metrics
 
 QUICK_BUDGET_S = 240  # the bound for --quick on 2 CPU cores (not asserted: CI machines may be shared)
+# the subprocess's hang guard: a first run took 227-244 s on 2 Intel Xeon cores, 393 s on 2 AMD EPYC cores (README)
+QUICK_TIMEOUT_S = 3 * QUICK_BUDGET_S
 QUICK_MIN_AUC = 0.75
 # Each organ's own macro AUC (its studies only, its classes only): the bound for the brain findings, and the
 # liver's (steatosis, iron, cirrhosis, three focal lesions). Measured on 2 CPU cores: brain 0.735, liver 0.893 for
-# this seed; over seeds 0-2 see README.
+# this seed (0.721, 0.872 on 2 AMD EPYC cores); over seeds 0-2 see README.
 QUICK_MIN_BRAIN_AUC = 0.65
 QUICK_MIN_LIVER_AUC = 0.65
 
@@ -29,7 +31,7 @@ def test_quick_demo_learns_and_writes_its_run_folder(tmp_path):
     # A fresh interpreter (no test-session state) running the console entry point's code.
     result = subprocess.run(
         [sys.executable, "-m", "medmap_fast.cli", "demo", "--quick", "--out", str(out), "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=2 * QUICK_BUDGET_S,
+        env=env, capture_output=True, text=True, timeout=QUICK_TIMEOUT_S,
     )
     assert result.returncode == 0, result.stderr[-4000:]
 
