@@ -1364,7 +1364,7 @@ def _launch_config(
         warps, stages = 4, 1
     else:
         configs = _DROPOUT_GPU_CONFIGS if dropout else _GPU_CONFIGS
-        bm, bn, warps, stages = _FP32_CONFIG if dtype == torch.float32 else configs[kernel]
+        bm, bn, warps, stages = _FP32_CONFIG if _fma_dots(dtype) else configs[kernel]
         bm, bn = min(bm, np_), min(bn, np_)
     channels = (_DROPOUT_CHANNELS if dropout else _CHANNELS)[kernel]
     if kernel == "bwd" and not dropout and not _fma_dots(dtype):  # as many heads as its query side holds (2-D: 3)
@@ -1707,7 +1707,7 @@ def window_attention_triton_backward(
                 **constexprs,
             )
             first += programs
-        if bias_table is not None and bias is not None and need_dbias and not bias_sums:
+        if bias is not None and need_dbias and not bias_sums:
             cfg = geo.config("bias", qkv.dtype, drop["HAS_DROPOUT"])
             scalars, constexprs = geo.args(cfg, qkv.dtype)
             tiles = (geo.np // cfg["BM"]) * (geo.np // cfg["BN"]) * (geo.heads // cfg["HEADS_PER_PROGRAM"])

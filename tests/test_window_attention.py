@@ -335,6 +335,20 @@ TUNER = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "tune_window
 V1_INTEGER_PER_KEY_BLOCK = {16: 990, 32: 1221}  # v1's forward, shifted (bench/RESULTS.md, static profile of 1e90a7f)
 
 
+def compiled_for_hopper(tmp_path, script: str, *args: str, timeout: int = 900):
+    """The JSON that ``script`` (a bench script that compiles the kernels for sm_90, no GPU) writes with ``--json``,
+    run in a fresh process with the Triton interpreter off; skips where this Triton has no NVIDIA backend."""
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton build carries no NVIDIA backend (ptxas) to compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "out.json"
+    run = subprocess.run([sys.executable, script, *args, "--json", str(out)], capture_output=True, text=True,
+                         env=env, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_kernels_compile_for_hopper(tmp_path, dtype):
     """Every window-attention kernel the op launches at the paper shapes (head dim 16 and 32, shifted and not,
@@ -343,15 +357,8 @@ def test_kernels_compile_for_hopper(tmp_path, dtype):
     least 2 CTAs per SM, and the 3-D forward's integer instructions per key tile at most a third of v1's (the v2
     targets of issue 10); with dropout (the Philox mask in every kernel), each pass's issue floor at most 3x the same
     shape's without it."""
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton build carries no NVIDIA backend (ptxas) to compile for sm_90")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "profile.json"
-    run = subprocess.run([sys.executable, PROFILE, "--kernels", "window_attention", "--dtype", dtype, "--json",
-                          str(out)], capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    kernels = json.loads(out.read_text())["kernels"]
+    profile = compiled_for_hopper(tmp_path, PROFILE, "--kernels", "window_attention", "--dtype", dtype)
+    kernels = profile["kernels"]
     assert {(r["kernel"], r["pass"]) for r in kernels} == {
         ("_window_attention_fwd", "fwd"), ("_window_attention_bwd", "bwd"), ("_window_attention_bwd_bias", "bwd")}
     for r in kernels:
@@ -363,7 +370,7 @@ def test_kernels_compile_for_hopper(tmp_path, dtype):
         if r["pass"] == "fwd" and "drop" not in r["case"] and "^3" in r["case"]:  # v1's profile: 3-D cases
             head_dim = 16 if "h3" in r["case"] else 32
             assert 3 * r["mix"]["integer"] <= V1_INTEGER_PER_KEY_BLOCK[head_dim], f"{name}: {r['mix']}"
-    floors = {(r["case"], r["pass"]): r["issue_floor_us"] for r in json.loads(out.read_text())["rooflines"]}
+    floors = {(r["case"], r["pass"]): r["issue_floor_us"] for r in profile["rooflines"]}
     dropped = [key for key in floors if "drop" in key[0]]
     assert dropped
     for case, passes in dropped:
@@ -375,15 +382,9 @@ def test_fp32_backward_compiles_for_hopper_without_spills(tmp_path):
     """fp32 inputs (IEEE dots on the FMA units, 32-row tiles) at stage 1 and in 2-D windows, shifted: every backward
     launch compiles for sm_90 without register spills at 2 CTAs per SM (one head per program, passes of at most 2
     query tiles; the 16-bit rules spilled 180 B and 1,368 B there)."""
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton build carries no NVIDIA backend (ptxas) to compile for sm_90")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "profile.json"
-    run = subprocess.run([sys.executable, PROFILE, "--kernels", "window_attention", "--dtype", "fp32", "--cases",
-                          "h3 shift3$", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    backward = [r for r in json.loads(out.read_text())["kernels"] if r["pass"] == "bwd"]
+    profile = compiled_for_hopper(tmp_path, PROFILE, "--kernels", "window_attention", "--dtype", "fp32", "--cases",
+                                  "h3 shift3$")
+    backward = [r for r in profile["kernels"] if r["pass"] == "bwd"]
     assert {r["case"] for r in backward} == {"stage1 B2x64^3 C48 h3 shift3", "stage1-2d B2x56^2 C48 h3 shift3"}
     assert sum(r["kernel"] == "_window_attention_bwd" for r in backward) > 2, backward
     for r in backward:
@@ -397,15 +398,7 @@ def test_launch_config_sweep_compiles_each_candidate(tmp_path):
     of its cases: the shipped config first, then the same config with another split of the query tiles on chip;
     each launch took the candidate's config (the tuner checks it) and split (its loop moves other bytes) and was
     profiled; the shipped config keeps issue 10's targets."""
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton build carries no NVIDIA backend (ptxas) to compile for sm_90")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "tune.json"
-    run = subprocess.run([sys.executable, TUNER, "--kinds", "bwd", "--limit", "2", "--json", str(out)],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    rows = compiled_for_hopper(tmp_path, TUNER, "--kinds", "bwd", "--limit", "2", timeout=600)
     assert [(r["kind"], r["shipped"]) for r in rows] == [("bwd", True), ("bwd", False)] * 2, rows
     assert len({r["case"] for r in rows}) == 2 and all(not r["error"] and r["issue_floor_us"] > 0 for r in rows), rows
     for shipped, other in (rows[:2], rows[2:]):
