@@ -10,9 +10,11 @@ registers, spills, shared memory, CTAs per SM and the SASS instruction mix of th
 innermost backward branch holding tensor-core instructions: one iteration = one key block of the window-attention
 forward; where a kernel runs such a loop once per pass, the passes' bodies together), and per op and pass an
 analytic roofline (FLOPs, HBM bytes, exponentials and the H100 floor from each) beside the issue floor of the pass's
-inner loops (their instructions issued at 4 per SM per clock, nothing else) and the bytes those loops move in global
-memory (their loads, stores, asynchronous copies and atomics at the width each instruction names, every lane active:
-what L1 and L2 must serve, re-reads included, which the HBM column, each tensor once, leaves out).
+kernels (per program the inner loop times its trips plus every other instruction once: set-up, epilogue, outer
+loops, the narrower key tiles after a loop; issued at 4 per SM per clock, nothing else) and the bytes those
+instructions move in global memory (their loads, stores, asynchronous copies and atomics at the width each
+instruction names, every lane active: what L1 and L2 must serve, re-reads included, which the HBM column, each tensor
+once, leaves out).
 
 A kernel that fails to compile is reported with its error; the rest of the profile still runs.
 """
@@ -128,6 +130,14 @@ def inner_loop(code: list[Instruction]) -> tuple[list[Instruction], int]:
     if inner:
         return [i for span in sorted(inner) for i in bodies[span]], len(loops)
     return max(bodies.values(), key=len), len(loops)
+
+
+def once_code(code: list[Instruction], body: list[Instruction]) -> list[Instruction]:
+    """What a program runs outside its inner loops (``body``), counted once: set-up, epilogue, the code of outer loops
+    and the key tiles a kernel takes after its loop (a narrower tail); not NOPs or the closing branch to itself."""
+    inside = {i.address for i in body}
+    return [i for i in code if i.address not in inside and i.opcode != "NOP"
+            and not (i.opcode == "BRA" and i.operands.strip().startswith(hex(i.address)))]
 
 
 # ----------------------------------------------------------------------------------------------- sm_90 compilation
@@ -253,20 +263,25 @@ def kernel_profile(launch: Launch, trips: int | None) -> dict:
     smem = c.metadata.shared + int(re.search(r"SHARED:(\d+)", usage)[1])
     warps = c.metadata.num_warps
     ctas, limit = occupancy(regs, smem, warps)
-    body, loops = inner_loop(parse_sass(_cubin_tool("cuobjdump", ["-sass"], c.asm["cubin"], ".cubin")))
+    code = parse_sass(_cubin_tool("cuobjdump", ["-sass"], c.asm["cubin"], ".cubin"))
+    body, loops = inner_loop(code)
+    once = once_code(code, body)
     mix = Counter(category(i.opcode) for i in body)
     exp = sum(i.full.startswith("MUFU.EX2") for i in body)
     programs = math.prod(launch.grid)
     moved = global_bytes(body) * warps  # per iteration of one program
+    issued = None if trips is None else len(body) * trips + len(once)  # warp-instructions per warp of a program
     return {
         "warps": warps, "regs": regs, "spill_store_bytes": spill_st, "spill_load_bytes": spill_ld, "smem_bytes": smem,
         "ctas_per_sm": ctas, "cta_limit": limit,
-        "loops": loops, "loop_instructions": len(body), "mix": {k: mix.get(k, 0) for k in CATEGORIES},
+        "loops": loops, "loop_instructions": len(body), "once_instructions": len(once),
+        "mix": {k: mix.get(k, 0) for k in CATEGORIES},
         "mufu_ex2": exp, "opcodes": dict(Counter(i.opcode for i in body).most_common(12)),
         "tensor_exp_fraction": (mix["HGMMA"] + mix["HMMA"] + exp) / max(1, len(body)),
         "programs": programs, "trips": trips,
-        "issue_floor_us": None if trips is None else len(body) * trips * programs * warps / ISSUE_PER_S * 1e6,
-        "loop_global_bytes": moved, "loop_global_gb": None if trips is None else moved * trips * programs / 1e9,
+        "issue_floor_us": None if issued is None else issued * programs * warps / ISSUE_PER_S * 1e6,
+        "loop_global_bytes": moved,
+        "loop_global_gb": None if trips is None else (moved * trips + global_bytes(once) * warps) * programs / 1e9,
     }
 
 
@@ -332,6 +347,7 @@ def window_attention_cases() -> list[Case]:
     (32^3 tokens, 6 heads of 32: stage 2 of feature 96) and a 2-D stage (56^2 tokens, 7 x 7 windows, 3 heads of 16);
     MONAI's bias table for the window, the qkv bias as pad_kv, gate logits."""
     import medmap_fast as mf
+    from medmap_fast.kernels.window_attn import full_key_tiles as key_tiles
 
     cases = []
     for stage, tokens, channels, heads, dims in WINDOW_CASES:
@@ -357,7 +373,7 @@ def window_attention_cases() -> list[Case]:
             drop = f" drop{dropout}" if dropout else ""
             name = f"{stage} B2x{tokens}^{dims} C{channels} h{heads} shift{shift}{drop}"
             cases.append(Case("window_attention", name, forward, roofline,
-                              {"_window_attention_fwd": lambda a, g: a["NP"] // a["BN"],
+                              {"_window_attention_fwd": lambda a, g: key_tiles(a["N"], a["BN"]),
                                "_window_attention_bwd": _backward_trips,
                                "_window_attention_bwd_bias": lambda a, g: a["WPC"]}))
     return cases
@@ -480,7 +496,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
 def render(kernels: list[dict], rooflines: list[dict], dtype: str) -> str:
     """Markdown tables: kernels (resources and inner-loop mix per iteration), then the roofline per op and pass."""
     head = ["op", "case", "kernel", "pass", "warps", "regs", "spill st/ld B", "smem KB", "CTAs/SM", "loop instr",
-            *CATEGORIES[:2], "MUFU (EX2)", *CATEGORIES[3:], "TC+exp %", "issue floor µs"]
+            "once instr", *CATEGORIES[:2], "MUFU (EX2)", *CATEGORIES[3:], "TC+exp %", "issue floor µs"]
     rows = []
     for r in kernels:
         if r["error"]:
@@ -488,7 +504,7 @@ def render(kernels: list[dict], rooflines: list[dict], dtype: str) -> str:
             continue
         rows.append([r["op"], r["case"], r["kernel"], r["pass"], r["warps"], r["regs"],
                      f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", round(r["smem_bytes"] / 1024, 1),
-                     f"{r['ctas_per_sm']} ({r['cta_limit']})", r["loop_instructions"],
+                     f"{r['ctas_per_sm']} ({r['cta_limit']})", r["loop_instructions"], r["once_instructions"],
                      r["mix"]["HGMMA"], r["mix"]["HMMA"], f"{r['mix']['MUFU']} ({r['mufu_ex2']})",
                      *list(r["mix"].values())[3:], round(100 * r["tensor_exp_fraction"], 1), r["issue_floor_us"]])
     ops = [[r["op"], r["case"], r["kernel"], ", ".join(f"{k} {v}" for k, v in r["opcodes"].items())]
@@ -499,16 +515,16 @@ def render(kernels: list[dict], rooflines: list[dict], dtype: str) -> str:
     return "\n\n".join([
         f"sm_90 static profile, {dtype}: inner-loop instructions per iteration (window attention: fwd per key tile, "
         "bwd per key tile: its pass over the window's query tiles held on chip, or one (key tile, query tile) pair where "
-        "the query side streams; bias kernel per window)",
+        "the query side streams; bias kernel per window) and the kernel's other instructions (once instr)",
         _table(head, rows),
         "Most frequent opcodes of each inner loop",
         _table(["op", "case", "kernel", "opcodes per iteration"], ops),
         f"Roofline on an H100 SXM5 ({TENSOR_FLOPS / 1e12:.1f} TFLOP/s dense, {HBM_BYTES_PER_S / 1e12:.2f} TB/s, "
-        f"{EXP_PER_S / 1e12:.2f} T exp2/s); issue floor: the pass's inner loops at 4 warp-instructions per SM per "
-        "clock; loop GB: what those loops read and write in global memory (L1 / L2 / HBM), every lane active, and "
-        "the TB/s that takes at the issue floor",
+        f"{EXP_PER_S / 1e12:.2f} T exp2/s); issue floor: the pass's kernels (inner loops x trips, other instructions "
+        "once) at 4 warp-instructions per SM per clock; global GB: what those instructions read and write in global "
+        "memory (L1 / L2 / HBM), every lane active, and the TB/s that takes at the issue floor",
         _table(["op", "case", "pass", "GFLOP", "HBM MB", "G exp", "tensor µs", "HBM µs", "exp µs", "floor µs",
-                "issue floor µs", "loop GB", "TB/s at issue floor"], roof),
+                "issue floor µs", "global GB", "TB/s at issue floor"], roof),
     ])
 
 
@@ -563,7 +579,7 @@ def test_profile_runs(tmp_path):
 
 def test_inner_loop_picks_the_tensor_core_loop():
     """Of a short loop without MMA (a CAS retry), the loop holding the HGMMA and the trap branch to itself, the
-    tensor-core loop is the inner loop; the categories count it."""
+    tensor-core loop is the inner loop; the categories count it; the set-up and the exit run once."""
     sass = """
         /*0000*/                   S2R R0, SR_TID.X ;
         /*0010*/                   IMAD.MOV.U32 R1, RZ, RZ, R0 ;
@@ -578,6 +594,7 @@ def test_inner_loop_picks_the_tensor_core_loop():
     """
     body, loops = inner_loop(parse_sass(sass))
     assert loops == 2 and [i.address for i in body] == list(range(0x20, 0x80, 0x10))
+    assert [i.address for i in once_code(parse_sass(sass), body)] == [0x0, 0x10, 0x80]  # not the trap branch
     assert Counter(category(i.opcode) for i in body) == {"HGMMA": 1, "MUFU": 1, "atomic": 1, "other": 2,
                                                           "integer": 1}
 

@@ -31,6 +31,12 @@ def jit(fn: Callable[..., Any]) -> Kernel:
     return cast(Kernel, fn) if triton is None else triton.jit(fn)
 
 
+def constexpr_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``triton.constexpr_function``: a plain function of ints that kernels call at compile time on their constexprs
+    (and the host calls as is); without Triton the function itself."""
+    return fn if triton is None else triton.constexpr_function(fn)
+
+
 def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on x's GPU (Triton uses the current CUDA device); nothing to do for the interpreter's CPU tensors."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

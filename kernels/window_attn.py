@@ -36,8 +36,8 @@ from medmap_fast.validation import describe, fail
 
 from ._backend import interpreting
 from ._indexing import take_rows
+from ._utils import constexpr_function, multiprocessors, on_device, padded_size, tl, triton
 from ._utils import jit as _jit
-from ._utils import multiprocessors, on_device, padded_size, tl, triton
 
 SHIFT_MASK_VALUE = -100.0
 
@@ -274,7 +274,9 @@ def window_attention_reference(
 #                            windows and so takes the bias out of its loop, rebuilds the mask as their product.
 # Padding is by pointer: a padded voxel's row pointer is that of `pad_row` = [0 (q), pad_kv (k, v)], so padded keys
 # take the qkv bias and padded queries are zeros; query tiles of padding only are skipped (their outputs are cropped).
-# The log2 scale and the softmax scale are folded into q once per tile. Every program handles G = HEADS_PER_PROGRAM
+# The forward's key loop takes whole BN-wide key tiles and the keys left in narrower ones (full_key_tiles, key_tail:
+# 343 keys as 5 x 64 + 32, not 6 x 64); the backward cannot (its dk and dv products take the key tile as the 64
+# rows a wgmma needs). The log2 scale and the softmax scale are folded into q once per tile. Every program handles G = HEADS_PER_PROGRAM
 # heads of one window, whose loads and stores are adjacent channel slices of the same rows; per-head state is carried
 # in tuples of 2-D tiles (a batched 3-D tl.dot would not be a Hopper wgmma).
 # ----------------------------------------------------------------------------------------------------------------------
@@ -285,6 +287,21 @@ _LOG2E = math.log2(math.e)
 _SHIFT_MASK_LOG2, _REGION_SLOTS = -144.0, 16
 if triton is not None:
     _SHIFT_MASK, _SLOTS = tl.constexpr(_SHIFT_MASK_LOG2), tl.constexpr(_REGION_SLOTS)
+
+
+@constexpr_function
+def full_key_tiles(n: int, bn: int) -> int:
+    """Key tiles of ``bn`` keys that the forward's loop takes for windows of n tokens: the keys rounded up to 16
+    (tl.dot's least K on a GPU) in whole tiles; :func:`key_tail` keys remain."""
+    return -(-n // 16) * 16 // bn
+
+
+@constexpr_function
+def key_tail(n: int, bn: int) -> int:
+    """Keys (a multiple of 16 below ``bn``) after the :func:`full_key_tiles` that narrower tiles take, one per set
+    bit, widest first: a window of 343 tokens, BN 64, takes 5 tiles and one of 32 (a 6th of 64 would hold 23 keys,
+    40 of padding); BN 128: 2 tiles, then 64 and 32."""
+    return -(-n // 16) * 16 % bn
 
 
 @_jit
@@ -389,6 +406,48 @@ def _keep(seed, threshold, bw, h, offs_m, n0, HEADS: tl.constexpr, NP: tl.conste
 
 
 @_jit
+def _attend_key_tile(
+    softmax,
+    query,
+    n0,
+    HEADS: tl.constexpr,
+    HD: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BN: tl.constexpr,
+    DPAD: tl.constexpr,
+    G: tl.constexpr,
+    HAS_TILE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The forward's online softmax over keys n0 .. n0 + BN of a window for G heads: ``softmax`` = (running max,
+    running sum [BM], output sum [BM, DPAD]), tuples per head, updated; ``query`` = (QKV, PAD_ROW, ROWS, TILE, qs
+    (the query tile pre-scaled, per head), offs_m, cls, win, voxel0, bw, h0, seed, threshold)."""
+    m_i, l_i, acc = softmax
+    QKV, PAD_ROW, ROWS, TILE, qs, offs_m, cls, win, voxel0, bw, h0, seed, threshold = query
+    C: tl.constexpr = HEADS * HD
+    offs_n = n0 + tl.arange(0, BN)
+    kv = _row_ptrs(QKV, PAD_ROW, tl.load(ROWS + win * NP + offs_n), voxel0, 3 * C)
+    k = _load_heads(kv, C + h0 * HD, HD, DPAD, G)
+    v = _load_heads(kv, 2 * C + h0 * HD, HD, DPAD, G)
+    m_next, l_next, acc_next = (), (), ()
+    for g in tl.static_range(G):
+        s = _scores(
+            qs[g], k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, n0, BN, HEADS, NP), offs_n, N, NP, HAS_TILE, PREC
+        )
+        m_new = tl.maximum(m_i[g], tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i[g] - m_new)
+        m_next = m_next + (m_new,)
+        l_next = l_next + (l_i[g] * alpha + tl.sum(p, 1),)
+        if HAS_DROPOUT:
+            p = tl.where(_keep(seed, threshold, bw, h0 + g, offs_m, n0, HEADS, NP, BN), p, 0.0)
+        acc_next = acc_next + (acc[g] * alpha[:, None] + tl.dot(p.to(v[g].dtype), v[g], input_precision=PREC),)
+    return m_next, l_next, acc_next
+
+
+@_jit
 def _window_attention_fwd(
     QKV,
     PAD_ROW,
@@ -428,6 +487,8 @@ def _window_attention_fwd(
     if tl.max(rows_q, 0) >= 0:
         if HAS_DROPOUT:
             seed, threshold, drop_scale = _dropout_setup(SEED, dropout_p)
+        else:
+            seed, threshold, drop_scale = None, None, None
         voxel0 = b.to(tl.int64) * VOXELS
         q = _load_heads(_row_ptrs(QKV, PAD_ROW, rows_q, voxel0, 3 * C), h0 * HD, HD, DPAD, G)
         qs = ()
@@ -436,44 +497,44 @@ def _window_attention_fwd(
         cls = tl.load(CLASSES + win)
         m_i, l_i, acc = (), (), ()
         for _g in tl.static_range(G):
-            m_i = m_i + (tl.full([BM], float("-inf"), tl.float32),)  # key tile 0 holds key 0: m_i turns finite
+            m_i = m_i + (tl.full([BM], float("-inf"), tl.float32),)  # the first key tile holds key 0: m_i turns finite
             l_i = l_i + (tl.zeros([BM], tl.float32),)
             acc = acc + (tl.zeros([BM, DPAD], tl.float32),)
-        for kt in tl.range(0, NP // BN):
-            offs_n = kt * BN + tl.arange(0, BN)
-            kv = _row_ptrs(QKV, PAD_ROW, tl.load(ROWS + win * NP + offs_n), voxel0, 3 * C)
-            k = _load_heads(kv, C + h0 * HD, HD, DPAD, G)
-            v = _load_heads(kv, 2 * C + h0 * HD, HD, DPAD, G)
-            m_next, l_next, acc_next = (), (), ()
-            for g in tl.static_range(G):
-                s = _scores(
-                    qs[g],
-                    k[g],
-                    _tile_ptrs(TILE, cls, h0 + g, offs_m, kt * BN, BN, HEADS, NP),
-                    offs_n,
+        softmax = (m_i, l_i, acc)
+        query = (QKV, PAD_ROW, ROWS, TILE, qs, offs_m, cls, win, voxel0, bw, h0, seed, threshold)
+        FULL: tl.constexpr = full_key_tiles(N, BN)
+        for kt in tl.range(0, FULL):
+            softmax = _attend_key_tile(
+                softmax, query, kt * BN, HEADS, HD, N, NP, BN, DPAD, G, HAS_TILE, HAS_DROPOUT, PREC
+            )
+        TAIL: tl.constexpr = key_tail(N, BN)
+        for i in tl.static_range(1, 4):  # the tail's tiles, widest first: BN / 2, BN / 4, BN / 8 where its bits say
+            if TAIL & (BN >> i):
+                softmax = _attend_key_tile(
+                    softmax,
+                    query,
+                    FULL * BN + TAIL - TAIL % (2 * (BN >> i)),
+                    HEADS,
+                    HD,
                     N,
                     NP,
+                    BN >> i,
+                    DPAD,
+                    G,
                     HAS_TILE,
+                    HAS_DROPOUT,
                     PREC,
                 )
-                m_new = tl.maximum(m_i[g], tl.max(s, 1))
-                p = tl.exp2(s - m_new[:, None])
-                alpha = tl.exp2(m_i[g] - m_new)
-                m_next = m_next + (m_new,)
-                l_next = l_next + (l_i[g] * alpha + tl.sum(p, 1),)
-                if HAS_DROPOUT:
-                    p = tl.where(_keep(seed, threshold, bw, h0 + g, offs_m, kt * BN, HEADS, NP, BN), p, 0.0)
-                acc_next = acc_next + (acc[g] * alpha[:, None] + tl.dot(p.to(v[g].dtype), v[g], input_precision=PREC),)
-            m_i, l_i, acc = m_next, l_next, acc_next
+        m_i, l_i, acc = softmax
         real = rows_q >= 0
         out_ptrs = OUT + (voxel0 + rows_q) * C
         for g in tl.static_range(G):
-            o = acc[g] / l_i[g][:, None]
+            row_scale = 1.0 / l_i[g]  # the rows' factors first: one multiply per element, no division
             if HAS_DROPOUT:
-                o = o * drop_scale
+                row_scale = row_scale * drop_scale
             if HAS_GATE:
-                o = o * _gate(GATE, voxel0, rows_q, real, h0 + g, HEADS)[:, None]
-            _store_head(out_ptrs, o, (h0 + g) * HD, real, HD, DPAD)
+                row_scale = row_scale * _gate(GATE, voxel0, rows_q, real, h0 + g, HEADS)
+            _store_head(out_ptrs, acc[g] * row_scale[:, None], (h0 + g) * HD, real, HD, DPAD)
             tl.store(LSE + (bw * HEADS + h0 + g) * NP + offs_m, m_i[g] + tl.log2(l_i[g]))
 
 

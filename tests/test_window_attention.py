@@ -136,6 +136,23 @@ def test_window_geometry(size, window, shift, table_window):
     check_fp32(size, heads=2, head_dim=16, window=window, shift=shift, table_window=table_window, batch=2)
 
 
+@pytest.mark.parametrize("window, forward_bn", [((7, 7, 7), 64), ((3, 6, 6), None)], ids=["343-in-64s", "108-in-128"])
+def test_forward_key_tail(monkeypatch, window, forward_bn):
+    """The forward takes whole BN-wide key tiles, then the keys left (rounded up to 16) in narrower tiles, widest
+    first: 343 keys with the GPU's 64-wide tiles in 5 and one of 32 (a 6th of 64 would hold 23 keys), 108 with the
+    interpreter's 128-wide ones in 64, 32 and 16 (none whole)."""
+    assert [(wa.full_key_tiles(n, bn), wa.key_tail(n, bn)) for n, bn in ((343, 64), (108, 128), (49, 64))] == [
+        (5, 32), (0, 112), (1, 0)]
+    launch_config = wa._launch_config
+
+    def config(kernel, n, *args, **kwargs):
+        cfg = launch_config(kernel, n, *args, **kwargs)
+        return {**cfg, "BM": forward_bn, "BN": forward_bn} if kernel == "fwd" and forward_bn else cfg
+
+    monkeypatch.setattr(wa, "_launch_config", config)
+    check_fp32(window, heads=1, head_dim=16, window=window)
+
+
 @pytest.mark.parametrize("head_dim", [8, 32, 64])
 def test_head_dims(head_dim):
     """16 is covered above; 8 is padded to a 16-wide tile, 32 and 64 are used by wider Swin stages."""
@@ -510,25 +527,30 @@ def kernels_mask(seed: int, p: float, qkv: torch.Tensor, heads: int, window) -> 
                                   heads)
 
 
-@pytest.mark.parametrize("tiles", ["one-tile", "multi-tile", "multi-tile-on-chip", "multi-tile-on-chip-in-passes"])
+@pytest.mark.parametrize("tiles", ["one-tile", "multi-tile", "multi-tile-on-chip", "multi-tile-on-chip-in-passes",
+                                   "multi-tile-key-tail"])
 def test_dropout_equals_the_reference_with_the_kernels_mask(monkeypatch, tiles):
     """Output and every gradient (qkv, bias table, pad_kv, gate) with p = 0.3 equal the torch reference given the
     mask the kernels draw (materialised by window_dropout_mask, p rounded as the kernels round it): padded, shifted
     windows, batch 2, 3 heads of one per program; multi-tile: 16-query / 32-key tiles, 2 heads per program and a
     bias gradient summed per window, so each kernel regenerates the mask tile by tile at other offsets than the
     materialiser's whole-window tile; on-chip: the same with the backward holding the window's 8 query tiles on
-    chip, all at once or in passes of 3 (on a GPU, dropout takes passes of 2 tiles at head dim 16)."""
+    chip, all at once or in passes of 3 (on a GPU, dropout takes passes of 2 tiles at head dim 16); key tail:
+    64-wide key tiles over windows of 90 tokens, so the forward's last tile is 32 wide."""
     if tiles.startswith("multi-tile-on-chip"):
         per_pass = 3 if tiles.endswith("passes") else 8
         monkeypatch.setattr(wa, "_query_tiles_per_pass", lambda geo, cfg, dropout, dtype: per_pass)
     if tiles.startswith("multi-tile"):
+        key_tile = 64 if tiles.endswith("key-tail") else 32
+
         def config(kernel, n, head_dim, heads, dtype, dropout=False, bias_grad=False):
-            return dict(BM=16, BN=32, num_warps=4, num_stages=2,
+            return dict(BM=16, BN=key_tile, num_warps=4, num_stages=2,
                         HEADS_PER_PROGRAM=wa._heads_per_program(head_dim, heads))
 
         monkeypatch.setattr(wa, "_launch_config", config)
         monkeypatch.setattr(wa, "_bias_chunks", lambda tiles, windows, device: 1)
-        size, heads, window, shift, table, batch = (3, 5, 6), 2, (4, 5, 6), (1, 2, 3), (7, 7, 7), 1
+        size, window = ((4, 5, 6), (3, 5, 6)) if tiles.endswith("key-tail") else ((3, 5, 6), (4, 5, 6))
+        heads, shift, table, batch = 2, (1, 2, 3), (7, 7, 7), 1
     else:
         size, heads, window, shift, table, batch = (3, 2, 5), 3, (2, 2, 3), (1, 0, 1), (2, 2, 3), 2
     p = 0.3
