@@ -276,9 +276,9 @@ def window_attention_reference(
 # take the qkv bias and padded queries are zeros; query tiles of padding only are skipped (their outputs are cropped).
 # The forward's key loop takes whole BN-wide key tiles and the keys left in narrower ones (full_key_tiles, key_tail:
 # 343 keys as 5 x 64 + 32, not 6 x 64); the backward cannot (its dk and dv products take the key tile as the 64
-# rows a wgmma needs). The log2 scale and the softmax scale are folded into q once per tile. Every program handles G = HEADS_PER_PROGRAM
-# heads of one window, whose loads and stores are adjacent channel slices of the same rows; per-head state is carried
-# in tuples of 2-D tiles (a batched 3-D tl.dot would not be a Hopper wgmma).
+# rows a wgmma needs). The log2 scale and the softmax scale are folded into q once per tile. Every program handles
+# G = HEADS_PER_PROGRAM heads of one window, whose loads and stores are adjacent channel slices of the same rows;
+# per-head state is carried in tuples of 2-D tiles (a batched 3-D tl.dot would not be a Hopper wgmma).
 # ----------------------------------------------------------------------------------------------------------------------
 
 _LOG2E = math.log2(math.e)
@@ -508,6 +508,7 @@ def _window_attention_fwd(
                 softmax, query, kt * BN, HEADS, HD, N, NP, BN, DPAD, G, HAS_TILE, HAS_DROPOUT, PREC
             )
         TAIL: tl.constexpr = key_tail(N, BN)
+        tl.static_assert(TAIL % (BN // 8) == 0, "the tail tiles below cover the keys left")
         for i in tl.static_range(1, 4):  # the tail's tiles, widest first: BN / 2, BN / 4, BN / 8 where its bits say
             if TAIL & (BN >> i):
                 softmax = _attend_key_tile(
