@@ -111,6 +111,12 @@ def global_bytes(code: list[Instruction]) -> int:
     return 32 * sum(widths)
 
 
+def branch_target(ins: Instruction) -> int | None:
+    """The address a BRA jumps to (None for other instructions or an indirect branch)."""
+    target = re.match(r"\s*(?:`\()?(0x[0-9a-f]+)", ins.operands) if ins.opcode == "BRA" else None
+    return int(target[1], 16) if target else None
+
+
 def inner_loop(code: list[Instruction]) -> tuple[list[Instruction], int]:
     """The inner loops' bodies and the number of loops: each backward branch (a BRA to a lower address, not to
     itself) closes a loop [target, branch]; the inner loops are those holding HGMMA/HMMA instructions with no such
@@ -119,9 +125,9 @@ def inner_loop(code: list[Instruction]) -> tuple[list[Instruction], int]:
     whole kernel."""
     loops = []
     for ins in code:
-        target = re.match(r"\s*(?:`\()?(0x[0-9a-f]+)", ins.operands)
-        if ins.opcode == "BRA" and target and int(target[1], 16) < ins.address:
-            loops.append((int(target[1], 16), ins.address))
+        target = branch_target(ins)
+        if target is not None and target < ins.address:
+            loops.append((target, ins.address))
     if not loops:
         return code, 0
     bodies = {span: [i for i in code if span[0] <= i.address <= span[1]] for span in loops}
@@ -136,8 +142,7 @@ def once_code(code: list[Instruction], body: list[Instruction]) -> list[Instruct
     """What a program runs outside its inner loops (``body``), counted once: set-up, epilogue, the code of outer loops
     and the key tiles a kernel takes after its loop (a narrower tail); not NOPs or the closing branch to itself."""
     inside = {i.address for i in body}
-    return [i for i in code if i.address not in inside and i.opcode != "NOP"
-            and not (i.opcode == "BRA" and i.operands.strip().startswith(hex(i.address)))]
+    return [i for i in code if i.address not in inside and i.opcode != "NOP" and branch_target(i) != i.address]
 
 
 # ----------------------------------------------------------------------------------------------- sm_90 compilation
