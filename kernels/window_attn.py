@@ -588,6 +588,26 @@ def _query_head(
 
 
 @_jit
+def _negated_columns(x, dtype: tl.constexpr):
+    """[BM, 16] in ``dtype``: -x [BM] (fp32) in columns 0 .. 2 as three parts, each the rest of x rounded to dtype
+    (in bf16 their sum is x to fp32 precision), zeros after. Times :func:`_ones_rows` in a tl.dot it subtracts x
+    from every column of the product's accumulator: one wgmma instead of BM * BN subtractions."""
+    high = x.to(dtype)
+    rest = x - high.to(tl.float32)
+    mid = rest.to(dtype)
+    low = (rest - mid.to(tl.float32)).to(dtype)
+    col = tl.arange(0, 16)[None, :]
+    parts = tl.where(col == 0, high[:, None], tl.where(col == 1, mid[:, None], tl.where(col == 2, low[:, None], 0)))
+    return -parts
+
+
+@_jit
+def _ones_rows(dtype: tl.constexpr, BN: tl.constexpr):
+    """[16, BN] in ``dtype``: ones in rows 0 .. 2 (:func:`_negated_columns`' parts), zeros after."""
+    return tl.where(tl.arange(0, 16)[:, None] < 3, tl.full([16, BN], 1.0, dtype), tl.zeros([16, BN], dtype))
+
+
+@_jit
 def _pair_grads(
     qs,
     do,
@@ -613,12 +633,18 @@ def _pair_grads(
     HAS_TILE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """One head's (query tile, key tile) added to the sums dv, dk [BN, DPAD] and dq [BM, DPAD] (fp32; dk and dq in
-    the scores' log2 units), from q pre-scaled, dO of the attention, lse and delta of the query tile; also returns
-    the tile's dS [BM, BN] (fp32), the gradient of the relative-position bias there."""
+    the scores' log2 units), from q pre-scaled, dO of the attention, lse and delta of the query tile ([BM], or with
+    FOLD as :func:`_negated_columns`, subtracted by the products); also returns the tile's dS [BM, BN] (fp32), the
+    gradient of the relative-position bias there."""
     s = _scores(qs, k, tile_ptrs, offs_n, N, NP, HAS_TILE, PREC)
-    p = tl.exp2(s - lse[:, None])
+    if FOLD:
+        ones = _ones_rows(qs.dtype, BN)
+        p = tl.exp2(tl.dot(lse, ones, s, input_precision=PREC))
+    else:
+        p = tl.exp2(s - lse[:, None])
     if HAS_DROPOUT:
         keep = _keep(seed, threshold, bw, h, offs_m, kt * BN, HEADS, NP, BN)
         pv = tl.where(keep, p, 0.0)
@@ -628,7 +654,11 @@ def _pair_grads(
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if HAS_DROPOUT:
         dp = tl.where(keep, dp, 0.0)
-    ds = p * (dp - delta[:, None])
+    if FOLD:
+        dp = tl.dot(delta, ones, dp, input_precision=PREC)
+    else:
+        dp -= delta[:, None]
+    ds = p * dp
     ds_low = ds.to(qs.dtype)
     dk += tl.dot(tl.trans(ds_low), qs, input_precision=PREC)
     dq += tl.dot(ds_low, k, input_precision=PREC)
@@ -733,6 +763,7 @@ def _on_chip_key_loop(
     FIRST: tl.constexpr,
     LAST: tl.constexpr,
     BIAS_SUMS: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """The backward's key loop over query tiles T0 .. T0 + TILES - 1 of a window (those below NP // BM), held on
     chip: ``query`` = (qs, dos, lses, deltas, dqs, dss), tuples per (tile - T0) * G + head (dss per head, empty
@@ -783,6 +814,7 @@ def _on_chip_key_loop(
                             HAS_TILE,
                             HAS_DROPOUT,
                             PREC,
+                            FOLD,
                         )
                         if BIAS_SUMS:
                             ds_g += ds
@@ -828,12 +860,13 @@ def _query_side(
     HAS_DROPOUT: tl.constexpr,
     ON_CHIP: tl.constexpr,
     LIVE: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """Query tiles T0 .. T0 + TILES - 1 of a window (those below NP // BM, and with bit qt of LIVE set: the others
     hold padding only) for G heads, ``tensors`` = (QKV, PAD_ROW, ROWS, GATE, OUT, DOUT, LSE, DELTA, DGATE): delta =
     rowsum(dout * out) per query (stored for the bias kernel) and d(gate logits); with ON_CHIP, returns what the key
-    loop holds of them, tuples per (tile - T0) * G + head: q pre-scaled, dO of the attention, lse, delta and a zero
-    dq sum (all empty without; zeros in a left-out tile's places)."""
+    loop holds of them, tuples per (tile - T0) * G + head: q pre-scaled, dO of the attention, lse, delta (with FOLD
+    as :func:`_negated_columns`) and a zero dq sum (all empty without; zeros in a left-out tile's places)."""
     QKV, PAD_ROW, ROWS, GATE, OUT, DOUT, LSE, DELTA, DGATE = tensors
     C: tl.constexpr = HEADS * HD
     qs, dos, lses, deltas, dqs = (), (), (), (), ()
@@ -869,8 +902,10 @@ def _query_side(
                 if ON_CHIP:
                     do_attn = _attention_dout(do[g], gate, drop_scale, HAS_GATE, HAS_DROPOUT)
                     qs, dos = qs + (_scaled(q[g], qk_scale),), dos + (do_attn.to(q[g].dtype),)
-                    lses = lses + (tl.load(LSE + (bw * HEADS + h0 + g) * NP + offs_m),)
-                    deltas, dqs = deltas + (delta,), dqs + (tl.zeros([BM, DPAD], tl.float32),)
+                    lse = tl.load(LSE + (bw * HEADS + h0 + g) * NP + offs_m)
+                    if FOLD:  # subtracted by the key loop's products: see _pair_grads
+                        lse, delta = _negated_columns(lse, q[g].dtype), _negated_columns(delta, q[g].dtype)
+                    lses, deltas, dqs = lses + (lse,), deltas + (delta,), dqs + (tl.zeros([BM, DPAD], tl.float32),)
     return qs, dos, lses, deltas, dqs
 
 
@@ -912,6 +947,7 @@ def _on_chip_window(
     LIVE: tl.constexpr,
     QUERY_TILES: tl.constexpr,
     BIAS_SUMS: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """The backward of one window for heads h0 .. h0 + G - 1, its query side on chip QUERY_TILES query tiles per pass
     (see :func:`_window_attention_bwd`): ``tensors`` as :func:`_query_side` takes them, ``outputs`` = (DQKV,
@@ -950,6 +986,7 @@ def _on_chip_window(
             HAS_DROPOUT,
             True,
             LIVE,
+            FOLD,
         )
         dqs, dss = _on_chip_key_loop(
             (qs, dos, lses, deltas, dqs, dss),
@@ -972,6 +1009,7 @@ def _on_chip_window(
             p == 0,
             p == PASSES - 1,
             BIAS_SUMS,
+            FOLD,
         )
         for qt in tl.static_range(p * QUERY_TILES, p * QUERY_TILES + QUERY_TILES):
             if qt < NQT and (LIVE >> qt) & 1:
@@ -1031,6 +1069,7 @@ def _window_attention_bwd(
     DPAD: tl.constexpr,
     PREC: tl.constexpr,
     HEADS_PER_PROGRAM: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """One whole window for G heads. delta = rowsum(dout * out) per query (stored for the bias kernel) and d(gate
     logits); with GRADS, per key tile (k, v, dk, dv on chip) a pass over the window's query tiles: dv, dk and dq,
@@ -1048,7 +1087,9 @@ def _window_attention_bwd(
     tile's dk and dv sums wait in KEY_SUMS [B*nW, HEADS, 2, NP, DPAD] (fp32, only this program's) from one pass to the
     next, and k and v are read once per pass. BIAS_SUMS (on chip, windows of one query tile and one key tile): each
     program takes WPC of the launch's SLOTS (B * NIDS) windows in turn and sums their dS per head in registers, into
-    PARTS [chunks, HEADS, NP, NP] (the bias gradient from the scores already on chip: no d(bias) kernel).
+    PARTS [chunks, HEADS, NP, NP] (the bias gradient from the scores already on chip: no d(bias) kernel). FOLD (on
+    chip): each query tile's lse and delta are held as [BM, 16] columns (:func:`_negated_columns`) that a second wgmma
+    on the scores and on dP subtracts, instead of 2 * BM * BN subtractions per tile pair.
 
     Dropout (HAS_DROPOUT; the forward's SEED and dropout_p), with P the softmax, K the forward's keep mask (regenerated
     by :func:`_keep`, never stored) and s = 1 / (1 - p): out = (P * K * s) v, so dV = (P * K)^T (s dO) and the
@@ -1102,6 +1143,7 @@ def _window_attention_bwd(
                     LIVE,
                     QUERY_TILES,
                     BIAS_SUMS,
+                    FOLD,
                 )
         for g in tl.static_range(G if BIAS_SUMS else 0):
             tl.store(_tile_ptrs(PARTS, slot, h0 + g, tl.arange(0, BM), 0, BN, HEADS, NP), dss[g])
@@ -1129,6 +1171,7 @@ def _window_attention_bwd(
             HAS_DROPOUT,
             False,
             LIVE,
+            False,
         )
         if GRADS:
             tl.debug_barrier()  # delta written above is read below by other threads of the program
@@ -1196,6 +1239,7 @@ def _window_attention_bwd(
                                 HAS_TILE,
                                 HAS_DROPOUT,
                                 PREC,
+                                False,
                             )
                             dk_next, dv_next = dk_next + (dk_g,), dv_next + (dv_g,)
                             tl.store(dq_ptrs + g * HD, dq_g, mask=dq_mask)
@@ -1373,6 +1417,16 @@ _FP32_PASS_TILES = 2
 def _fma_dots(dtype: torch.dtype) -> bool:
     """Whether the GPU kernels' tl.dot runs on the FMA units (IEEE fp32) rather than wgmma."""
     return dtype == torch.float32 and not interpreting()
+
+
+def _folds_lse_and_delta(dtype: torch.dtype, key_tiles: int) -> bool:
+    """Whether the backward's key loop, its query side on chip, takes lse and delta as products
+    (:func:`_negated_columns`): two wgmma per (tile pair, head) for 2 * BM * BN subtractions, about 55 fewer
+    instructions per thread at head dim 16, for about 140 more per (query tile, head) to build the columns once (sm_90,
+    bf16): worth it from 3 key tiles per window. In bf16, and in fp32 under the interpreter (how the tests reach it);
+    not fp16, whose 65504 does not hold every delta = rowsum(dO * O), nor FMA dots, where the products cost more than
+    the subtractions."""
+    return key_tiles >= 3 and (dtype == torch.bfloat16 or (dtype == torch.float32 and interpreting()))
 
 
 def _head_tile(head_dim: int) -> int:
@@ -1766,6 +1820,7 @@ def window_attention_triton_backward(
                 LIVE=live,
                 QUERY_TILES=query_tiles or geo.np // cfg["BM"],
                 BIAS_SUMS=bias_sums,
+                FOLD=on_chip and _folds_lse_and_delta(qkv.dtype, geo.np // cfg["BN"]),
                 **constexprs,
             )
             first += programs

@@ -504,6 +504,38 @@ def test_gpu_backward_is_deterministic(size, heads, head_dim):
         assert torch.equal(first[name], second[name]), name
 
 
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_negated_columns_hold_fp32_in_three_bf16_parts():
+    """The backward's lse and delta as bf16 product columns (the interpreter does not round to bf16, so only a GPU
+    checks this): three bf16 parts summing to -x to fp32 precision across fp32's exponent range, zeros after."""
+    from medmap_fast.kernels._utils import jit, tl
+
+    @jit
+    def columns(X, OUT, BM: tl.constexpr):
+        rows = tl.arange(0, BM)
+        parts = wa._negated_columns(tl.load(X + rows), tl.bfloat16)
+        tl.store(OUT + rows[:, None] * 16 + tl.arange(0, 16)[None, :], parts.to(tl.float32))
+
+    x = (torch.randn(64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, 64)).cuda()
+    out = torch.empty(64, 16, device="cuda")
+    columns[(1,)](x, out, BM=64)
+    assert torch.equal(out.bfloat16().float(), out)  # every part a bf16
+    assert (out[:, 3:] == 0).all()
+    err = (out.double().sum(1) + x.double()).abs() / x.double().abs()
+    assert err.max() <= 2.0**-24, err.max()
+
+
+def test_backward_folds_lse_and_delta_from_three_key_tiles():
+    """The backward's key loop takes lse and delta as products where a window has at least 3 key tiles, in bf16 and
+    (under the interpreter, on FMA units nowhere else) fp32, never in fp16. The 343-token tests here run that loop
+    (3 key tiles of 128 under the interpreter); the smaller windows run the subtractions."""
+    assert wa._folds_lse_and_delta(torch.bfloat16, 6) and not wa._folds_lse_and_delta(torch.bfloat16, 2)
+    assert not wa._folds_lse_and_delta(torch.float16, 6)
+    key_tiles = wa.tokens_padded(343) // wa._launch_config("bwd", 343, 16, 3, torch.float32)["BN"]
+    assert wa._folds_lse_and_delta(torch.float32, key_tiles) == wa.interpreting()
+
+
 # ------------------------------------------------------------------------- attention dropout (fp32: interpreter or GPU)
 
 
