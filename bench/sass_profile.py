@@ -11,7 +11,9 @@ innermost backward branch holding tensor-core instructions: one iteration = one 
 forward; where a kernel runs such a loop once per pass, the passes' bodies together), and per op and pass an
 analytic roofline (FLOPs, HBM bytes, exponentials and the H100 floor from each) beside the issue floor of the pass's
 kernels (per program the inner loop times its trips plus every other instruction once: set-up, epilogue, outer
-loops, the narrower key tiles after a loop; issued at 4 per SM per clock, nothing else) and the bytes those
+loops, the narrower key tiles after a loop; issued at 4 per SM per clock, nothing else), their MUFU floor (the same
+count of MUFU instructions, 32 results each, at the special-function units' 16 per SM per clock: a kernel whose
+MUFU floor meets its issue floor gains nothing from fewer other instructions) and the bytes those
 instructions move in global memory (their loads, stores, asynchronous copies and atomics at the width each
 instruction names, every lane active: what L1 and L2 must serve, re-reads included, which the HBM column, each tensor
 once, leaves out).
@@ -276,6 +278,7 @@ def kernel_profile(launch: Launch, trips: int | None) -> dict:
     programs = math.prod(launch.grid)
     moved = global_bytes(body) * warps  # per iteration of one program
     issued = None if trips is None else len(body) * trips + len(once)  # warp-instructions per warp of a program
+    mufu = None if trips is None else mix["MUFU"] * trips + sum(category(i.opcode) == "MUFU" for i in once)
     return {
         "warps": warps, "regs": regs, "spill_store_bytes": spill_st, "spill_load_bytes": spill_ld, "smem_bytes": smem,
         "ctas_per_sm": ctas, "cta_limit": limit,
@@ -285,6 +288,7 @@ def kernel_profile(launch: Launch, trips: int | None) -> dict:
         "tensor_exp_fraction": (mix["HGMMA"] + mix["HMMA"] + exp) / max(1, len(body)),
         "programs": programs, "trips": trips,
         "issue_floor_us": None if issued is None else issued * programs * warps / ISSUE_PER_S * 1e6,
+        "mufu_floor_us": None if mufu is None else mufu * 32 * programs * warps / EXP_PER_S * 1e6,
         "loop_global_bytes": moved,
         "loop_global_gb": None if trips is None else (moved * trips + global_bytes(once) * warps) * programs / 1e9,
     }
@@ -475,13 +479,15 @@ def profile_case(case: Case, dtype: torch.dtype, only: str | None = None) -> tup
     for name, work in case.roofline(dtype.itemsize).items():
         floors = work.floors_us()
         ran = [r for r in rows if r["pass"] == name and not r["error"]]
-        issue, loop_gb = (_total([r.get(k) for r in ran]) for k in ("issue_floor_us", "loop_global_gb"))
+        issue, mufu, loop_gb = (_total([r.get(k) for r in ran]) for k in ("issue_floor_us", "mufu_floor_us",
+                                                                             "loop_global_gb"))
         # the global-memory (L1 / L2) bandwidth the loops would draw if they ran at their issue floor
         drawn = None if issue is None or loop_gb is None else loop_gb / issue * 1e3
         lines.append({**base, "pass": name, "gflop": work.flops / 1e9, "hbm_mb": work.bytes / 1e6,
                       "gexp": work.exps / 1e9, **{f"{k}_floor_us": v for k, v in floors.items()},
                       "floor_us": max(floors.values()), "bound": max(floors, key=floors.get),
-                      "issue_floor_us": issue, "loop_global_gb": loop_gb, "loop_tb_per_s_at_issue_floor": drawn})
+                      "issue_floor_us": issue, "mufu_floor_us": mufu, "loop_global_gb": loop_gb,
+                      "loop_tb_per_s_at_issue_floor": drawn})
     return rows, lines
 
 
@@ -501,7 +507,8 @@ def _table(headers: list[str], rows: list[list]) -> str:
 def render(kernels: list[dict], rooflines: list[dict], dtype: str) -> str:
     """Markdown tables: kernels (resources and inner-loop mix per iteration), then the roofline per op and pass."""
     head = ["op", "case", "kernel", "pass", "warps", "regs", "spill st/ld B", "smem KB", "CTAs/SM", "loop instr",
-            "once instr", *CATEGORIES[:2], "MUFU (EX2)", *CATEGORIES[3:], "TC+exp %", "issue floor µs"]
+            "once instr", *CATEGORIES[:2], "MUFU (EX2)", *CATEGORIES[3:], "TC+exp %", "issue floor µs",
+            "MUFU floor µs"]
     rows = []
     for r in kernels:
         if r["error"]:
@@ -511,12 +518,13 @@ def render(kernels: list[dict], rooflines: list[dict], dtype: str) -> str:
                      f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", round(r["smem_bytes"] / 1024, 1),
                      f"{r['ctas_per_sm']} ({r['cta_limit']})", r["loop_instructions"], r["once_instructions"],
                      r["mix"]["HGMMA"], r["mix"]["HMMA"], f"{r['mix']['MUFU']} ({r['mufu_ex2']})",
-                     *list(r["mix"].values())[3:], round(100 * r["tensor_exp_fraction"], 1), r["issue_floor_us"]])
+                     *list(r["mix"].values())[3:], round(100 * r["tensor_exp_fraction"], 1), r["issue_floor_us"],
+                     r["mufu_floor_us"]])
     ops = [[r["op"], r["case"], r["kernel"], ", ".join(f"{k} {v}" for k, v in r["opcodes"].items())]
            for r in kernels if not r["error"]]
     roof = [[r["op"], r["case"], r["pass"], r["gflop"], r["hbm_mb"], r["gexp"], r["tensor_floor_us"],
              r["hbm_floor_us"], r["exp_floor_us"], f"{r['floor_us']:.3g} ({r['bound']})", r["issue_floor_us"],
-             r["loop_global_gb"], r["loop_tb_per_s_at_issue_floor"]] for r in rooflines]
+             r["mufu_floor_us"], r["loop_global_gb"], r["loop_tb_per_s_at_issue_floor"]] for r in rooflines]
     return "\n\n".join([
         f"sm_90 static profile, {dtype}: inner-loop instructions per iteration (window attention: fwd per key tile, "
         "bwd per key tile: its pass over the window's query tiles held on chip, or one (key tile, query tile) pair where "
@@ -526,10 +534,12 @@ def render(kernels: list[dict], rooflines: list[dict], dtype: str) -> str:
         _table(["op", "case", "kernel", "opcodes per iteration"], ops),
         f"Roofline on an H100 SXM5 ({TENSOR_FLOPS / 1e12:.1f} TFLOP/s dense, {HBM_BYTES_PER_S / 1e12:.2f} TB/s, "
         f"{EXP_PER_S / 1e12:.2f} T exp2/s); issue floor: the pass's kernels (inner loops x trips, other instructions "
-        "once) at 4 warp-instructions per SM per clock; global GB: what those instructions read and write in global "
-        "memory (L1 / L2 / HBM), every lane active, and the TB/s that takes at the issue floor",
+        "once) at 4 warp-instructions per SM per clock; MUFU floor: their MUFU instructions (every exp they compute, "
+        "padding included, and the other special functions) at 16 results per SM per clock; global GB: what those "
+        "instructions read and write in global memory (L1 / L2 / HBM), every lane active, and the TB/s that takes at "
+        "the issue floor",
         _table(["op", "case", "pass", "GFLOP", "HBM MB", "G exp", "tensor µs", "HBM µs", "exp µs", "floor µs",
-                "issue floor µs", "global GB", "TB/s at issue floor"], roof),
+                "issue floor µs", "MUFU floor µs", "global GB", "TB/s at issue floor"], roof),
     ])
 
 
@@ -580,6 +590,7 @@ def test_profile_runs(tmp_path):
     for r in kernels:
         assert 0 < r["regs"] <= 255 and r["spill_store_bytes"] == 0, r
         assert r["loops"] >= 1 and r["mix"]["HGMMA"] > 0 and r["issue_floor_us"] > 0, r
+        assert 0 < r["mufu_floor_us"] < r["issue_floor_us"] * 8, r  # at most 8 issue slots' time per MUFU
 
 
 def test_inner_loop_picks_the_tensor_core_loop():
