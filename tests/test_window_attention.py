@@ -528,8 +528,8 @@ def test_gpu_negated_columns_hold_fp32_in_three_bf16_parts():
 
 def test_backward_folds_lse_and_delta_from_three_key_tiles():
     """The backward's key loop takes lse and delta as products where a window has at least 3 key tiles, in bf16 and
-    (under the interpreter, on FMA units nowhere else) fp32, never in fp16. The 343-token tests here run that loop
-    (3 key tiles of 128 under the interpreter); the smaller windows run the subtractions."""
+    in fp32 under the interpreter (fp32 on a GPU takes FMA dots), never in fp16. The 343-token tests here run that
+    loop (3 key tiles of 128 under the interpreter); the smaller windows run the subtractions."""
     assert wa._folds_lse_and_delta(torch.bfloat16, 6) and not wa._folds_lse_and_delta(torch.bfloat16, 2)
     assert not wa._folds_lse_and_delta(torch.float16, 6)
     key_tiles = wa.tokens_padded(343) // wa._launch_config("bwd", 343, 16, 3, torch.float32)["BN"]
