@@ -1426,7 +1426,7 @@ def _folds_lse_and_delta(dtype: torch.dtype, key_tiles: int) -> bool:
     bf16): worth it from 3 key tiles per window. In bf16, and in fp32 under the interpreter (how the tests reach it);
     not fp16, whose 65504 does not hold every delta = rowsum(dO * O), nor FMA dots, where the products cost more than
     the subtractions."""
-    return key_tiles >= 3 and (dtype == torch.bfloat16 or (dtype == torch.float32 and interpreting()))
+    return key_tiles >= 3 and (dtype == torch.bfloat16 or (dtype == torch.float32 and not _fma_dots(dtype)))
 
 
 def _head_tile(head_dim: int) -> int:
