@@ -535,7 +535,7 @@ def _bwd_dkdv_kernel(
             tl.trans(_bias_table(BIAS, h, sb_h, sb_q, MQ, MK, BLOCK_MQ, BLOCK_MK)),
             input_precision=BIAS_PRECISION,
         )
-    dbias = tl.zeros([BLOCK_MQ, BLOCK_MK], tl.float32)
+    ds_per_q = tl.zeros([BLOCK_N, BLOCK_MQ], tl.float32)  # per key, ds summed over the queries of each modality
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, LQ, BLOCK_M):
@@ -554,14 +554,16 @@ def _bwd_dkdv_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])  # gradient of the natural-unit logits
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        if BIAS_GRAD:  # d(pair_bias)[mq, mk] = onehot(qm)^T @ ds @ onehot(km): no scattered atomics
-            per_k = tl.dot(ds, onehot_k, input_precision=BIAS_PRECISION)  # [BLOCK_M, BLOCK_MK]
-            dbias += tl.dot(tl.trans(onehot_q), per_k, input_precision=BIAS_PRECISION)
+        if BIAS_GRAD:  # d(pair_bias)[mq, mk] = onehot(qm)^T @ ds @ onehot(km): no scattered atomics; the keys'
+            # one-hot is the program's own, so it is applied once after the loop, and the loop's product has the
+            # key block on a wgmma's rows (onehot(qm)^T first would put the 16 modalities there: mma.sync)
+            ds_per_q = tl.dot(tl.trans(ds), onehot_q, ds_per_q, input_precision=BIAS_PRECISION)
     dk_base = b * sdk_b + h * sdk_h + cols[:, None] * sdk_l + offs_d[None, :]
     tile_ok = col_ok[:, None] & (offs_d[None, :] < DH)
     tl.store(DK + dk_base, (dk * sm_scale).to(DK.dtype.element_ty), mask=tile_ok)
     tl.store(DV + dk_base, dv.to(DV.dtype.element_ty), mask=tile_ok)
-    if BIAS_GRAD:
+    if BIAS_GRAD:  # once per program, exact fp32 on the FMA units
+        dbias = tl.dot(tl.trans(ds_per_q), onehot_k, input_precision="ieee")  # [BLOCK_MQ, BLOCK_MK]
         mq = tl.arange(0, BLOCK_MQ)
         mk = tl.arange(0, BLOCK_MK)
         part = DBIAS + (pid_bh * tl.num_programs(1) + pid_n) * MQ * MK

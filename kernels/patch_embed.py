@@ -321,7 +321,7 @@ def _patch_embed_bwd_kernel(
     w_chunk = _weight_tile(w_mod, offs_k, offs_c, K, c_mask)
     if HAS_LNW:
         ln_w = tl.load(lnw_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    dw_t = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)  # dW^T: the channels on a wgmma's rows (K may be 8)
     db = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dln_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dln_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -370,7 +370,7 @@ def _patch_embed_bwd_kernel(
         if NEED_DW:
             db += tl.sum(g, axis=0)
             patches = tl.load(x_vol + off, mask=mask, other=0.0).to(tl.float32)
-            dw = tl.dot(tl.trans(patches), g, dw, input_precision=DOT_PRECISION)
+            dw_t = tl.dot(tl.trans(g), patches, dw_t, input_precision=DOT_PRECISION)
         if NEED_DX:
             dx_off, _ = _patch_offsets(dn, hn, wn, p_mask, offs_k, K, D, H, W, sdx_c, sdx_d, sdx_h, sdx_w, PD, PH, PW)
             dpatches = tl.dot(g, tl.trans(w_chunk), input_precision=DOT_PRECISION)
@@ -379,7 +379,7 @@ def _patch_embed_bwd_kernel(
         # row (v, split) of the partial sums: dW [K, C], db [C], then with LayerNorm dln_w [C], dln_b [C]
         part = part_ptr + (v * splits + split) * (K * C + (3 if LAYER_NORM else 1) * C)
         k_mask = offs_k < K
-        tl.store(part + offs_k[:, None] * C + offs_c[None, :], dw, mask=k_mask[:, None] & c_mask[None, :])
+        tl.store(part + offs_k[None, :] * C + offs_c[:, None], dw_t, mask=k_mask[None, :] & c_mask[:, None])
         first = c_mask & (kb == 0)
         tl.store(part + K * C + offs_c, db, mask=first)
         if LAYER_NORM:
