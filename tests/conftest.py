@@ -4,7 +4,10 @@ TRITON_INTERPRET is read when ``@triton.jit`` decorates a kernel, so it must be 
 modules are imported, which is why this happens at the very top of the first conftest.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,3 +27,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def compiled_for_hopper(tmp_path):
+    """``compiled_for_hopper(script, *args, timeout=900)``: the JSON that ``script`` of bench/ (one that compiles the
+    kernels for sm_90, no GPU needed) writes with ``--json``, run in a fresh process with the Triton interpreter off;
+    skips where this Triton build has no NVIDIA backend (ptxas)."""
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton build carries no NVIDIA backend (ptxas) to compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "compiled.json"
+
+    def run(script: str, *args: str, timeout: int = 900):
+        path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", script)
+        done = subprocess.run([sys.executable, path, *args, "--json", str(out)], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    return run

@@ -278,6 +278,19 @@ def test_modality_id_range_is_not_checked_per_call():
         gated_attention(**kwargs)
 
 
+def test_kernels_compile_for_hopper(compiled_for_hopper):
+    """The three kernels at the CCT shapes (bench/sass_profile.py's cases: bf16, key padding, the pair bias and its
+    gradient, the gate) compiled for sm_90: no register spills, every product a wgmma (no mma.sync: the pair-bias
+    gradient's product in the dk/dv loop has the key block on its rows), no atomics; and the profile's MUFU floor
+    is positive and within 8 issue slots' time per MUFU of its issue floor."""
+    kernels = compiled_for_hopper("sass_profile.py", "--kernels", "gated_attention")["kernels"]
+    assert {r["kernel"] for r in kernels} == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}, kernels
+    for r in kernels:
+        assert 0 < r["regs"] <= 255 and r["spill_store_bytes"] == r["spill_load_bytes"] == 0, r
+        assert r["loops"] >= 1 and r["mix"]["HGMMA"] > 0 and r["mix"]["HMMA"] == r["mix"]["atomic"] == 0, r
+        assert 0 < r["mufu_floor_us"] < r["issue_floor_us"] * 8, r
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # GPU: bf16 / fp16 under the flash-attention rule
 # ------------------------------------------------------------------------------------------------------------------

@@ -241,6 +241,17 @@ def test_imports_without_triton():
     assert result.returncode == 0, result.stderr
 
 
+def test_kernels_compile_for_hopper(compiled_for_hopper):
+    """Forward and backward at the paper's volumes (bench/sass_profile.py's cases: bf16, patch 2^3, C 48, two
+    modalities) compiled for sm_90: no register spills, every product a wgmma (no mma.sync: the backward sums dW^T,
+    the channels on its rows, as dW would put the 8 patch entries there), no atomics."""
+    kernels = compiled_for_hopper("sass_profile.py", "--kernels", "patch_embed_3d")["kernels"]
+    assert {r["kernel"] for r in kernels} == {"_patch_embed_fwd_kernel", "_patch_embed_bwd_kernel"}, kernels
+    for r in kernels:
+        assert 0 < r["regs"] <= 255 and r["spill_store_bytes"] == r["spill_load_bytes"] == 0, r
+        assert r["mix"]["HGMMA"] > 0 and r["mix"]["HMMA"] == r["mix"]["atomic"] == 0, r
+
+
 # ---- GPU: bf16 / fp16 under the flash-attention rule -----------------------------------------------------------
 
 GPU_CASES = [

@@ -9,11 +9,7 @@ reference's error.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -347,34 +343,18 @@ def test_only_some_inputs_need_grad():
 
 # ------------------------------------------------------------------------------------ sm_90 compile, no GPU needed
 
-PROFILE = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "sass_profile.py")
-TUNER = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "tune_window_attention.py")
 V1_INTEGER_PER_KEY_BLOCK = {16: 990, 32: 1221}  # v1's forward, shifted (bench/RESULTS.md, static profile of 1e90a7f)
 
 
-def compiled_for_hopper(tmp_path, script: str, *args: str, timeout: int = 900):
-    """The JSON that ``script`` (a bench script that compiles the kernels for sm_90, no GPU) writes with ``--json``,
-    run in a fresh process with the Triton interpreter off; skips where this Triton has no NVIDIA backend."""
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton build carries no NVIDIA backend (ptxas) to compile for sm_90")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "out.json"
-    run = subprocess.run([sys.executable, script, *args, "--json", str(out)], capture_output=True, text=True,
-                         env=env, timeout=timeout)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_kernels_compile_for_hopper(tmp_path, dtype):
+def test_kernels_compile_for_hopper(compiled_for_hopper, dtype):
     """Every window-attention kernel the op launches at the paper shapes (head dim 16 and 32, shifted and not,
     bias + pad + gate, with and without attention dropout; and 2-D 7 x 7 windows), compiled for sm_90 by
     bench/sass_profile.py: no register spills, every product a wgmma (no mma.sync), no atomics in the backward, at
     least 2 CTAs per SM, and the 3-D forward's integer instructions per key tile at most a third of v1's (the v2
     targets of issue 10); with dropout (the Philox mask in every kernel), each pass's issue floor at most 3x the same
     shape's without it."""
-    profile = compiled_for_hopper(tmp_path, PROFILE, "--kernels", "window_attention", "--dtype", dtype)
+    profile = compiled_for_hopper("sass_profile.py", "--kernels", "window_attention", "--dtype", dtype)
     kernels = profile["kernels"]
     assert {(r["kernel"], r["pass"]) for r in kernels} == {
         ("_window_attention_fwd", "fwd"), ("_window_attention_bwd", "bwd"), ("_window_attention_bwd_bias", "bwd")}
@@ -395,11 +375,11 @@ def test_kernels_compile_for_hopper(tmp_path, dtype):
         assert floors[(case, passes)] <= 3 * plain, f"{case} {passes}: issue floor {floors[(case, passes)]} us"
 
 
-def test_fp32_backward_compiles_for_hopper_without_spills(tmp_path):
+def test_fp32_backward_compiles_for_hopper_without_spills(compiled_for_hopper):
     """fp32 inputs (IEEE dots on the FMA units, 32-row tiles) at stage 1 and in 2-D windows, shifted: every backward
     launch compiles for sm_90 without register spills at 2 CTAs per SM (one head per program, passes of at most 2
     query tiles; the 16-bit rules spilled 180 B and 1,368 B there)."""
-    profile = compiled_for_hopper(tmp_path, PROFILE, "--kernels", "window_attention", "--dtype", "fp32", "--cases",
+    profile = compiled_for_hopper("sass_profile.py", "--kernels", "window_attention", "--dtype", "fp32", "--cases",
                                   "h3 shift3$")
     backward = [r for r in profile["kernels"] if r["pass"] == "bwd"]
     assert {r["case"] for r in backward} == {"stage1 B2x64^3 C48 h3 shift3", "stage1-2d B2x56^2 C48 h3 shift3"}
@@ -410,12 +390,12 @@ def test_fp32_backward_compiles_for_hopper_without_spills(tmp_path):
         assert r["ctas_per_sm"] >= 2 and r["mix"]["atomic"] == 0, f"{name}: {r['ctas_per_sm']} CTAs/SM, {r['mix']}"
 
 
-def test_launch_config_sweep_compiles_each_candidate(tmp_path):
+def test_launch_config_sweep_compiles_each_candidate(compiled_for_hopper):
     """bench/tune_window_attention.py (no GPU: sm_90 compiles) on the backward kernel's first two candidates in both
     of its cases: the shipped config first, then the same config with another split of the query tiles on chip;
     each launch took the candidate's config (the tuner checks it) and split (its loop moves other bytes) and was
     profiled; the shipped config keeps issue 10's targets."""
-    rows = compiled_for_hopper(tmp_path, TUNER, "--kinds", "bwd", "--limit", "2", timeout=600)
+    rows = compiled_for_hopper("tune_window_attention.py", "--kinds", "bwd", "--limit", "2", timeout=600)
     assert [(r["kind"], r["shipped"]) for r in rows] == [("bwd", True), ("bwd", False)] * 2, rows
     assert len({r["case"] for r in rows}) == 2 and all(not r["error"] and r["issue_floor_us"] > 0 for r in rows), rows
     for shipped, other in (rows[:2], rows[2:]):
