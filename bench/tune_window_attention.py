@@ -38,7 +38,7 @@ KERNELS = {"fwd": "_window_attention_fwd", "bwd": "_window_attention_bwd", "bias
 # BM, BN, num_warps, num_stages per kernel; G (heads per program) runs over the divisors of the heads up to 64
 # channels. The backward products put BN rows (dk, dv) and BM rows (dq) on wgmma: both stay >= 64
 SPACE = {
-    "fwd": dict(BM=(64, 128), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
+    "fwd": dict(BM=(64, 128), BN=(64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)),
     "bwd": dict(BM=(64, 128), BN=(64, 128), num_warps=(4, 8), num_stages=(1,)),
     "bias": dict(BM=(64, 128), BN=(64, 128), num_warps=(4, 8), num_stages=(1,)),
 }

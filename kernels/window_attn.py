@@ -269,7 +269,8 @@ def window_attention_reference(
 #                            compute_mask). Unshifted there is one class; shifted at most 8 (interior, and the last
 #                            window along any subset of the shifted axes);
 #   tile    [K, heads, NP, NP]  per class, bias + shift mask in log2 units (bias gathered from the table once per
-#                            call), -inf for keys t >= n, read as contiguous [BM, BN] tiles (a few MiB, L2-resident);
+#                            call), _PAST_WINDOW for keys t >= n, read as contiguous [BM, BN] tiles (a few MiB,
+#                            L2-resident);
 #   regions [K, NP, 16]      per class, each token's shift region one-hot: the d(bias) kernel, which sums over
 #                            windows and so takes the bias out of its loop, rebuilds the mask as their product.
 # Padding is by pointer: a padded voxel's row pointer is that of `pad_row` = [0 (q), pad_kv (k, v)], so padded keys
@@ -282,6 +283,9 @@ def window_attention_reference(
 # ----------------------------------------------------------------------------------------------------------------------
 
 _LOG2E = math.log2(math.e)
+# the bias + mask tile's value for keys past the window (natural units): its exp2 underflows to 0 like -inf's, but it
+# is finite in 16 bits, so that the forward's product tile @ I (0 times it) stays 0 where -inf would give NaN
+_PAST_WINDOW = -16384.0
 # the d(bias) kernel's shift mask in the scores' log2 units (SHIFT_MASK_VALUE log2(e), rounded to be exact in 16
 # bits), and the width of a window's regions one-hot (at most 8 regions; 16, tl.dot's least K on a GPU)
 _SHIFT_MASK_LOG2, _REGION_SLOTS = -144.0, 16
@@ -359,9 +363,25 @@ def _scaled(q, qk_scale):
 
 
 @_jit
-def _scores(q, k, tile_ptrs, offs_n, N: tl.constexpr, NP: tl.constexpr, HAS_TILE: tl.constexpr, PREC: tl.constexpr):
+def _scores(
+    q,
+    k,
+    tile_ptrs,
+    offs_n,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    HAS_TILE: tl.constexpr,
+    PREC: tl.constexpr,
+    TILE_PRODUCT: tl.constexpr = False,
+):
     """Scores of one head in log2 units [BM, BN]: q (pre-scaled) . k plus the window class's bias + mask tile, or
-    -inf for keys past the window where there is no tile."""
+    -inf for keys past the window where there is no tile. TILE_PRODUCT: the tile enters as the product tile @ I
+    (exact), a wgmma reading both from shared memory, instead of as fp32 registers unpacked from 16 bits."""
+    if HAS_TILE and TILE_PRODUCT:
+        BN: tl.constexpr = k.shape[0]
+        eye = (tl.arange(0, BN)[:, None] == tl.arange(0, BN)[None, :]).to(q.dtype)
+        tile = tl.dot(tl.load(tile_ptrs), eye, input_precision=PREC)
+        return tl.dot(q, tl.trans(k), tile, input_precision=PREC)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     if HAS_TILE:
         s += tl.load(tile_ptrs).to(tl.float32)
@@ -420,6 +440,7 @@ def _attend_key_tile(
     HAS_TILE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PREC: tl.constexpr,
+    TILE_PRODUCT: tl.constexpr,
 ):
     """The forward's online softmax over keys n0 .. n0 + BN of a window for G heads: ``softmax`` = (running max,
     running sum [BM], output sum [BM, DPAD]), tuples per head, updated; ``query`` = (QKV, PAD_ROW, ROWS, TILE, qs
@@ -434,7 +455,15 @@ def _attend_key_tile(
     m_next, l_next, acc_next = (), (), ()
     for g in tl.static_range(G):
         s = _scores(
-            qs[g], k[g], _tile_ptrs(TILE, cls, h0 + g, offs_m, n0, BN, HEADS, NP), offs_n, N, NP, HAS_TILE, PREC
+            qs[g],
+            k[g],
+            _tile_ptrs(TILE, cls, h0 + g, offs_m, n0, BN, HEADS, NP),
+            offs_n,
+            N,
+            NP,
+            HAS_TILE,
+            PREC,
+            TILE_PRODUCT,
         )
         m_new = tl.maximum(m_i[g], tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -474,11 +503,13 @@ def _window_attention_fwd(
     DPAD: tl.constexpr,
     PREC: tl.constexpr,
     HEADS_PER_PROGRAM: tl.constexpr,
+    TILE_PRODUCT: tl.constexpr,
 ):
     """One query tile of one window for G heads: online softmax over the window's key tiles; out [B, D, H, W, C],
     lse [B*nW, HEADS, NP] (log2 units, of the probabilities before dropout; not written for tiles of padding only).
     With HAS_DROPOUT (SEED [1] int64, dropout_p; None without) the probabilities multiplying v are dropped by
-    :func:`_keep`'s mask and the kept ones scaled by 1 / (1 - p); the softmax sum is taken before dropping."""
+    :func:`_keep`'s mask and the kept ones scaled by 1 / (1 - p); the softmax sum is taken before dropping.
+    TILE_PRODUCT: the bias + mask tile enters the scores as a product (:func:`_scores`)."""
     G: tl.constexpr = HEADS_PER_PROGRAM
     C: tl.constexpr = HEADS * HD
     qt, h0, bw, b, win = _split_pid(tl.program_id(0), NP // BM, HEADS, NWIN, G)
@@ -505,7 +536,7 @@ def _window_attention_fwd(
         FULL: tl.constexpr = full_key_tiles(N, BN)
         for kt in tl.range(0, FULL):
             softmax = _attend_key_tile(
-                softmax, query, kt * BN, HEADS, HD, N, NP, BN, DPAD, G, HAS_TILE, HAS_DROPOUT, PREC
+                softmax, query, kt * BN, HEADS, HD, N, NP, BN, DPAD, G, HAS_TILE, HAS_DROPOUT, PREC, TILE_PRODUCT
             )
         TAIL: tl.constexpr = key_tail(N, BN)
         tl.static_assert(TAIL % (BN // 8) == 0, "the tail tiles below cover the keys left")
@@ -525,6 +556,7 @@ def _window_attention_fwd(
                     HAS_TILE,
                     HAS_DROPOUT,
                     PREC,
+                    TILE_PRODUCT,
                 )
         m_i, l_i, acc = softmax
         real = rows_q >= 0
@@ -1386,9 +1418,10 @@ def _window_dropout_keep(
 # (BM, BN, num_warps, num_stages) per kernel for 16-bit inputs: BM 64 = one warpgroup's wgmma rows, so every product
 # of the backward (dv, dk: BN rows; dq, dp, s: BM rows) is a wgmma; BN 64 keeps a head's [64, 64] fp32 scores at 32
 # registers per thread beside G heads' state (BN 128 spills in the forward); the bias kernel, one head per program,
-# takes BN 128 to halve its per-window overhead (issue floor 387 -> 293 µs at stage 1). Chosen from sm_90 compiles
-# (bench/sass_profile.py); not yet timed on a GPU.
-_GPU_CONFIGS = dict(fwd=(64, 64, 4, 2), bwd=(64, 64, 4, 1), bias=(64, 128, 4, 1))
+# takes BN 128 to halve its per-window overhead (issue floor 387 -> 293 µs at stage 1). One stage: the forward's loads
+# are not pipelined (with the tile product, 2 stages take 189 registers, 2 CTAs per SM, for 149 and 3 with one) and
+# other CTAs hide their latency. Chosen from sm_90 compiles (bench/sass_profile.py); not yet timed on a GPU.
+_GPU_CONFIGS = dict(fwd=(64, 64, 4, 1), bwd=(64, 64, 4, 1), bias=(64, 128, 4, 1))
 # channels of heads per program: the backward holds its window's dq sums (fp32) and, per key tile, dk and dv beside
 # the scores, the bias kernel a [BM, BN] fp32 sum per head, so they take fewer heads than the forward (the backward
 # at least one, and as many as its query side on chip holds: see _launch_config)
@@ -1427,6 +1460,15 @@ def _folds_lse_and_delta(dtype: torch.dtype, key_tiles: int) -> bool:
     not fp16, whose 65504 does not hold every delta = rowsum(dO * O), nor FMA dots, where the products cost more than
     the subtractions."""
     return key_tiles >= 3 and (dtype == torch.bfloat16 or (dtype == torch.float32 and not _fma_dots(dtype)))
+
+
+def _adds_tile_by_product(dtype: torch.dtype, key_tiles: int) -> bool:
+    """Whether the forward adds the bias + mask tile to the scores as the product tile @ I (:func:`_scores`): a
+    wgmma on operands the loads put in shared memory, for the registers' unpacking of the 16-bit tile and the
+    per-element pointers of its load (sm_90, bf16, stage 1: 845 -> 676 instructions per key tile of 3 heads). From 2
+    key tiles per window: with one (2-D windows) the identity costs more than it saves. Not FMA dots, where the
+    product costs more than the additions."""
+    return key_tiles >= 2 and not _fma_dots(dtype)
 
 
 def _head_tile(head_dim: int) -> int:
@@ -1525,7 +1567,7 @@ def _window_tables(
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """rows [nW, NP] int32, classes [nW] int32, the classes' shift masks [K, NP, NP] fp32 (0 within a region, -100
-    across, -inf for keys past the window) and their regions one-hot [K, NP, 16] fp32 (none past the window) on
+    across, _PAST_WINDOW for keys past the window) and their regions one-hot [K, NP, 16] fp32 (none past the window) on
     ``device``; see the comment above the kernels."""
     n = math.prod(window)
     np_ = tokens_padded(n)
@@ -1534,7 +1576,7 @@ def _window_tables(
     patterns, classes = torch.unique(_window_regions(padded, window, shift), dim=0, return_inverse=True)
     masks = torch.zeros(len(patterns), np_, np_)
     masks[:, :n, :n] = _region_mask(patterns, SHIFT_MASK_VALUE, torch.float32)
-    masks[..., n:] = float("-inf")
+    masks[..., n:] = _PAST_WINDOW
     # each class's region ids ranked 0 .. 7 (a window meets at most 2 regions per axis), one-hot [K, NP, 16]
     ranks = torch.stack([torch.unique(p, return_inverse=True)[1] for p in patterns])
     regions = F.one_hot(F.pad(ranks, (0, np_ - n), value=_REGION_SLOTS), _REGION_SLOTS + 1)[..., :_REGION_SLOTS]
@@ -1723,6 +1765,7 @@ def window_attention_triton_forward(
             **drop,
             HAS_TILE=tile is not None,
             HAS_GATE=gate_logits is not None,
+            TILE_PRODUCT=_adds_tile_by_product(qkv.dtype, -(-geo.n // cfg["BN"])),
             **constexprs,
         )
     return out, lse

@@ -516,6 +516,18 @@ def test_backward_folds_lse_and_delta_from_three_key_tiles():
     assert wa._folds_lse_and_delta(torch.float32, key_tiles) == wa.interpreting()
 
 
+def test_forward_adds_the_tile_by_product_from_two_key_tiles():
+    """The forward adds the bias + mask tile as the product tile @ I where a window spans at least 2 key tiles, in
+    bf16, fp16 and in fp32 under the interpreter (fp32 on a GPU takes FMA dots); 2-D windows (one tile) add it. The
+    343-token tests here run the product (3 key tiles of 128 under the interpreter), whose tile holds a finite value
+    past the window: -inf there would make the identity's zeros NaN."""
+    assert wa._adds_tile_by_product(torch.bfloat16, 6) and wa._adds_tile_by_product(torch.float16, 6)
+    assert not wa._adds_tile_by_product(torch.bfloat16, 1)
+    bn = wa._launch_config("fwd", 343, 16, 3, torch.float32)["BN"]
+    assert wa._adds_tile_by_product(torch.float32, -(-343 // bn)) == wa.interpreting()
+    assert torch.isfinite(torch.tensor(wa._PAST_WINDOW * wa._LOG2E, dtype=torch.float16))
+
+
 # ------------------------------------------------------------------------- attention dropout (fp32: interpreter or GPU)
 
 
