@@ -1418,9 +1418,10 @@ def _window_dropout_keep(
 # (BM, BN, num_warps, num_stages) per kernel for 16-bit inputs: BM 64 = one warpgroup's wgmma rows, so every product
 # of the backward (dv, dk: BN rows; dq, dp, s: BM rows) is a wgmma; BN 64 keeps a head's [64, 64] fp32 scores at 32
 # registers per thread beside G heads' state (BN 128 spills in the forward); the bias kernel, one head per program,
-# takes BN 128 to halve its per-window overhead (issue floor 387 -> 293 µs at stage 1). One stage: the forward's loads
-# are not pipelined (with the tile product, 2 stages take 189 registers, 2 CTAs per SM, for 149 and 3 with one) and
-# other CTAs hide their latency. Chosen from sm_90 compiles (bench/sass_profile.py); not yet timed on a GPU.
+# takes BN 128 to halve its per-window overhead (issue floor 387 -> 293 µs at stage 1). The forward runs one stage:
+# with the tile product, 2 stages take 189 registers (2 CTAs per SM) for 149 (3) with one, whose loads are not
+# pipelined, so the SM's other CTAs are to hide their latency: for a GPU sweep to confirm (tune_window_attention.py
+# --time). Chosen from sm_90 compiles (bench/sass_profile.py); not yet timed on a GPU.
 _GPU_CONFIGS = dict(fwd=(64, 64, 4, 1), bwd=(64, 64, 4, 1), bias=(64, 128, 4, 1))
 # channels of heads per program: the backward holds its window's dq sums (fp32) and, per key tile, dk and dv beside
 # the scores, the bias kernel a [BM, BN] fp32 sum per head, so they take fewer heads than the forward (the backward
@@ -1465,9 +1466,9 @@ def _folds_lse_and_delta(dtype: torch.dtype, key_tiles: int) -> bool:
 def _adds_tile_by_product(dtype: torch.dtype, key_tiles: int) -> bool:
     """Whether the forward adds the bias + mask tile to the scores as the product tile @ I (:func:`_scores`): a
     wgmma on operands the loads put in shared memory, for the registers' unpacking of the 16-bit tile and the
-    per-element pointers of its load (sm_90, bf16, stage 1: 845 -> 676 instructions per key tile of 3 heads). From 2
-    key tiles per window: with one (2-D windows) the identity costs more than it saves. Not FMA dots, where the
-    product costs more than the additions."""
+    per-element pointers of its load (sm_90, bf16, stage 1, one stage: 810 -> 676 instructions per key tile of 3
+    heads). From 2 key tiles per window: with one (2-D windows) the identity costs more than it saves. Not FMA dots,
+    where the product costs more than the additions."""
     return key_tiles >= 2 and not _fma_dots(dtype)
 
 
