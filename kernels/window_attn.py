@@ -1766,7 +1766,7 @@ def window_attention_triton_forward(
             **drop,
             HAS_TILE=tile is not None,
             HAS_GATE=gate_logits is not None,
-            TILE_PRODUCT=_adds_tile_by_product(qkv.dtype, -(-geo.n // cfg["BN"])),
+            TILE_PRODUCT=_adds_tile_by_product(qkv.dtype, triton.cdiv(geo.n, cfg["BN"])),
             **constexprs,
         )
     return out, lse

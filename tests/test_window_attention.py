@@ -524,7 +524,7 @@ def test_forward_adds_the_tile_by_product_from_two_key_tiles():
     assert wa._adds_tile_by_product(torch.bfloat16, 6) and wa._adds_tile_by_product(torch.float16, 6)
     assert not wa._adds_tile_by_product(torch.bfloat16, 1)
     bn = wa._launch_config("fwd", 343, 16, 3, torch.float32)["BN"]
-    assert wa._adds_tile_by_product(torch.float32, -(-343 // bn)) == wa.interpreting()
+    assert wa._adds_tile_by_product(torch.float32, math.ceil(343 / bn)) == wa.interpreting()
     assert torch.isfinite(torch.tensor(wa._PAST_WINDOW * wa._LOG2E, dtype=torch.float16))
 
 
