@@ -80,13 +80,15 @@ class AuthorsEncoder(nn.Module):
     for the float64 parity run: the decoder is not on the loss's graph).
 
     ``forward(volumes [V, 1, D, H, W], modality_ids [V])`` -> ``EncoderOutput``: tokens [V, N, C], pooled [V, C],
-    features = [the stage-4 map [V, C, D4, H4, W4]].
+    features = [the stage-4 map [V, C, D4, H4, W4]], no detections (the authors' encoder has no conv branch, as ours
+    here has none).
     """
 
     def __init__(self, unetr: nn.Module, modalities: ModalityRegistry, run_decoder: bool = True) -> None:
         super().__init__()
         self.unetr, self.modalities, self.run_decoder = unetr, modalities, run_decoder
         self.num_features = unetr.swinViT.num_features
+        self.conv_branch = None
 
     def modality_id_tensor(self, modality_ids: torch.Tensor, num_volumes: int, device: torch.device) -> torch.Tensor:
         return check_index(modality_ids, "modality_ids", num_volumes, len(self.modalities), what="modality ids")

@@ -5,6 +5,10 @@ applies them. Their speed and memory against the authors' way of training: bench
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,3 +141,21 @@ def test_fit_trains_a_step_with_the_encoder_compiled() -> None:
         # one AdamW step moves each weight by about lr * sign(gradient): compiled and eager take the same step
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     assert any(not torch.equal(a, start[n]) for n, a in compiled.state_dict().items() if n.startswith("encoder."))
+
+
+# bench/bench_train_step.py's rows are the GPU check's training-step numbers; bench/ is not in CI, so its models'
+# build (ours and the authors' encoder behind the same model classes) is checked here, in a process with bench/ on
+# its path
+BUILD_BENCH_ROWS = """
+import json, bench_train_step as b
+print(json.dumps({"rows": list(b.ROWS), "built": [sorted(b.build_rows(b.small_case(s), "cpu")) for s in b.STAGES]}))
+"""
+
+
+def test_the_train_step_bench_builds_every_row() -> None:
+    bench = os.path.join(os.path.dirname(__file__), os.pardir, "bench")
+    done = subprocess.run([sys.executable, "-c", BUILD_BENCH_ROWS], cwd=bench, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert len(out["built"]) == 2 and all(built == sorted(out["rows"]) for built in out["built"]), out
